@@ -1,0 +1,48 @@
+"""What the engine hands every stage: device, seed, data, logging and the other variants.
+
+Stages never import the engine; anything they need from it (the data, the variants made so
+far, a way to re-run another stage for tuning) comes through this object.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.config import Pipeline
+from compress.data import DataBundle, load_data
+from compress.variants import StageResult, Variant
+
+StageRunner = Callable[[str, dict[str, Any], Path], StageResult]
+
+
+@dataclass
+class Context:
+    pipeline: Pipeline
+    run_id: str
+    run_dir: Path
+    device: torch.device
+    data_root: Path
+    data_source: str
+    variants: dict[str, Variant] = field(default_factory=dict)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress"))
+    run_stage: StageRunner | None = None
+    _data: DataBundle | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.pipeline.config.seed
+
+    def data(self) -> DataBundle:
+        """The dataset, loaded on first use so fully cached runs never touch it."""
+        if self._data is None:
+            self._data = load_data(self.pipeline.config.data, self.data_root, self.data_source)
+        return self._data
+
+    def inputs(self, names: list[str]) -> list[Variant]:
+        return [self.variants[name] for name in names]

@@ -1,0 +1,426 @@
+"""The engine: orders stages, resolves inputs, caches outputs, writes the run directory.
+
+Layout under ``artifacts/<pipeline>/``::
+
+    cache/<stage>-<key>/      a finished stage's outputs + result.json (the cache entry)
+    cache/.partial/<...>/     a stage at work; kept after a crash so training can resume
+    <run-id>/                 config.yaml, manifest.json, run.log, stages/<stage> -> cache
+
+A stage's key hashes its kind and version, its config, its inputs' file hashes, the seed,
+the data spec and the device type. A stage runs in ``.partial`` and is renamed into
+``cache`` only when complete, so a failed or killed stage is never a cache hit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from filelock import FileLock
+
+from compress.config import Pipeline, StageConfig, did_you_mean
+from compress.context import Context
+from compress.data import resolve_root
+from compress.errors import ArtifactError, CompressError, ConfigError
+from compress.fileio import hash_tree, read_json, sha256_file, sha256_json, write_json, write_text
+from compress.stages import StageDef, load_stages
+from compress.variants import StageResult, Variant
+
+log = logging.getLogger("compress")
+
+
+@dataclass
+class RunOptions:
+    data_root: str | None = None
+    device: str | None = None
+    force: bool = False
+    from_stage: str | None = None
+    only_stage: str | None = None
+    artifacts_dir: Path = Path("artifacts")
+    reports_dir: Path = Path("reports")
+
+
+@dataclass
+class StageRecord:
+    label: str
+    kind: str
+    status: str  # "ran" | "cached"
+    seconds: float
+    key: str
+    directory: Path
+    inputs: list[str]
+    outputs: list[str]
+    result: StageResult
+
+
+@dataclass
+class RunSummary:
+    pipeline: str
+    run_id: str
+    run_dir: Path
+    reports_dir: Path
+    records: list[StageRecord] = field(default_factory=list)
+    variants: dict[str, Variant] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class StageFailed(Exception):
+    """A stage raised; the traceback is in its error.log and in run.log."""
+
+    def __init__(self, label: str, error: BaseException, log_path: Path):
+        super().__init__(f"stage {label!r} failed: {type(error).__name__}: {error}")
+        self.label, self.error, self.log_path = label, error, log_path
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "device: 'cuda' was requested but no CUDA device is available; "
+                "use --device auto or --device cpu"
+            )
+        return torch.device("cuda")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cpu")
+
+
+def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
+    registry = load_stages()
+    labels = [s.label for s in pipeline.stages]
+    for flag, value in (("--from", options.from_stage), ("--only", options.only_stage)):
+        if value is not None and value not in labels:
+            raise ConfigError(
+                f"{flag} {value}: no stage of that name in {pipeline.path}"
+                f"{did_you_mean(value, labels)}; stages: {', '.join(labels)}"
+            )
+    device = resolve_device(options.device or pipeline.config.device)
+    data_root, data_source = resolve_root(options.data_root, pipeline.config.data.root, pipeline.path.parent)
+
+    base = Path(options.artifacts_dir) / pipeline.name
+    run_id = _new_run_id(base)
+    run_dir = base / run_id
+    try:
+        (run_dir / "stages").mkdir(parents=True)
+        (base / "cache" / ".partial").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(
+            f"cannot create the run directory {run_dir} ({exc.strerror}); "
+            "make the artifacts directory writable or free some disk space"
+        ) from None
+    handler = _attach_log_file(run_dir / "run.log")
+    try:
+        write_text(run_dir / "config.yaml", yaml.safe_dump(_resolved(pipeline), sort_keys=False))
+        ctx = Context(pipeline, run_id, run_dir, device, data_root, data_source)
+        summary = RunSummary(pipeline.name, run_id, run_dir, Path(options.reports_dir) / pipeline.name)
+        manifest = _manifest_header(pipeline, run_id, device, data_root, data_source)
+        started = time.perf_counter()
+        rerun = options.force
+        for cfg in pipeline.stages:
+            definition = registry[cfg.stage]
+            if options.from_stage == cfg.label:
+                rerun = True
+            if options.only_stage is not None:
+                past_only = labels.index(cfg.label) > labels.index(options.only_stage)
+                if past_only:
+                    break
+                must_run = cfg.label == options.only_stage
+                record = _run_or_reuse(definition, cfg, ctx, base, force=must_run, cache_only=not must_run)
+            else:
+                record = _run_or_reuse(definition, cfg, ctx, base, force=rerun)
+            summary.records.append(record)
+            for variant in record.result.variants:
+                ctx.variants[variant.name] = variant
+            _link(run_dir / "stages" / cfg.label, record.directory)
+            _publish(record, summary.reports_dir)
+            manifest["stages"].append(_manifest_entry(record, ctx))
+            manifest["variants"] = {
+                v.name: {
+                    "stage": v.stage,
+                    "parent": v.parent,
+                    "format": v.format,
+                    "file": str(v.file),
+                    "metrics": _brief(v.metrics),
+                }
+                for v in ctx.variants.values()
+            }
+            write_json(run_dir / "manifest.json", manifest)
+        summary.variants = dict(ctx.variants)
+        summary.seconds = time.perf_counter() - started
+        manifest["seconds"] = round(summary.seconds, 2)
+        write_json(run_dir / "manifest.json", manifest)
+        _link(base / "latest", run_dir)
+        return summary
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run_or_reuse(
+    definition: StageDef,
+    cfg: StageConfig,
+    ctx: Context,
+    base: Path,
+    force: bool,
+    cache_only: bool = False,
+) -> StageRecord:
+    input_names = cfg.consumes(list(ctx.variants))
+    missing = [name for name in input_names if name not in ctx.variants]
+    if missing:
+        raise ArtifactError(
+            f"stage {cfg.label!r} needs variant(s) {', '.join(missing)}, which no earlier stage "
+            "produced in this run"
+        )
+    inputs = ctx.inputs(input_names)
+    key = stage_key(definition, cfg, inputs, ctx)
+    entry = base / "cache" / f"{cfg.label}-{key[:16]}"
+    partial = base / "cache" / ".partial" / entry.name
+    tic = time.perf_counter()
+    with FileLock(str(base / "cache" / f".{entry.name}.lock")):
+        cached = None if force else _load_cached(entry, cfg.label)
+        if cached is not None:
+            log.info("stage %s: cached (%s)", cfg.label, entry.name)
+            status, result = "cached", cached
+        elif cache_only:
+            raise ArtifactError(
+                f"--only {cfg.label}... needs the output of stage {cfg.label!r}, which is not "
+                "cached for this configuration; run the pipeline once without --only"
+            )
+        else:
+            log.info("stage %s: running (%s)", cfg.label, entry.name)
+            result = _execute(definition, cfg, inputs, ctx, partial)
+            _commit(partial, entry, result)
+            result = _load_cached(entry, cfg.label, verify=False)
+            status = "ran"
+    return StageRecord(
+        label=cfg.label,
+        kind=cfg.stage,
+        status=status,
+        seconds=time.perf_counter() - tic,
+        key=key,
+        directory=entry,
+        inputs=input_names,
+        outputs=[v.name for v in result.variants],
+        result=result,
+    )
+
+
+def stage_key(definition: StageDef, cfg: StageConfig, inputs: list[Variant], ctx: Context) -> str:
+    data_spec = ctx.pipeline.config.data.model_dump(exclude={"root", "download"})
+    return sha256_json(
+        {
+            "stage": definition.kind,
+            "version": definition.version,
+            "config": cfg.model_dump(mode="json", by_alias=True),
+            "inputs": {v.name: sha256_file(v.file) for v in inputs},
+            "seed": ctx.seed,
+            "data": data_spec if definition.needs_data else None,
+            "device": ctx.device.type,
+        }
+    )
+
+
+def _execute(
+    definition: StageDef, cfg: StageConfig, inputs: list[Variant], ctx: Context, workdir: Path
+) -> StageResult:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "error.log").unlink(missing_ok=True)
+    try:
+        result = definition.run(cfg, inputs, ctx, workdir)
+    except (CompressError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        text = traceback.format_exc()
+        write_text(workdir / "error.log", text)
+        log.error("stage %s failed:\n%s", cfg.label, text)
+        raise StageFailed(cfg.label, exc, workdir / "error.log") from exc
+    for variant in result.variants:
+        if not Path(variant.file).resolve().is_relative_to(workdir.resolve()):
+            raise StageFailed(
+                cfg.label,
+                RuntimeError(f"variant file {variant.file} is outside the stage directory"),
+                workdir / "error.log",
+            )
+    return result
+
+
+def _commit(partial: Path, entry: Path, result: StageResult) -> None:
+    """Write result.json with every file's hash, then rename the work dir into the cache."""
+    files = hash_tree(partial)
+    write_json(
+        partial / "result.json",
+        {
+            "variants": [v.to_json(partial) for v in result.variants],
+            "metrics": result.metrics,
+            "publish": result.publish,
+            "files": files,
+        },
+    )
+    if entry.exists():
+        shutil.rmtree(entry)
+    os.replace(partial, entry)
+
+
+def _load_cached(entry: Path, label: str, verify: bool = True) -> StageResult | None:
+    result_file = entry / "result.json"
+    if not result_file.is_file():
+        return None
+    try:
+        data = read_json(result_file)
+    except ValueError:
+        log.warning("stage %s: cache entry %s has an unreadable result.json; re-running", label, entry)
+        return None
+    if verify:
+        for relative, digest in data["files"].items():
+            path = entry / relative
+            if not path.is_file() or sha256_file(path) != digest:
+                log.warning(
+                    "stage %s: cached file %s was changed or removed since it was written; "
+                    "re-running the stage",
+                    label,
+                    path,
+                )
+                return None
+    return StageResult(
+        variants=[Variant.from_json(v, entry) for v in data["variants"]],
+        metrics=data["metrics"],
+        publish=data.get("publish", {}),
+    )
+
+
+def _publish(record: StageRecord, reports_dir: Path) -> None:
+    for source, target in record.result.publish.items():
+        destination = reports_dir / target
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(f".{destination.name}.tmp")
+        shutil.copyfile(record.directory / source, tmp)
+        os.replace(tmp, destination)
+
+
+def _link(link: Path, target: Path) -> None:
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()))
+    os.replace(tmp, link)
+
+
+def _new_run_id(base: Path) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = stamp, 1
+    while (base / candidate).exists():
+        n += 1
+        candidate = f"{stamp}-{n}"
+    return candidate
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def _resolved(pipeline: Pipeline) -> dict[str, Any]:
+    data = pipeline.config.model_dump(mode="json", by_alias=True, exclude={"stages"})
+    data["name"] = pipeline.name
+    data["stages"] = [s.model_dump(mode="json", by_alias=True) for s in pipeline.stages]
+    return data
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in (
+        "torch",
+        "torchvision",
+        "onnx",
+        "onnxruntime",
+        "torch-pruning",
+        "optuna",
+        "torchao",
+        "compress",
+    ):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _manifest_header(
+    pipeline: Pipeline, run_id: str, device: torch.device, data_root: Path, data_source: str
+) -> dict[str, Any]:
+    return {
+        "pipeline": pipeline.name,
+        "pipeline_file": str(pipeline.path),
+        "run_id": run_id,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "seed": pipeline.config.seed,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "data": {
+            **pipeline.config.data.model_dump(mode="json"),
+            "resolved_root": str(data_root),
+            "root_source": data_source,
+        },
+        "versions": _versions(),
+        "stages": [],
+        "variants": {},
+    }
+
+
+def _manifest_entry(record: StageRecord, ctx: Context) -> dict[str, Any]:
+    files = read_json(record.directory / "result.json")["files"]
+    return {
+        "name": record.label,
+        "stage": record.kind,
+        "status": record.status,
+        "cache_key": record.key,
+        "directory": str(record.directory),
+        "seconds": round(record.seconds, 2),
+        "inputs": {name: sha256_file(ctx.variants[name].file) for name in record.inputs},
+        "outputs": {
+            v.name: {
+                "file": str(v.file),
+                "sha256": files.get(Path(v.file).relative_to(record.directory).as_posix()),
+            }
+            for v in record.result.variants
+        },
+        "files": files,
+        "metrics": _brief(record.result.metrics),
+    }
+
+
+def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Scalars only: long histories stay in the stage's own files, not in the manifest."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}

@@ -1,0 +1,155 @@
+"""The CLI: ``python -m compress.run PIPELINE.yaml [options]``.
+
+Exit codes: 0 ok, 1 a quality gate failed, 2 bad input (config, data, artifacts),
+3 a stage failed for another reason (its traceback is in the run's log), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from compress.config import load_pipeline
+from compress.engine import RunOptions, RunSummary, StageFailed, run_pipeline
+from compress.errors import CompressError
+from compress.stages import config_registry
+
+EXIT_STAGE_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m compress.run",
+        description="Run a compression pipeline described in YAML.",
+        epilog="Exit codes: 0 ok, 1 gate failed, 2 bad input, 3 stage failed, 130 interrupted.",
+    )
+    parser.add_argument("pipeline", type=Path, help="the pipeline YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a YAML value, e.g. data.limit_train=2000 or train.epochs=1 (repeatable)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_stage",
+        metavar="STAGE",
+        help="re-run this stage and every stage after it, ignoring their cache",
+    )
+    parser.add_argument(
+        "--only",
+        dest="only_stage",
+        metavar="STAGE",
+        help="run only this stage, taking its inputs from the cache",
+    )
+    parser.add_argument("--force", action="store_true", help="ignore the cache and re-run all stages")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where to train and evaluate (default: the YAML's, else auto)",
+    )
+    parser.add_argument(
+        "--data-root", metavar="DIR", help="dataset folder (beats COMPRESS_DATA_ROOT and data.root)"
+    )
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path("artifacts"),
+        metavar="DIR",
+        help="where run directories and the cache go (default: ./artifacts)",
+    )
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        default=Path("reports"),
+        metavar="DIR",
+        help="where reports go (default: ./reports)",
+    )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="check the pipeline file and exit without touching data or models",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        pipeline = load_pipeline(args.pipeline, config_registry(), args.overrides)
+        if args.validate:
+            print(
+                f"ok: {pipeline.path} is valid ({len(pipeline.stages)} stages: "
+                f"{', '.join(s.label for s in pipeline.stages)})"
+            )
+            return 0
+        summary = run_pipeline(
+            pipeline,
+            RunOptions(
+                data_root=args.data_root,
+                device=args.device,
+                force=args.force,
+                from_stage=args.from_stage,
+                only_stage=args.only_stage,
+                artifacts_dir=args.artifacts,
+                reports_dir=args.reports,
+            ),
+        )
+    except CompressError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except StageFailed as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}\n  full traceback: {exc.log_path}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted. Finished stages are cached and training resumes from its last "
+            "checkpoint: run the same command again to continue.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: RunSummary) -> str:
+    lines = [f"\n{summary.pipeline} run {summary.run_id}"]
+    for record in summary.records:
+        made = f" -> {', '.join(record.outputs)}" if record.outputs else ""
+        lines.append(f"  {record.label:<16} {record.status:<7} {record.seconds:7.1f}s{made}")
+    if summary.variants:
+        lines.append("  variants:")
+        for variant in summary.variants.values():
+            acc = variant.metrics.get("test_accuracy")
+            shown = f"{100 * acc:.2f}%" if isinstance(acc, float) else "n/a"
+            lines.append(f"    {variant.name:<28} test accuracy {shown}")
+    ran = sum(r.status == "ran" for r in summary.records)
+    cached = len(summary.records) - ran
+    lines.append(f"  run directory: {summary.run_dir}")
+    if summary.reports_dir.exists():
+        lines.append(f"  reports: {summary.reports_dir}")
+    lines.append(
+        f"done: {len(summary.records)} stages ({ran} ran, {cached} cached), "
+        f"{len(summary.variants)} variants in {summary.seconds:.1f}s"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
