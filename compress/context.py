@@ -30,6 +30,7 @@ class Context:
     data_root: Path
     data_source: str
     variants: dict[str, Variant] = field(default_factory=dict)
+    artifacts: dict[str, dict[str, Path]] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress"))
     run_stage: StageRunner | None = None
     _data: DataBundle | None = None

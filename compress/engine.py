@@ -143,6 +143,8 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
             summary.records.append(record)
             for variant in record.result.variants:
                 ctx.variants[variant.name] = variant
+            for name, files in record.result.artifacts.items():
+                ctx.artifacts.setdefault(name, {}).update(files)
             _link(run_dir / "stages" / cfg.label, record.directory)
             _publish(record, summary.reports_dir)
             manifest["stages"].append(_manifest_entry(record, ctx))
@@ -224,12 +226,18 @@ def stage_key(definition: StageDef, cfg: StageConfig, inputs: list[Variant], ctx
             "stage": definition.kind,
             "version": definition.version,
             "config": cfg.model_dump(mode="json", by_alias=True),
-            "inputs": {v.name: sha256_file(v.file) for v in inputs},
+            "inputs": {v.name: _variant_hashes(v, ctx) for v in inputs},
             "seed": ctx.seed,
             "data": data_spec if definition.needs_data else None,
             "device": ctx.device.type,
         }
     )
+
+
+def _variant_hashes(variant: Variant, ctx: Context) -> dict[str, str]:
+    """The variant's own file and every artifact attached to it by earlier stages."""
+    files = {"model": variant.file, **ctx.artifacts.get(variant.name, {})}
+    return {kind: sha256_file(path) for kind, path in sorted(files.items())}
 
 
 def _execute(
@@ -263,6 +271,10 @@ def _commit(partial: Path, entry: Path, result: StageResult) -> None:
         partial / "result.json",
         {
             "variants": [v.to_json(partial) for v in result.variants],
+            "artifacts": {
+                name: {kind: Path(p).relative_to(partial).as_posix() for kind, p in files.items()}
+                for name, files in result.artifacts.items()
+            },
             "metrics": result.metrics,
             "publish": result.publish,
             "files": files,
@@ -297,6 +309,10 @@ def _load_cached(entry: Path, label: str, verify: bool = True) -> StageResult | 
         variants=[Variant.from_json(v, entry) for v in data["variants"]],
         metrics=data["metrics"],
         publish=data.get("publish", {}),
+        artifacts={
+            name: {kind: entry / p for kind, p in files.items()}
+            for name, files in data.get("artifacts", {}).items()
+        },
     )
 
 

@@ -51,9 +51,12 @@ class StageResult:
 
     ``publish`` maps a file inside the stage's output directory to a name under
     ``reports/<pipeline>/``; the engine copies it there, so stages never write outside
-    their own directory.
+    their own directory. ``artifacts`` attaches further files to existing variants
+    (variant name -> kind -> path, e.g. the export stage's ``{"baseline": {"onnx": ...}}``);
+    later stages find them in ``ctx.artifacts`` and they count in those stages' cache keys.
     """
 
     variants: list[Variant] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     publish: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, dict[str, Path]] = field(default_factory=dict)

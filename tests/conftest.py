@@ -1,0 +1,113 @@
+"""Shared fixtures: the real MNIST data root, a CLI runner and a tiny trained baseline.
+
+Tests run the public CLI in a subprocess with a temporary working directory, so what they
+check is what a user gets: exit codes, messages, and the files written.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# 2,000 training images, 1 epoch: seconds on a CPU, yet a real model (~85% accurate).
+TINY_PIPELINE = """\
+seed: 0
+device: cpu
+data:
+  dataset: mnist
+  val_size: 1000
+  limit_train: 2000
+  limit_test: 1000
+stages:
+  - stage: train
+    model: {arch: lenet5, width: 0.5}
+    epochs: 1
+    optimizer: {name: sgd, lr: 0.05}
+    schedule: onecycle
+"""
+
+
+def _data_root() -> Path:
+    configured = os.environ.get("COMPRESS_DATA_ROOT")
+    root = Path(configured) if configured else REPO.parent / "shared" / "datasets"
+    return root.resolve()
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _data_root()
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.fail(f"MNIST not found under {root}; set COMPRESS_DATA_ROOT to the datasets folder")
+    return root
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    cwd: Path
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(
+    *args: str | Path,
+    cwd: Path,
+    data_root: Path | None = None,
+    module: str = "compress.run",
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> CliResult:
+    """Run ``python -m <module> args...`` in ``cwd`` with the data root in the environment."""
+    full_env = {**os.environ, **(env or {})}
+    if data_root is not None:
+        full_env["COMPRESS_DATA_ROOT"] = str(data_root)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr, cwd)
+
+
+def write_pipeline(directory: Path, text: str, name: str = "tiny") -> Path:
+    path = directory / f"{name}.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@dataclass
+class TinyRun:
+    """A finished tiny run: its working directory, pipeline file and baseline model."""
+
+    cwd: Path
+    pipeline: Path
+    run_dir: Path
+    baseline: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> TinyRun:
+    """One trained tiny baseline shared by every test that needs a model to compress."""
+    cwd = tmp_path_factory.mktemp("tiny-run")
+    pipeline = write_pipeline(cwd, TINY_PIPELINE)
+    result = run_cli(pipeline, cwd=cwd, data_root=data_root)
+    assert result.returncode == 0, result.output
+    run_dir = (cwd / "artifacts" / "tiny" / "latest").resolve()
+    baseline = (run_dir / "stages" / "train" / "model.pt").resolve()
+    assert baseline.is_file()
+    return TinyRun(cwd, pipeline, run_dir, baseline)
