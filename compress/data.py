@@ -345,8 +345,13 @@ def iterate_batches(
     seed: int = 0,
     augment: str = "none",
     indices: torch.Tensor | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised (x, y) batches on ``device``; the shuffle order depends only on ``seed``."""
+    with_index: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Normalised (x, y) batches on ``device``; the shuffle order depends only on ``seed``.
+
+    With ``with_index`` each batch is (x, y, idx), idx being the rows of ``split`` (on the CPU),
+    so per-image values computed once (e.g. cached teacher logits) can be looked up.
+    """
     generator = torch.Generator().manual_seed(seed)
     order = indices if indices is not None else torch.arange(len(split))
     if shuffle:
@@ -358,7 +363,10 @@ def iterate_batches(
         if augment != "none":
             x = _augment(x, augment, generator)
         x = x.to(device, non_blocking=non_blocking)
-        yield bundle.normalize(x), y.to(device, non_blocking=non_blocking)
+        if with_index:
+            yield bundle.normalize(x), y.to(device, non_blocking=non_blocking), idx
+        else:
+            yield bundle.normalize(x), y.to(device, non_blocking=non_blocking)
 
 
 def _augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:

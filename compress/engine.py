@@ -141,6 +141,13 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
             else:
                 record = _run_or_reuse(definition, cfg, ctx, base, force=rerun)
             summary.records.append(record)
+            log.info(
+                "stage %s: %s in %.1fs%s",
+                record.label,
+                record.status,
+                record.seconds,
+                f" -> {', '.join(record.outputs)}" if record.outputs else "",
+            )
             for variant in record.result.variants:
                 ctx.variants[variant.name] = variant
             for name, files in record.result.artifacts.items():

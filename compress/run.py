@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    print(format_summary(summary))
+    text = format_summary(summary)
+    print(text)
+    (summary.run_dir / "summary.txt").write_text(text.lstrip() + "\n", encoding="utf-8")
     return 0
 
 
