@@ -39,6 +39,7 @@ def export_onnx(
     with (
         warnings.catch_warnings(),
         contextlib.redirect_stdout(buffer),
+        _quiet_loggers(),
         atomic_path(path) as tmp,
     ):
         warnings.simplefilter("ignore")
@@ -60,6 +61,20 @@ def export_onnx(
     return path
 
 
+@contextlib.contextmanager
+def _quiet_loggers(names: tuple[str, ...] = ("onnxscript", "onnx_ir", "torch.onnx")):
+    """The exporter's passes log every rewrite at INFO; keep them out of the run log."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in metadata.items():
@@ -67,11 +82,28 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
         entry.key, entry.value = key, str(value)
 
 
-def export_torchscript(model: nn.Module, sample: torch.Tensor, path: Path) -> Path:
-    """A traced TorchScript file that loads with ``torch.jit.load`` alone."""
+def export_torchscript(
+    model: nn.Module,
+    sample: torch.Tensor,
+    path: Path,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """A traced TorchScript file that loads with ``torch.jit.load`` alone.
+
+    ``extra_files`` (name -> text) are stored inside the archive, e.g. ``model.json`` with the
+    same facts an ONNX file carries in its metadata; read them back with
+    ``torch.jit.load(path, _extra_files={"model.json": ""})``.
+    """
     model = model.eval().cpu()
     with torch.no_grad(), warnings.catch_warnings(), atomic_path(path) as tmp:
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, sample.cpu())
-        traced.save(str(tmp))
+        traced.save(str(tmp), _extra_files=dict(extra_files or {}))
     return path
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` on the CPU in eval mode, without its deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()

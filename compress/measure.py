@@ -1,0 +1,285 @@
+"""Measuring primitives every stage shares, so every number in a report is taken the same way.
+
+- sizes: bytes on disk and gzip-compressed bytes (what sparsity buys on the wire);
+- counts: parameters, non-zero parameters, and multiply-accumulates (MACs) per image, counted
+  from the shapes seen by forward hooks on Conv/Linear layers (bias adds and activations are
+  not MACs, by the usual convention);
+- latency: a timer that warms up, never times the first call, repeats until both a minimum
+  number of calls and a minimum time are reached, and reports median, p95 and spread;
+- runtimes: an onnxruntime CPU session and a torch thread setting with the thread count fixed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+GZIP_LEVEL = 9
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def file_size(path: Path) -> int:
+    return Path(path).stat().st_size
+
+
+def gzip_size(path: Path, level: int = GZIP_LEVEL) -> int:
+    """Bytes of the file gzip-compressed at ``level`` (streamed; header mtime fixed at 0)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip container
+    total = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            total += len(compressor.compress(block))
+    return total + len(compressor.flush())
+
+
+def gzip_bytes(data: bytes, level: int = GZIP_LEVEL) -> int:
+    return len(gzip.compress(data, compresslevel=level, mtime=0))
+
+
+# ---------------------------------------------------------------- counts
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_parameters(model: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+@dataclass
+class MacCount:
+    """Per-image multiply-accumulates of Conv and Linear layers.
+
+    ``nonzero_macs`` counts only the MACs whose weight is non-zero: what a sparse kernel
+    would have to do, and an upper bound on what pruning can save.
+    """
+
+    macs: int
+    nonzero_macs: int
+    layers: dict[str, int]
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def count_macs(model: nn.Module, sample: torch.Tensor) -> MacCount:
+    """Run ``sample`` (any batch size) through ``model`` and count MACs per image."""
+    batch = sample.shape[0]
+    layers: dict[str, int] = {}
+    nonzero = 0
+    handles = []
+
+    def hook(name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
+        def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            nonlocal nonzero
+            weight = module.weight.detach()
+            if isinstance(module, _CONV):
+                # each output element reads in_channels/groups * prod(kernel) weights
+                per_output = weight[0].numel()
+                positions = output.numel() // batch // weight.shape[0]
+                macs = positions * weight.shape[0] * per_output
+                nz = positions * int(torch.count_nonzero(weight))
+            else:  # Linear: every leading position multiplies the full weight matrix
+                positions = output.numel() // batch // weight.shape[0]
+                macs = positions * weight.numel()
+                nz = positions * int(torch.count_nonzero(weight))
+            layers[name] = layers.get(name, 0) + macs
+            nonzero += nz
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, (*_CONV, nn.Linear)):
+            handles.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return MacCount(macs=sum(layers.values()), nonzero_macs=nonzero, layers=layers)
+
+
+def onnx_initializer_counts(path: Path) -> tuple[int, int]:
+    """(elements, non-zero elements) of an ONNX file's weight initializers (rank >= 1).
+
+    Used only when a variant has no torch form and no parent to take counts from; for an
+    int8 model the non-zero count is of the stored int8 values, not of dequantized weights.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    total = nonzero = 0
+    for init in proto.graph.initializer:
+        if len(init.dims) == 0:
+            continue
+        array = numpy_helper.to_array(init)
+        if not np.issubdtype(array.dtype, np.number):
+            continue
+        if array.dtype == np.int64:  # shapes and axes, not weights
+            continue
+        total += array.size
+        nonzero += int(np.count_nonzero(array))
+    return total, nonzero
+
+
+# ---------------------------------------------------------------- accuracy
+
+
+def accuracy_from_predictions(
+    predictions: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> tuple[float, int, dict[str, float | None]]:
+    """Top-1 accuracy, correct count and per-class accuracy (None for an absent class)."""
+    predictions = np.asarray(predictions)
+    labels = np.asarray(labels)
+    hits = predictions == labels
+    per_class: dict[str, float | None] = {}
+    for index, name in enumerate(classes):
+        mask = labels == index
+        per_class[name] = float(hits[mask].mean()) if mask.any() else None
+    correct = int(hits.sum())
+    return correct / max(len(labels), 1), correct, per_class
+
+
+# ---------------------------------------------------------------- latency
+
+
+@dataclass
+class Latency:
+    """Wall-clock latency of one call at one batch size, in milliseconds.
+
+    ``spread_pct`` is the interquartile range as a percentage of the median: a noisy machine
+    shows up there rather than in a silently wrong median.
+    """
+
+    batch: int
+    p50_ms: float
+    p95_ms: float
+    mean_ms: float
+    min_ms: float
+    iqr_ms: float
+    spread_pct: float
+    repeats: int
+    throughput: float  # images per second at the median
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def time_latency(
+    fn: Callable[[], object],
+    batch: int,
+    *,
+    warmup: int = 10,
+    repeats: int = 50,
+    min_seconds: float = 1.0,
+    max_seconds: float = 30.0,
+) -> Latency:
+    """Time ``fn()`` after ``warmup`` untimed calls (at least one: the first call is never timed).
+
+    Timed calls continue until ``repeats`` calls AND ``min_seconds`` have passed, or
+    ``max_seconds`` has passed (but never fewer than 5 calls).
+    """
+    for _ in range(max(1, warmup)):
+        fn()
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    started = clock()
+    min_ns, max_ns = int(min_seconds * 1e9), int(max_seconds * 1e9)
+    while True:
+        tic = clock()
+        fn()
+        toc = clock()
+        samples.append(toc - tic)
+        elapsed = toc - started
+        if len(samples) >= repeats and elapsed >= min_ns:
+            break
+        if elapsed >= max_ns and len(samples) >= 5:
+            break
+    ms = np.asarray(samples, dtype=np.float64) / 1e6
+    p25, p50, p75, p95 = np.percentile(ms, [25, 50, 75, 95])
+    return Latency(
+        batch=batch,
+        p50_ms=float(p50),
+        p95_ms=float(p95),
+        mean_ms=float(ms.mean()),
+        min_ms=float(ms.min()),
+        iqr_ms=float(p75 - p25),
+        spread_pct=float(100 * (p75 - p25) / p50) if p50 > 0 else 0.0,
+        repeats=len(samples),
+        throughput=float(batch / (p50 / 1e3)) if p50 > 0 else float("inf"),
+    )
+
+
+# ---------------------------------------------------------------- runtimes and threads
+
+
+def resolve_threads(threads: int | str) -> int:
+    """``"all"`` means every core this process may run on."""
+    if threads == "all":
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+    return int(threads)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Fix torch's intra-op thread count for the block, then restore it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def ort_session(path: Path, threads: int = 1) -> Any:
+    """An onnxruntime CPU session with a fixed thread count and full graph optimisation."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fixed_inputs(images: torch.Tensor, batch: int) -> torch.Tensor:
+    """The first ``batch`` images (tiled if there are fewer), contiguous float32 on the CPU."""
+    if len(images) < batch:
+        reps = -(-batch // len(images))
+        images = images.repeat(reps, *([1] * (images.dim() - 1)))
+    return images[:batch].contiguous().float().cpu()

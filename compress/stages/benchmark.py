@@ -1,0 +1,437 @@
+"""Stage ``benchmark``: every variant measured in every runtime it ships in, one table.
+
+Runtimes: ``pytorch`` (eager, torch variants), ``torchscript`` and ``onnxruntime`` (the files the
+export stage attached; ONNX-only variants run from their own file when not exported). Every
+row is measured the same way (``compress.measure``): the same input tensor, the same thread
+count, warm-up before timing, accuracy on the whole test split. Deltas are against the
+baseline variant in the same runtime. The table goes to ``results.csv`` / ``results.json``
+(published as ``reports/<pipeline>/results.*``); its columns are listed in ``COLUMNS``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from compress import measure
+from compress.config import StageConfig
+from compress.context import Context
+from compress.exporting import INPUT_NAME, OUTPUT_NAME, load_torchscript
+from compress.fileio import read_json, write_json, write_text
+from compress.stages import stage
+from compress.variants import StageResult, Variant
+
+RUNTIMES = ("pytorch", "torchscript", "onnxruntime")
+FILE_FORMAT = {"pytorch": "torch", "torchscript": "torchscript", "onnxruntime": "onnx"}
+EXPORT_KEY = {"torchscript": "torchscript", "onnxruntime": "onnx"}
+
+
+class BenchmarkConfig(StageConfig):
+    stage: Literal["benchmark"]
+    runtimes: list[Literal["pytorch", "torchscript", "onnxruntime"]] = list(RUNTIMES)
+    batch_sizes: list[int] = [1, 64]
+    threads: int | Literal["all"] = 1
+    warmup: int = Field(10, ge=1, le=100_000)
+    repeats: int = Field(50, ge=5, le=1_000_000)
+    min_seconds: float = Field(1.0, ge=0, le=3600)
+    max_seconds: float = Field(20.0, gt=0, le=3600)
+    baseline: str = "baseline"
+    eval_batch_size: int = Field(1000, gt=0, le=65536)
+
+    @field_validator("runtimes")
+    @classmethod
+    def _some_runtime(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("list each runtime once, at least one of: " + ", ".join(RUNTIMES))
+        return value
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, value: list[int]) -> list[int]:
+        if not value or len(set(value)) != len(value) or any(b < 1 or b > 65536 for b in value):
+            raise ValueError("batch_sizes must be distinct sizes between 1 and 65536, e.g. [1, 64]")
+        return sorted(value)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, value: int | str) -> int | str:
+        if value != "all" and not 1 <= int(value) <= 1024:
+            raise ValueError("threads must be a positive number of threads or 'all'")
+        return value
+
+    @model_validator(mode="after")
+    def _times(self) -> BenchmarkConfig:
+        if self.max_seconds < self.min_seconds:
+            raise ValueError(f"max_seconds ({self.max_seconds}) must be >= min_seconds ({self.min_seconds})")
+        return self
+
+    def consumes(self, available: list[str]) -> list[str]:
+        names = list(self.from_) if self.from_ is not None else list(available)
+        if not names:
+            raise ValueError("from: no earlier stage produces a variant to benchmark")
+        if "baseline" in self.model_fields_set and self.baseline not in names:
+            raise ValueError(
+                f"baseline: variant {self.baseline!r} is not among the benchmarked variants "
+                f"({', '.join(names)}); name one of them"
+            )
+        return names
+
+
+def columns(batch_sizes: list[int]) -> list[str]:
+    """The results table's columns, in order (see the module docstring of this stage)."""
+    cols = [
+        "variant",
+        "runtime",
+        "format",
+        "parent",
+        "stage",
+        "is_baseline",
+        "status",
+        "error",
+        "file",
+        "accuracy",
+        "accuracy_delta_pp",
+        "correct",
+        "test_count",
+        "per_class_min_accuracy",
+        "per_class_accuracy",
+        "top1_agreement_pytorch",
+        "size_bytes",
+        "gzip_bytes",
+        "size_ratio",
+        "gzip_ratio",
+        "parameters",
+        "nonzero_parameters",
+        "sparsity",
+        "parameters_ratio",
+        "macs",
+        "nonzero_macs",
+        "macs_ratio",
+        "counts_from",
+    ]
+    for b in batch_sizes:
+        cols += [
+            f"latency_b{b}_p50_ms",
+            f"latency_b{b}_p95_ms",
+            f"latency_b{b}_spread_pct",
+            f"latency_b{b}_repeats",
+            f"throughput_b{b}",
+            f"latency_ratio_b{b}",
+        ]
+    cols += [
+        "threads",
+        "cpu_model",
+        "torch_version",
+        "onnxruntime_version",
+        "export_ok",
+        "parity_max_abs_diff",
+        "parity_top1_agreement",
+    ]
+    return cols
+
+
+@stage("benchmark", BenchmarkConfig, version=1)
+def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = ctx.data()
+    test = bundle.test
+    images = bundle.normalize(test.x).float().contiguous()
+    labels = test.y.numpy()
+    threads = measure.resolve_threads(cfg.threads)
+    timing_inputs = {b: measure.fixed_inputs(images, b) for b in cfg.batch_sizes}
+    env = {
+        "threads": threads,
+        "cpu_model": measure.cpu_model(),
+        "torch_version": torch.__version__,
+        "onnxruntime_version": _version("onnxruntime"),
+    }
+    ctx.log.info(
+        "benchmark: %d variants x %s, batch sizes %s, %d thread(s), %d test images",
+        len(inputs),
+        ", ".join(cfg.runtimes),
+        cfg.batch_sizes,
+        threads,
+        len(labels),
+    )
+    rows: list[dict[str, Any]] = []
+    pytorch_predictions: dict[str, np.ndarray] = {}
+    with measure.torch_threads(threads):
+        for variant in inputs:
+            try:
+                counts = _counts(variant, ctx, images[:1])
+            except Exception as exc:  # counts are one column group; the timings still matter
+                ctx.log.exception("benchmark: cannot count parameters/MACs of %s", variant.name)
+                counts = {"counts_from": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
+            exports = _export_report(ctx.artifacts.get(variant.name, {}))
+            for runtime in cfg.runtimes:
+                target = _target(variant, runtime, ctx, exports)
+                if target is None:
+                    continue
+                row: dict[str, Any] = {
+                    "variant": variant.name,
+                    "runtime": runtime,
+                    "format": variant.format if runtime == "pytorch" else FILE_FORMAT[runtime],
+                    "parent": variant.parent,
+                    "stage": variant.stage,
+                    "is_baseline": variant.name == cfg.baseline,
+                    **counts,
+                    **env,
+                    **target["export"],
+                }
+                if target["path"] is None:
+                    row.update(status="export_failed", error=target["error"])
+                    rows.append(row)
+                    continue
+                row["file"] = _shown(Path(target["path"]), ctx)
+                try:
+                    predict = _runner(runtime, variant, Path(target["path"]), threads)
+                    row.update(_measure(cfg, predict, images, labels, timing_inputs, bundle.classes))
+                except Exception as exc:  # one runtime failing must not hide the other rows
+                    ctx.log.exception("benchmark: %s in %s failed", variant.name, runtime)
+                    row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                    rows.append(row)
+                    continue
+                predictions = row.pop("_predictions")
+                if runtime == "pytorch" and variant.format == "torch":
+                    pytorch_predictions[variant.name] = predictions
+                # fp32 files are compared with their own eager model; int8/ONNX-only ones with the parent's
+                own = variant.format == "torch"
+                reference = pytorch_predictions.get(variant.name if own else (variant.parent or ""))
+                if reference is not None:
+                    row["top1_agreement_pytorch"] = float(np.mean(predictions == reference))
+                row.update(status="ok", error=None, size_bytes=measure.file_size(target["path"]))
+                row["gzip_bytes"] = measure.gzip_size(target["path"])
+                rows.append(row)
+                ctx.log.info("benchmark: %s", _summary_line(row, cfg.batch_sizes))
+
+    frame = _with_deltas(pd.DataFrame(rows), cfg)
+    frame = frame.reindex(columns=columns(cfg.batch_sizes))
+    csv_frame = frame.copy()
+    csv_frame["per_class_accuracy"] = csv_frame["per_class_accuracy"].map(
+        lambda v: json.dumps(v) if isinstance(v, dict) else v
+    )
+    csv_frame.to_csv(out_dir / "results.csv", index=False)
+    write_text(out_dir / "results.json", frame.to_json(orient="records", indent=2) + "\n")
+    seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {
+        "rows": len(frame),
+        "failed_rows": int((frame["status"] != "ok").sum()) if len(frame) else 0,
+        "threads": threads,
+        "cpu_model": env["cpu_model"],
+        "batch_sizes": cfg.batch_sizes,
+        "baseline": cfg.baseline,
+        "test_images": int(len(labels)),
+        "seconds": round(seconds, 2),
+    }
+    for row in frame.to_dict(orient="records"):
+        metrics[f"{row['variant']}@{row['runtime']}"] = _summary_line(row, cfg.batch_sizes)
+    write_json(out_dir / "summary.json", metrics)
+    return StageResult(
+        metrics=metrics,
+        publish={"results.csv": "results.csv", "results.json": "results.json"},
+    )
+
+
+# ---------------------------------------------------------------- what to measure
+
+
+def _export_report(files: dict[str, Path]) -> dict[str, Any] | None:
+    path = files.get("export_report")
+    return read_json(path) if path is not None and Path(path).is_file() else None
+
+
+def _target(variant: Variant, runtime: str, ctx: Context, exports: dict | None) -> dict[str, Any] | None:
+    """The file this variant ships as in ``runtime``, or None if it does not ship there.
+
+    A file the export stage tried and failed gives a row with status 'export_failed'.
+    """
+    files = ctx.artifacts.get(variant.name, {})
+    none = {"export_ok": None, "parity_max_abs_diff": None, "parity_top1_agreement": None}
+    if runtime == "pytorch":
+        if variant.format not in ("torch", "pt2"):
+            return None
+        return {"path": variant.file, "export": none, "error": None}
+    key = EXPORT_KEY[runtime]
+    entry = (exports or {}).get("files", {}).get(key)
+    export = (
+        {
+            "export_ok": bool(entry["ok"]),
+            "parity_max_abs_diff": entry.get("max_abs_diff"),
+            "parity_top1_agreement": entry.get("top1_agreement"),
+        }
+        if entry
+        else none
+    )
+    if key in files:
+        return {"path": files[key], "export": export, "error": None}
+    if entry is not None and not entry["ok"]:
+        return {"path": None, "export": export, "error": entry.get("error")}
+    if runtime == "onnxruntime" and variant.format == "onnx":
+        return {"path": variant.file, "export": export, "error": None}
+    return None
+
+
+def _runner(runtime: str, variant: Variant, path: Path, threads: int) -> Callable[[torch.Tensor], np.ndarray]:
+    """A function images -> logits (numpy) for one runtime; loading happens here, untimed."""
+    if runtime == "onnxruntime":
+        session = measure.ort_session(path, threads)
+
+        def run_onnx(x: torch.Tensor) -> np.ndarray:
+            return session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+
+        return run_onnx
+    if runtime == "torchscript":
+        module = load_torchscript(path)
+    elif variant.format == "pt2":  # a torch.export program (e.g. int8 from the quantize stage)
+        module = torch.export.load(str(path)).module()
+    else:
+        module, _ = variant.load_torch()
+        module = module.eval().cpu()
+
+    def run_torch(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return module(x).numpy()
+
+    return run_torch
+
+
+def _measure(
+    cfg: BenchmarkConfig,
+    predict: Callable[[torch.Tensor], np.ndarray],
+    images: torch.Tensor,
+    labels: np.ndarray,
+    timing_inputs: dict[int, torch.Tensor],
+    classes: list[str],
+) -> dict[str, Any]:
+    step = cfg.eval_batch_size
+    predictions = np.concatenate(
+        [predict(images[i : i + step]).argmax(1) for i in range(0, len(images), step)]
+    )
+    accuracy, correct, per_class = measure.accuracy_from_predictions(predictions, labels, classes)
+    present = [v for v in per_class.values() if v is not None]
+    row: dict[str, Any] = {
+        "_predictions": predictions,
+        "accuracy": accuracy,
+        "correct": correct,
+        "test_count": int(len(labels)),
+        "per_class_accuracy": per_class,
+        "per_class_min_accuracy": min(present) if present else None,
+    }
+    for batch, x in timing_inputs.items():
+        latency = measure.time_latency(
+            lambda x=x: predict(x),
+            batch,
+            warmup=cfg.warmup,
+            repeats=cfg.repeats,
+            min_seconds=cfg.min_seconds,
+            max_seconds=cfg.max_seconds,
+        )
+        row[f"latency_b{batch}_p50_ms"] = latency.p50_ms
+        row[f"latency_b{batch}_p95_ms"] = latency.p95_ms
+        row[f"latency_b{batch}_spread_pct"] = latency.spread_pct
+        row[f"latency_b{batch}_repeats"] = latency.repeats
+        row[f"throughput_b{batch}"] = latency.throughput
+    return row
+
+
+def _counts(variant: Variant, ctx: Context, sample: torch.Tensor) -> dict[str, Any]:
+    """Parameters, non-zero parameters and MACs: from the torch model, else its parent's."""
+    source, origin = variant, "self"
+    if variant.format != "torch":
+        parent = ctx.variants.get(variant.parent or "")
+        usable = parent is not None and parent.format == "torch"
+        source, origin = (parent, f"parent:{parent.name}") if usable else (None, "")
+    if source is not None:
+        model, _ = source.load_torch()
+        macs = measure.count_macs(model, sample)
+        params = measure.count_parameters(model)
+        nonzero = measure.count_nonzero_parameters(model)
+        return {
+            "parameters": params,
+            "nonzero_parameters": nonzero,
+            "sparsity": 1 - nonzero / params if params else None,
+            "macs": macs.macs,
+            "nonzero_macs": macs.nonzero_macs,
+            "counts_from": origin,
+        }
+    path = ctx.artifacts.get(variant.name, {}).get("onnx", variant.file if variant.format == "onnx" else None)
+    if path is None:
+        empty = ("parameters", "nonzero_parameters", "sparsity", "macs", "nonzero_macs")
+        return {**dict.fromkeys(empty), "counts_from": "unknown (no torch model, parent or ONNX file)"}
+    params, nonzero = measure.onnx_initializer_counts(Path(path))
+    return {
+        "parameters": params,
+        "nonzero_parameters": nonzero,
+        "sparsity": 1 - nonzero / params if params else None,
+        "macs": None,
+        "nonzero_macs": None,
+        "counts_from": "onnx-initializers",
+    }
+
+
+def _with_deltas(frame: pd.DataFrame, cfg: BenchmarkConfig) -> pd.DataFrame:
+    """accuracy (pp), size, gzip, parameter, MAC and latency ratios vs the baseline, same runtime."""
+    if frame.empty:
+        return frame
+    pairs = [("size_ratio", "size_bytes"), ("gzip_ratio", "gzip_bytes"), ("parameters_ratio", "parameters")]
+    pairs += [("macs_ratio", "macs")]
+    pairs += [(f"latency_ratio_b{b}", f"latency_b{b}_p50_ms") for b in cfg.batch_sizes]
+    for column in {"accuracy_delta_pp", *(name for name, _ in pairs)}:
+        frame[column] = np.nan
+    for _runtime, group in frame.groupby("runtime"):
+        base = group[(group["variant"] == cfg.baseline) & (group["status"] == "ok")]
+        if base.empty:
+            continue
+        ref = base.iloc[0]
+        index = group.index
+        frame.loc[index, "accuracy_delta_pp"] = 100 * (group["accuracy"] - ref["accuracy"])
+        for name, source in pairs:
+            if source in frame and _number(ref.get(source)):
+                frame.loc[index, name] = group[source].astype(float) / float(ref[source])
+    return frame
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not math.isnan(value) and value != 0
+
+
+def _shown(path: Path, ctx: Context) -> str:
+    """The file relative to artifacts/<pipeline>/ when it is inside it (stable across machines)."""
+    try:
+        return Path(path).resolve().relative_to(ctx.run_dir.parent.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _summary_line(row: dict[str, Any], batch_sizes: list[int]) -> str:
+    if row.get("status") != "ok":
+        return f"{row['variant']} [{row['runtime']}]: {row.get('status')}: {row.get('error')}"
+    parts = [f"{row['variant']} [{row['runtime']}]: acc {100 * row['accuracy']:.2f}%"]
+    delta = row.get("accuracy_delta_pp")
+    if isinstance(delta, float) and not math.isnan(delta):
+        parts[0] += f" ({delta:+.2f} pp)"
+    for b in batch_sizes:
+        parts.append(f"b{b} p50 {row[f'latency_b{b}_p50_ms']:.3f} ms")
+    parts.append(f"size {row['size_bytes'] / 1024:.1f} KiB (gzip {row['gzip_bytes'] / 1024:.1f} KiB)")
+    return ", ".join(parts)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
