@@ -1,0 +1,268 @@
+"""Pruning mechanics, apart from the stage wiring: masks, schedules, channel removal, counts.
+
+Unstructured pruning uses ``torch.nn.utils.prune`` to choose global L1 masks and removes the
+re-parametrisation at once, so a model's state dict always holds plain weights with real
+zeros; the masks live beside it and are re-applied after every optimizer step. Structured
+pruning uses torch-pruning's dependency graph to cut whole channels and neurons.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import prune
+
+LAYER_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
+
+
+# ------------------------------------------------------------------ layers and counts
+
+
+def prunable_layers(
+    model: nn.Module,
+    layer_types: list[str],
+    exclude: list[str] = (),
+    exclude_classifier: bool = False,
+) -> dict[str, nn.Module]:
+    """Modules of the given types, by name, minus ``exclude`` (and ``classifier`` if asked)."""
+    kinds = tuple(LAYER_TYPES[t] for t in layer_types)
+    skipped = set(exclude) | ({"classifier"} if exclude_classifier else set())
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, kinds) and name not in skipped and not _under(name, skipped)
+    }
+
+
+def _under(name: str, parents: set[str]) -> bool:
+    return any(name.startswith(f"{p}.") for p in parents)
+
+
+def layer_sparsity(layers: dict[str, nn.Module]) -> tuple[float, dict[str, float]]:
+    """Overall fraction of zero weights across ``layers`` and the fraction in each."""
+    zeros = total = 0
+    per_layer: dict[str, float] = {}
+    for name, module in layers.items():
+        w = module.weight.detach()
+        z = int((w == 0).sum())
+        per_layer[name] = z / w.numel()
+        zeros += z
+        total += w.numel()
+    return zeros / max(total, 1), per_layer
+
+
+def nonzero_parameters(model: nn.Module) -> int:
+    return sum(int((p.detach() != 0).sum()) for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs, parameters) for one input, as torch-pruning counts them."""
+    was_training = model.training
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model.eval(), example)
+    model.train(was_training)
+    return int(macs), int(params)
+
+
+# ------------------------------------------------------------------ unstructured masks
+
+
+def cubic_sparsity(initial: float, final: float, step: int, steps: int) -> float:
+    """Zhu & Gupta's gradual schedule: s_t = s_f + (s_i - s_f) (1 - t/n)^3, t = 1..n."""
+    return final + (initial - final) * (1 - step / steps) ** 3
+
+
+def magnitude_masks(
+    layers: dict[str, nn.Module], sparsity: float, limits: dict[str, float]
+) -> dict[str, torch.Tensor]:
+    """Global L1 masks zeroing ``sparsity`` of all weights in ``layers``, each layer capped.
+
+    A layer whose share under the global threshold would exceed its cap (``limits``) is pruned
+    locally to the cap; the rest of the budget is spread over the others by a global threshold
+    (``prune.global_unstructured``), repeated until no cap is exceeded. The re-parametrisation
+    is removed again, leaving plain weights with zeros; the masks are returned.
+    """
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
+    budget = int(round(sparsity * sum(sizes.values())))
+    capped: dict[str, int] = {}
+    while True:
+        free = [n for n in layers if n not in capped]
+        left = max(0, min(budget - sum(capped.values()), sum(sizes[n] for n in free)))
+        chosen = _global_counts({n: layers[n] for n in free}, left)
+        over = [n for n in free if chosen[n] > math.floor(limits.get(n, 1.0) * sizes[n])]
+        if not over:
+            break
+        for n in over:
+            capped[n] = math.floor(limits[n] * sizes[n])
+    for n, count in capped.items():
+        prune.l1_unstructured(layers[n], "weight", amount=count)
+    free = [n for n in layers if n not in capped]
+    if free:
+        prune.global_unstructured(
+            [(layers[n], "weight") for n in free],
+            pruning_method=prune.L1Unstructured,
+            amount=left,
+        )
+    masks = {}
+    for n, module in layers.items():
+        masks[n] = module.weight_mask.detach().clone().bool()
+        prune.remove(module, "weight")
+    return masks
+
+
+def _global_counts(layers: dict[str, nn.Module], k: int) -> dict[str, int]:
+    """How many of the ``k`` globally smallest |w| fall in each layer."""
+    if not layers or k <= 0:
+        return dict.fromkeys(layers, 0)
+    flat = torch.cat([m.weight.detach().abs().flatten() for m in layers.values()])
+    idx = torch.topk(flat, k, largest=False).indices
+    owner = torch.repeat_interleave(
+        torch.arange(len(layers)), torch.tensor([m.weight.numel() for m in layers.values()])
+    )
+    counts = torch.bincount(owner[idx], minlength=len(layers))
+    return {n: int(c) for n, c in zip(layers, counts, strict=True)}
+
+
+def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weight = layers[name].weight
+            weight.mul_(mask.to(weight.device, weight.dtype))
+
+
+@dataclass
+class GradualPruner:
+    """The ``after_step`` hook of ``training.fit`` for Zhu & Gupta gradual pruning.
+
+    Pruning events happen before training (event 0) and after optimizer steps
+    ``event_iters[1:]``; between events the current masks are re-applied after every step
+    so pruned weights stay exactly zero. ``resume`` restores masks and the step counter from a
+    checkpoint's weights, so the schedule continues where a killed run stopped.
+    """
+
+    layers: dict[str, nn.Module]
+    sparsities: list[float]
+    event_iters: list[int]
+    limits: dict[str, float] = field(default_factory=dict)
+    iteration: int = 0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    on_event: Callable[[int, float], None] | None = None
+
+    def start(self) -> None:
+        self.masks = magnitude_masks(self.layers, self.sparsities[0], self.limits)
+        if self.on_event:
+            self.on_event(0, self.sparsities[0])
+
+    def resume(self, state: dict[str, torch.Tensor], iteration: int) -> None:
+        self.masks = {n: state[f"{n}.weight"] != 0 for n in self.layers}
+        self.iteration = iteration
+
+    def __call__(self) -> None:
+        self.iteration += 1
+        apply_masks(self.layers, self.masks)
+        for k in range(1, len(self.event_iters)):
+            if self.event_iters[k] == self.iteration:
+                self.masks = magnitude_masks(self.layers, self.sparsities[k], self.limits)
+                if self.on_event:
+                    self.on_event(k, self.sparsities[k])
+
+
+def event_schedule(
+    initial: float, final: float, steps: int, total_iters: int, ramp: float
+) -> tuple[list[float], list[int]]:
+    """Sparsity after each of ``steps`` events and the optimizer step each follows.
+
+    Events are evenly spaced over the first ``ramp`` of training (event 0 before training);
+    the rest of training recovers at the final sparsity.
+    """
+    sparsities = [cubic_sparsity(initial, final, k + 1, steps) for k in range(steps)]
+    span = ramp * total_iters
+    iters = [int(round(k * span / steps)) for k in range(steps)]
+    for k in range(1, steps):  # strictly increasing even for tiny runs
+        iters[k] = max(iters[k], iters[k - 1] + 1)
+    return sparsities, iters
+
+
+# ------------------------------------------------------------------ structured pruning
+
+
+def make_importance(kind: str) -> tp.importance.Importance:
+    """l1/l2: the norm of each channel's own weights; group_norm: the L2 norm over every
+    coupled parameter of the dependency group (DepGraph's group importance)."""
+    if kind == "l1":
+        return tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer="mean")
+    if kind == "l2":
+        return tp.importance.MagnitudeImportance(p=2, group_reduction="first", normalizer="mean")
+    return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="mean")
+
+
+@dataclass
+class ChannelPlan:
+    importance: str
+    scope: str  # "global" | "uniform"
+    max_layer_amount: float
+    ignored: list[str]  # module names torch-pruning must not use as group roots
+    layer_types: list[str]
+    round_to: int | None = None
+
+
+def structured_prune(model: nn.Module, example: torch.Tensor, ratio: float, plan: ChannelPlan) -> None:
+    """Remove ``ratio`` of the prunable channels/neurons of ``model`` in place."""
+    if ratio <= 0:
+        return
+    modules = dict(model.named_modules())
+    kinds = tuple(LAYER_TYPES[t] for t in plan.layer_types)
+    ignored = [modules[n] for n in plan.ignored if n in modules]
+    ignored += [
+        m for m in modules.values() if isinstance(m, nn.Linear | nn.Conv2d) and not isinstance(m, kinds)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=make_importance(plan.importance),
+            global_pruning=plan.scope == "global",
+            pruning_ratio=min(ratio, 1.0),
+            max_pruning_ratio=plan.max_layer_amount,
+            ignored_layers=ignored,
+            round_to=plan.round_to,
+        )
+        with torch.no_grad():
+            pruner.step()
+
+
+def ratio_for_macs(
+    model: nn.Module, example: torch.Tensor, target_macs: float, plan: ChannelPlan, iters: int = 10
+) -> tuple[float, int]:
+    """The smallest channel ratio whose pruned copy of ``model`` has at most ``target_macs``.
+
+    Returns (ratio, MACs at that ratio); if even the largest allowed ratio misses the target,
+    returns that ratio and its MACs so the caller can report what is reachable.
+    """
+
+    def macs_at(ratio: float) -> int:
+        trial = copy.deepcopy(model)
+        structured_prune(trial, example, ratio, plan)
+        return count_macs(trial, example)[0]
+
+    high = plan.max_layer_amount
+    high_macs = macs_at(high)
+    if high_macs > target_macs:
+        return high, high_macs
+    low = 0.0
+    for _ in range(iters):
+        mid = (low + high) / 2
+        mid_macs = macs_at(mid)
+        if mid_macs <= target_macs:
+            high, high_macs = mid, mid_macs
+        else:
+            low = mid
+    return high, high_macs
