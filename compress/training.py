@@ -36,6 +36,10 @@ class Distillation:
     teacher: nn.Module
     temperature: float = 4.0
     alpha: float = 0.5
+    # Optional teacher logits for every training image, row i for bundle.train row i. Only
+    # valid without augmentation (the teacher must see exactly the images the student sees);
+    # it saves the teacher's forward pass in every epoch.
+    logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,18 +136,32 @@ def train_one_epoch(
     """One pass over the training split; ``after_step`` lets pruning re-apply its masks."""
     model.train()
     batch_size = cfg.batch_size or 128
+    cached = distill is not None and distill.logits is not None
+    if cached and (cfg.augment != "none" or len(distill.logits) != len(bundle.train)):
+        raise ValueError("cached teacher logits need augment 'none' and one row per training image")
     batches = iterate_batches(
-        bundle, bundle.train, batch_size, device, shuffle=True, seed=seed, augment=cfg.augment
+        bundle,
+        bundle.train,
+        batch_size,
+        device,
+        shuffle=True,
+        seed=seed,
+        augment=cfg.augment,
+        with_index=cached,
     )
     total_loss, correct, seen = 0.0, 0, 0
     steps = (len(bundle.train) + batch_size - 1) // batch_size
     bar = tqdm(batches, total=steps, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
-    for x, y in bar:
+    for batch in bar:
+        x, y = batch[0], batch[1]
         with _autocast(device, cfg.amp):
             logits = model(x)
             if distill is not None:
-                with torch.no_grad():
-                    teacher_logits = distill.teacher(x)
+                if cached:
+                    teacher_logits = distill.logits[batch[2]].to(device)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = distill.teacher(x)
                 loss = kd_loss(
                     logits.float(),
                     teacher_logits.float(),

@@ -1,0 +1,342 @@
+"""Stage ``distill``: train a smaller student from a teacher variant, with a from-scratch control.
+
+The student learns from ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``
+(``training.kd_loss``); the teacher runs in eval mode under no_grad and is never updated
+(its file and its in-memory weights are checksummed before and after). With ``control: true``
+the same architecture is trained from the same initialisation, on hard labels only, with the
+same budget, batches and seed, so the stage measures what distillation bought instead of
+assuming it. With ``seeds: N`` both are trained N times and compared by mean and standard
+deviation; a difference under two standard deviations is reported as "no measurable gain".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from compress.config import ModelConfig, StageConfig, TrainingConfig
+from compress.context import Context
+from compress.data import DataBundle, iterate_batches
+from compress.errors import ConfigError
+from compress.fileio import sha256_file, write_json
+from compress.measure import count_macs, count_parameters
+from compress.models import ModelSpec, build_model, save_model
+from compress.stages import stage
+from compress.training import Distillation, evaluate, fit
+from compress.variants import StageResult, Variant
+
+SCRATCH_SUFFIX = ".scratch"
+
+
+class DistillConfig(StageConfig, TrainingConfig):
+    stage: Literal["distill"]
+    student: ModelConfig = ModelConfig(arch="lenet5", width=0.5)
+    temperature: float = Field(4.0, gt=0, le=1000)
+    alpha: float = Field(0.9, ge=0, le=1)
+    control: bool = True
+    seeds: int = Field(1, ge=1, le=100)
+    output: str = "student"
+    # With augment 'none' the teacher sees the same images every epoch: compute its logits once.
+    cache_teacher_logits: bool = True
+
+    @field_validator("output")
+    @classmethod
+    def _safe_output(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("output may hold only letters, digits, '.', '_' and '-'")
+        return value
+
+    def consumes(self, available: list[str]) -> list[str]:
+        if self.from_ is None and "baseline" not in available:
+            known = ", ".join(available) or "none"
+            raise ValueError(
+                f"from: no 'baseline' variant to distil from; name the teacher (variants here: {known})"
+            )
+        teachers = list(self.from_) if self.from_ is not None else ["baseline"]
+        if len(teachers) != 1:
+            raise ValueError(
+                f"from: the distill stage takes exactly one teacher variant, got {len(teachers)} "
+                f"({', '.join(teachers) or 'none'})"
+            )
+        return teachers
+
+    def produces(self, inputs: list[str]) -> list[str]:
+        return [self.output, self.output + SCRATCH_SUFFIX] if self.control else [self.output]
+
+
+@stage("distill", DistillConfig, version=1)
+def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
+    source = inputs[0]
+    if source.format != "torch":
+        raise ConfigError(
+            f"stage {cfg.label!r}: teacher {source.name!r} is an {source.format} model, which cannot "
+            "run inside PyTorch training; distil from a torch variant (e.g. the one it was made from)"
+        )
+    bundle = ctx.data()
+    teacher, teacher_spec = source.load_torch()
+    fields = bundle.model_fields()
+    mismatched = {k: (teacher_spec.get(k), v) for k, v in fields.items() if teacher_spec.get(k) != v}
+    if mismatched:
+        shown = ", ".join(f"{k} {a} (teacher) vs {b} (data)" for k, (a, b) in mismatched.items())
+        raise ConfigError(f"stage {cfg.label!r}: teacher {source.name!r} does not fit the dataset: {shown}")
+    file_sha_before = sha256_file(source.file)
+    weights_sha_before = _state_checksum(teacher)
+
+    spec: ModelSpec = {**cfg.student.spec(), **fields}
+    teacher_size = _size(teacher, bundle)
+    student_size = _size(build_model(spec), bundle)
+    teacher.to(ctx.device)
+    teacher_test = evaluate(teacher, bundle, bundle.test, ctx.device)["accuracy"]
+    teacher_val = _val_accuracy(teacher, bundle, ctx)
+    ctx.log.info(
+        "%s: teacher %s (%s, %d parameters, test %.4f) -> student %s (%d parameters, %.1fx fewer), "
+        "T=%s alpha=%s, %d seed(s), control %s",
+        cfg.label,
+        source.name,
+        teacher_spec.get("arch"),
+        teacher_size["parameters"],
+        teacher_test,
+        cfg.student.arch,
+        student_size["parameters"],
+        teacher_size["parameters"] / student_size["parameters"],
+        cfg.temperature,
+        cfg.alpha,
+        cfg.seeds,
+        "on" if cfg.control else "off",
+    )
+
+    use_cache = cfg.cache_teacher_logits and cfg.augment == "none"
+    cached = _teacher_logits(teacher, bundle, ctx) if use_cache else None
+    kinds = ["distilled", "scratch"] if cfg.control else ["distilled"]
+    runs: list[dict[str, Any]] = []
+    for index in range(cfg.seeds):
+        seed = ctx.seed + index
+        for kind in kinds:
+            distill = Distillation(teacher, cfg.temperature, cfg.alpha, cached)
+            distill = distill if kind == "distilled" else None
+            model, row = _train_one(cfg, spec, bundle, ctx, out_dir, seed, kind, distill)
+            runs.append(row)
+            if index == 0:  # the shipped variants are the first seed's, never a best-of-N pick
+                save_model(model.cpu(), spec, out_dir / f"{kind}.pt")
+
+    weights_sha_after = _state_checksum(teacher)
+    file_sha_after = sha256_file(source.file)
+    if weights_sha_after != weights_sha_before or file_sha_after != file_sha_before:
+        raise RuntimeError(f"teacher {source.name!r} changed during distillation; this is a bug")
+
+    summary = _summarise(runs, teacher_test, cfg)
+    metrics: dict[str, Any] = {
+        "teacher": source.name,
+        "teacher_test_accuracy": teacher_test,
+        "teacher_val_accuracy": teacher_val,
+        "teacher_parameters": teacher_size["parameters"],
+        "teacher_macs": teacher_size["macs"],
+        "student_parameters": student_size["parameters"],
+        "student_macs": student_size["macs"],
+        "parameter_ratio": student_size["parameters"] / teacher_size["parameters"],
+        "mac_ratio": student_size["macs"] / teacher_size["macs"] if teacher_size["macs"] else None,
+        "temperature": cfg.temperature,
+        "alpha": cfg.alpha,
+        "seeds": cfg.seeds,
+        "epochs": cfg.epochs,
+        "teacher_logits_cached": cached is not None,
+        **summary,
+        "teacher_sha256_before": file_sha_before,
+        "teacher_sha256_after": file_sha_after,
+        "teacher_weights_sha256_before": weights_sha_before,
+        "teacher_weights_sha256_after": weights_sha_after,
+        "teacher_unchanged": True,
+        "runs": runs,
+    }
+    write_json(out_dir / "distill.json", {"student_spec": spec, "teacher_spec": teacher_spec, **metrics})
+
+    first = {row["kind"]: row for row in runs if row["seed"] == ctx.seed}
+    common = {
+        "parameters": student_size["parameters"],
+        "macs": student_size["macs"],
+        "parameter_ratio": metrics["parameter_ratio"],
+        "mac_ratio": metrics["mac_ratio"],
+        "epochs": cfg.epochs,
+    }
+    student = Variant(
+        name=cfg.output,
+        format="torch",
+        file=out_dir / "distilled.pt",
+        stage=cfg.label,
+        parent=source.name,
+        metrics=_variant_metrics(first["distilled"], common, summary, "distilled"),
+        info={
+            "arch": cfg.student.arch,
+            "spec": spec,
+            "teacher": source.name,
+            "temperature": cfg.temperature,
+            "alpha": cfg.alpha,
+            "seed": ctx.seed,
+            "curves": first["distilled"]["curves"],
+        },
+    )
+    variants = [student]
+    if cfg.control:
+        variants.append(
+            Variant(
+                name=cfg.output + SCRATCH_SUFFIX,
+                format="torch",
+                file=out_dir / "scratch.pt",
+                stage=cfg.label,
+                parent=None,
+                metrics=_variant_metrics(first["scratch"], common, summary, "scratch"),
+                info={
+                    "arch": cfg.student.arch,
+                    "spec": spec,
+                    "control_for": cfg.output,
+                    "note": f"control: {cfg.output}'s architecture, budget, initialisation and seed, "
+                    "trained from scratch on hard labels without the teacher",
+                    "seed": ctx.seed,
+                    "curves": first["scratch"]["curves"],
+                },
+            )
+        )
+    return StageResult(
+        variants=variants,
+        metrics=metrics,
+        publish={"distill.json": f"{cfg.label}.json"},
+    )
+
+
+def _train_one(
+    cfg: DistillConfig,
+    spec: ModelSpec,
+    bundle: DataBundle,
+    ctx: Context,
+    out_dir: Path,
+    seed: int,
+    kind: str,
+    distill: Distillation | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train one student; distilled and scratch runs with the same seed start from the same weights."""
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    workdir = out_dir / "work" / f"seed{seed}-{kind}"
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = fit(
+        model, bundle, cfg, ctx.device, seed, workdir, desc=f"{cfg.label} {kind} seed {seed}", distill=distill
+    )
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    test = evaluate(model, bundle, bundle.test, ctx.device)
+    row = {
+        "seed": seed,
+        "kind": kind,
+        "test_accuracy": test["accuracy"],
+        "test_correct": test["correct"],
+        "test_count": test["count"],
+        "val_accuracy": _val_accuracy(model, bundle, ctx),
+        "train_seconds": round(wall, 2),
+        "train_cpu_seconds": round(cpu, 2),
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "curves": f"work/{workdir.name}/history.json",
+    }
+    ctx.log.info(
+        "%s: seed %d %s student: test %.4f val %s (%.1fs)",
+        cfg.label,
+        seed,
+        kind,
+        row["test_accuracy"],
+        f"{row['val_accuracy']:.4f}" if row["val_accuracy"] is not None else "n/a",
+        wall,
+    )
+    return model, row
+
+
+def _summarise(runs: list[dict[str, Any]], teacher_test: float, cfg: DistillConfig) -> dict[str, Any]:
+    """Means, standard deviations, the gap share and the verdict over all seeds."""
+    out: dict[str, Any] = {}
+    acc: dict[str, list[float]] = {}
+    for kind in ("distilled", "scratch"):
+        rows = [r for r in runs if r["kind"] == kind]
+        if not rows:
+            continue
+        acc[kind] = [r["test_accuracy"] for r in rows]
+        vals = [r["val_accuracy"] for r in rows if r["val_accuracy"] is not None]
+        out[f"{kind}_test_accuracy_mean"] = statistics.fmean(acc[kind])
+        out[f"{kind}_test_accuracy_std"] = statistics.stdev(acc[kind]) if len(rows) > 1 else None
+        out[f"{kind}_val_accuracy_mean"] = statistics.fmean(vals) if vals else None
+        out[f"{kind}_seconds_mean"] = statistics.fmean(r["train_seconds"] for r in rows)
+        out[f"{kind}_cpu_seconds_mean"] = statistics.fmean(r["train_cpu_seconds"] for r in rows)
+    # wall time is what the user waits for; CPU time (all threads) shows what it cost when
+    # other jobs share the machine
+    out["seconds_per_seed"] = sum(out.get(f"{k}_seconds_mean", 0.0) for k in acc)
+    out["cpu_seconds_per_seed"] = sum(out.get(f"{k}_cpu_seconds_mean", 0.0) for k in acc)
+    if "scratch" not in acc:
+        out["verdict"] = "no control trained (control: false): the gain of distillation is not measured"
+        return out
+    distilled, scratch = out["distilled_test_accuracy_mean"], out["scratch_test_accuracy_mean"]
+    out["gain"] = distilled - scratch
+    out["teacher_minus_scratch"] = teacher_test - scratch
+    out["gap_closed"] = out["gain"] / out["teacher_minus_scratch"] if teacher_test - scratch > 0 else None
+    if len(acc["distilled"]) < 2:
+        out["gain_std"] = None
+        out["verdict"] = "one seed: no error bar, so no claim either way (use seeds: 3 or more)"
+        return out
+    # Pooled standard deviation of the test accuracy of one student across seeds.
+    pooled = math.sqrt((out["distilled_test_accuracy_std"] ** 2 + out["scratch_test_accuracy_std"] ** 2) / 2)
+    out["gain_std"] = pooled
+    out["gain_in_std"] = out["gain"] / pooled if pooled > 0 else None
+    if abs(out["gain"]) < 2 * pooled or pooled == 0 and out["gain"] == 0:
+        out["verdict"] = "no measurable gain"
+    elif out["gain"] > 0:
+        out["verdict"] = f"distillation helps: +{100 * out['gain']:.2f} pp (> 2 std of {100 * pooled:.2f} pp)"
+    else:
+        out["verdict"] = f"distillation hurts: {100 * out['gain']:.2f} pp (> 2 std of {100 * pooled:.2f} pp)"
+    return out
+
+
+def _variant_metrics(
+    row: dict[str, Any], common: dict[str, Any], summary: dict[str, Any], kind: str
+) -> dict[str, Any]:
+    return {
+        "test_accuracy": row["test_accuracy"],
+        "test_correct": row["test_correct"],
+        "test_count": row["test_count"],
+        "val_accuracy": row["val_accuracy"],
+        **common,
+        "train_seconds": row["train_seconds"],
+        "resumed_from_epoch": row["resumed_from_epoch"],
+        "test_accuracy_mean": summary.get(f"{kind}_test_accuracy_mean"),
+        "test_accuracy_std": summary.get(f"{kind}_test_accuracy_std"),
+        "gap_closed": summary.get("gap_closed"),
+    }
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, bundle: DataBundle, ctx: Context) -> torch.Tensor:
+    """The teacher's float32 logits for every training image, in split order (eval mode)."""
+    teacher.eval()
+    rows = [teacher(x).float().cpu() for x, _ in iterate_batches(bundle, bundle.train, 1000, ctx.device)]
+    return torch.cat(rows)
+
+
+def _val_accuracy(model: nn.Module, bundle: DataBundle, ctx: Context) -> float | None:
+    return evaluate(model, bundle, bundle.val, ctx.device)["accuracy"] if len(bundle.val) else None
+
+
+def _state_checksum(model: nn.Module) -> str:
+    """sha256 over every tensor of the state dict, in order: proves the weights did not move."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _size(model: nn.Module, bundle: DataBundle) -> dict[str, int]:
+    sample = torch.zeros(1, *bundle.input_shape)
+    return {"parameters": count_parameters(model), "macs": count_macs(model.cpu(), sample).macs}
