@@ -1,0 +1,234 @@
+"""Stage ``report``: one self-contained HTML page that says which variant to ship and why.
+
+It runs after the benchmark and reads, through the run context (never another stage's
+directory): every variant, every earlier stage's ``StageResult`` (``ctx.results``), the files
+those stages published under ``reports/<pipeline>/`` (``ctx.reports_dir``; e.g. the
+benchmark's ``results.json``, the quantize stage's sensitivity tables) and the run manifest
+(``ctx.manifest``). The content is built in ``compress.reporting``.
+
+Writes (published under ``reports/<pipeline>/``): ``latest.html`` and ``<run-id>.html``,
+``summary.md`` (summary + table in Markdown, for CI job summaries), and ``report.json`` (the
+rows this page shows; the next run reads it for "versus the previous run"). When no benchmark
+stage ran, ``results.csv``/``results.json`` are written from the variants' own metrics.
+
+The stage is registered with ``needs_results=True``: the page shows per-run facts (run id,
+timings, cache hits, the comparison with the previous run), so its cache key includes the run
+id and it is rebuilt on every run; it therefore always reflects the current upstream results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from pydantic import Field
+
+from compress import reporting
+from compress.config import StageConfig
+from compress.context import Context
+from compress.fileio import read_json, write_json, write_text
+from compress.stages import stage
+from compress.variants import StageResult, Variant
+
+PREVIOUS = "report.json"
+
+
+class ReportConfig(StageConfig):
+    stage: Literal["report"]
+    tolerance_pp: float = Field(1.0, ge=0, le=100)
+    baseline: str | None = None
+    latency_batch: int | None = Field(None, gt=0, le=65536)
+    title: str | None = Field(None, max_length=200)
+
+    def consumes(self, available: list[str]) -> list[str]:
+        names = list(self.from_) if self.from_ is not None else list(available)
+        if not names:
+            raise ValueError("from: no earlier stage produces a variant to report on")
+        return names
+
+
+@stage("report", ReportConfig, version=1, needs_data=False, needs_results=True)
+def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports_dir = ctx.reports_dir
+    kinds = {s.label: s.stage for s in ctx.pipeline.stages}
+    stages = [
+        _stage_view(label, kinds.get(label, label), result, reports_dir)
+        for label, result in ctx.results.items()
+    ]
+
+    names = {v.name for v in inputs}
+    benchmark = next((s for s in reversed(stages) if s["kind"] == "benchmark"), None)
+    rows = _benchmark_rows(benchmark, reports_dir)
+    source = (
+        f"benchmark stage `{benchmark['label']}`"
+        if rows is not None and benchmark
+        else "variants' own metrics"
+    )
+    publish: dict[str, str] = {}
+    if rows is None:
+        rows = _rows_from_variants(inputs, cfg.baseline or "baseline")
+        frame = pd.DataFrame(rows)
+        frame.to_csv(out_dir / "results.csv", index=False)
+        write_text(out_dir / "results.json", frame.to_json(orient="records", indent=2) + "\n")
+        publish.update({"results.csv": "results.csv", "results.json": "results.json"})
+    rows = [r for r in rows if r.get("variant") in names]
+
+    baseline = cfg.baseline or (benchmark["metrics"].get("baseline") if benchmark else None) or "baseline"
+    previous = _read_previous(reports_dir, ctx)
+    inputs_view = reporting.ReportInputs(
+        results=rows,
+        variants={v.name: v for v in inputs},
+        stages=stages,
+        manifest=ctx.manifest,
+        previous=previous,
+        resolved_yaml=_resolved_yaml(ctx),
+        tolerance_pp=cfg.tolerance_pp,
+        baseline=baseline,
+        latency_batch=cfg.latency_batch,
+        title=cfg.title,
+        results_source=source,
+    )
+    page = reporting.build_page(inputs_view)
+    html = reporting.render_html(page)
+    write_text(out_dir / "latest.html", html)
+    write_text(out_dir / f"{ctx.run_id}.html", html)
+    write_text(out_dir / "summary.md", reporting.render_markdown(page))
+    write_json(out_dir / PREVIOUS, {"run_id": ctx.run_id, "pipeline": ctx.pipeline.name, "results": rows})
+    publish.update(
+        {
+            "latest.html": "latest.html",
+            f"{ctx.run_id}.html": f"{ctx.run_id}.html",
+            "summary.md": "summary.md",
+            PREVIOUS: PREVIOUS,
+        }
+    )
+    seconds = time.perf_counter() - started
+    ctx.log.info(
+        "report: %d rows, %d charts, %d warning(s), %.0f KiB HTML in %.1fs",
+        len(rows),
+        len(page["charts"]),
+        len(page["warnings"]),
+        len(html.encode()) / 1024,
+        seconds,
+    )
+    metrics: dict[str, Any] = {
+        "rows": len(rows),
+        "charts": len(page["charts"]),
+        "warnings": page["warnings"],
+        "headline": page["summary"].get("headline"),
+        "recommendations": {r["objective"]: r["variant"] for r in page["summary"]["recommendations"]},
+        "html_bytes": len(html.encode()),
+        "previous_run": previous.get("run_id") if previous else None,
+        "seconds": round(seconds, 2),
+    }
+    return StageResult(metrics=metrics, publish=publish)
+
+
+def _stage_view(label: str, kind: str, result: StageResult, reports_dir: Path | None) -> dict[str, Any]:
+    """What the report needs of one earlier stage: its metrics, published JSON and curves."""
+    published: dict[str, Any] = {}
+    for target in result.publish.values():
+        path = reports_dir / target if reports_dir is not None else None
+        if path is not None and target.endswith(".json") and path.is_file() and target != "results.json":
+            try:
+                published[target] = read_json(path)
+            except (OSError, ValueError):
+                continue
+    curves: dict[str, list[dict[str, Any]]] = {}
+    if "history" not in result.metrics:
+        for variant in result.variants:  # e.g. distill: one training history per student
+            relative = variant.info.get("curves")
+            path = Path(variant.file).parent / relative if isinstance(relative, str) else None
+            if path is not None and path.is_file():
+                try:
+                    data = read_json(path)
+                except (OSError, ValueError):
+                    continue
+                if isinstance(data, list):
+                    curves[variant.name] = data
+    view = {
+        "label": label,
+        "kind": kind,
+        "metrics": result.metrics,
+        "publish": result.publish,
+        "published": published,
+        "curves": curves,
+    }
+    if kind == "distill":
+        view["student"] = next((v.name for v in result.variants if not v.info.get("control_for")), None)
+        view["scratch"] = next((v.name for v in result.variants if v.info.get("control_for")), None)
+    return view
+
+
+def _benchmark_rows(
+    benchmark: dict[str, Any] | None, reports_dir: Path | None
+) -> list[dict[str, Any]] | None:
+    """The benchmark's table, from the results.json it published in this run."""
+    if benchmark is None or reports_dir is None:
+        return None
+    target = benchmark["publish"].get("results.json", "results.json")
+    path = reports_dir / target
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else None
+
+
+def _rows_from_variants(inputs: list[Variant], baseline: str) -> list[dict[str, Any]]:
+    """Without a benchmark: one row per variant from what its own stage measured."""
+    base = next((v for v in inputs if v.name == baseline), None)
+    rows = []
+    for v in inputs:
+        size = Path(v.file).stat().st_size if Path(v.file).is_file() else None
+        acc = v.metrics.get("test_accuracy")
+        row = {
+            "variant": v.name,
+            "runtime": "pytorch" if v.format == "torch" else v.format,
+            "format": v.format,
+            "parent": v.parent,
+            "stage": v.stage,
+            "is_baseline": v.name == baseline,
+            "status": "ok" if acc is not None else "not measured",
+            "file": Path(v.file).name,
+            "accuracy": acc,
+            "parameters": v.metrics.get("parameters"),
+            "nonzero_parameters": v.metrics.get("nonzero_parameters"),
+            "sparsity": v.metrics.get("sparsity"),
+            "macs": v.metrics.get("macs"),
+            "size_bytes": size,
+        }
+        if base is not None and acc is not None and base.metrics.get("test_accuracy") is not None:
+            row["accuracy_delta_pp"] = 100 * (acc - base.metrics["test_accuracy"])
+        base_size = Path(base.file).stat().st_size if base is not None and Path(base.file).is_file() else None
+        if size and base_size:
+            row["size_ratio"] = size / base_size
+        rows.append(row)
+    return rows
+
+
+def _read_previous(reports_dir: Path | None, ctx: Context) -> dict[str, Any] | None:
+    """The rows the previous report of this pipeline showed (its report.json), if any."""
+    path = reports_dir / PREVIOUS if reports_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        ctx.log.warning("report: %s is unreadable; no comparison with the previous run", path)
+        return None
+    if not isinstance(data, dict) or data.get("run_id") == ctx.run_id:
+        return None
+    return data
+
+
+def _resolved_yaml(ctx: Context) -> str:
+    path = ctx.run_dir / "config.yaml"  # the engine writes the resolved config there first
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
