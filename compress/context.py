@@ -18,7 +18,10 @@ from compress.config import Pipeline
 from compress.data import DataBundle, load_data
 from compress.variants import StageResult, Variant
 
-StageRunner = Callable[[str, dict[str, Any], Path], StageResult]
+# run_stage(target label, {YAML path inside that stage: value}, out_dir, on_epoch=None): runs a
+# later stage of the pipeline with those settings as a tuning trial (validation data only).
+StageRunner = Callable[..., StageResult]
+EpochHook = Callable[[int, dict[str, Any]], None]
 
 
 @dataclass
@@ -33,6 +36,18 @@ class Context:
     artifacts: dict[str, dict[str, Path]] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress"))
     run_stage: StageRunner | None = None
+    # True inside a tuning trial: the test split is off limits (ctx.data().test raises), so a
+    # stage must skip its test evaluation; its scores come from the validation split.
+    tuning: bool = False
+    # Pass to ``training.fit(on_epoch=ctx.on_epoch)``: a tuning trial reports each epoch's
+    # validation accuracy through it, and its pruner may stop the trial early.
+    on_epoch: EpochHook | None = None
+    # True for ``--worker`` processes that share one study with others.
+    worker: bool = False
+    # read-only views for stages that report on the run (see the report stage):
+    results: dict[str, StageResult] = field(default_factory=dict)  # stage label -> its result, so far
+    manifest: dict[str, Any] = field(default_factory=dict)  # the run manifest as written so far
+    reports_dir: Path | None = None  # reports/<pipeline>/ (published files of earlier runs are there)
     _data: DataBundle | None = None
 
     @property

@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -36,9 +36,12 @@ from compress.data import resolve_root
 from compress.errors import ArtifactError, CompressError, ConfigError
 from compress.fileio import hash_tree, read_json, sha256_file, sha256_json, write_json, write_text
 from compress.stages import StageDef, load_stages
+from compress.tuning import TuningBundle, mask_secrets, with_settings
 from compress.variants import StageResult, Variant
 
 log = logging.getLogger("compress")
+_TRIAL_LOG = logging.getLogger("compress.trial")
+_TRIAL_LOG.setLevel(logging.WARNING)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class RunOptions:
     only_stage: str | None = None
     artifacts_dir: Path = Path("artifacts")
     reports_dir: Path = Path("reports")
+    # --worker: run the --only stage (a tune stage) alongside other processes sharing its study
+    worker: bool = False
 
 
 @dataclass
@@ -106,6 +111,13 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
                 f"{flag} {value}: no stage of that name in {pipeline.path}"
                 f"{did_you_mean(value, labels)}; stages: {', '.join(labels)}"
             )
+    if options.worker:
+        only = next((s for s in pipeline.stages if s.label == options.only_stage), None)
+        if only is None or not getattr(only, "supports_workers", False):
+            raise ConfigError(
+                "--worker needs --only STAGE naming a stage that can share its work with other "
+                "processes (a tune stage), e.g. --only tune --worker"
+            )
     device = resolve_device(options.device or pipeline.config.device)
     data_root, data_source = resolve_root(options.data_root, pipeline.config.data.root, pipeline.path.parent)
 
@@ -126,10 +138,14 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
         ctx = Context(pipeline, run_id, run_dir, device, data_root, data_source)
         summary = RunSummary(pipeline.name, run_id, run_dir, Path(options.reports_dir) / pipeline.name)
         manifest = _manifest_header(pipeline, run_id, device, data_root, data_source)
+        ctx.manifest, ctx.reports_dir = manifest, summary.reports_dir
+        ctx.worker, ctx.run_stage = options.worker, _stage_runner(ctx, registry)
+        tuned: dict[str, dict[str, Any]] = {}  # stage label -> settings chosen by a tune stage
         started = time.perf_counter()
         rerun = options.force
         for cfg in pipeline.stages:
             definition = registry[cfg.stage]
+            cfg = _apply_tuned(cfg, tuned.get(cfg.label), pipeline)
             if options.from_stage == cfg.label:
                 rerun = True
             if options.only_stage is not None:
@@ -137,7 +153,15 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
                 if past_only:
                     break
                 must_run = cfg.label == options.only_stage
-                record = _run_or_reuse(definition, cfg, ctx, base, force=must_run, cache_only=not must_run)
+                record = _run_or_reuse(
+                    definition,
+                    cfg,
+                    ctx,
+                    base,
+                    force=must_run,
+                    cache_only=not must_run,
+                    worker=options.worker and must_run,
+                )
             else:
                 record = _run_or_reuse(definition, cfg, ctx, base, force=rerun)
             summary.records.append(record)
@@ -148,6 +172,9 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
                 record.seconds,
                 f" -> {', '.join(record.outputs)}" if record.outputs else "",
             )
+            ctx.results[cfg.label] = record.result
+            for label, settings in record.result.overrides.items():
+                tuned.setdefault(label, {}).update(settings)
             for variant in record.result.variants:
                 ctx.variants[variant.name] = variant
             for name, files in record.result.artifacts.items():
@@ -155,6 +182,8 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
             _link(run_dir / "stages" / cfg.label, record.directory)
             _publish(record, summary.reports_dir)
             manifest["stages"].append(_manifest_entry(record, ctx))
+            if cfg.label in tuned:
+                manifest["stages"][-1]["tuned_settings"] = tuned[cfg.label]
             manifest["variants"] = {
                 v.name: {
                     "stage": v.stage,
@@ -184,6 +213,7 @@ def _run_or_reuse(
     base: Path,
     force: bool,
     cache_only: bool = False,
+    worker: bool = False,
 ) -> StageRecord:
     input_names = cfg.consumes(list(ctx.variants))
     missing = [name for name in input_names if name not in ctx.variants]
@@ -197,6 +227,19 @@ def _run_or_reuse(
     entry = base / "cache" / f"{cfg.label}-{key[:16]}"
     partial = base / "cache" / ".partial" / entry.name
     tic = time.perf_counter()
+    if worker:
+        # Workers share the stage's work (a study in a shared database), so they run side by
+        # side, each in a directory of its own, and only take the lock to commit.
+        partial = partial.with_name(f"{entry.name}.worker-{os.getpid()}")
+        log.info("stage %s: running as a worker (%s)", cfg.label, entry.name)
+        result = _execute(definition, cfg, inputs, ctx, partial)
+        with FileLock(str(base / "cache" / f".{entry.name}.lock")):
+            _commit(partial, entry, result)
+            result = _load_cached(entry, cfg.label, verify=False)
+        return StageRecord(
+            cfg.label, cfg.stage, "ran", time.perf_counter() - tic, key, entry, input_names,
+            [v.name for v in result.variants], result,
+        )  # fmt: skip
     with FileLock(str(base / "cache" / f".{entry.name}.lock")):
         cached = None if force else _load_cached(entry, cfg.label)
         if cached is not None:
@@ -226,6 +269,59 @@ def _run_or_reuse(
     )
 
 
+def _apply_tuned(cfg: StageConfig, settings: dict[str, Any] | None, pipeline: Pipeline) -> StageConfig:
+    """The stage's config with the settings a tune stage chose (so they are in its cache key)."""
+    if not settings:
+        return cfg
+    try:
+        tuned = with_settings(cfg, settings, pipeline.config)
+    except ValueError as exc:
+        raise ConfigError(f"{pipeline.path}: stage {cfg.label!r}: invalid tuned settings: {exc}") from None
+    log.info("stage %s: tuned settings %s", cfg.label, ", ".join(f"{k}={v!r}" for k, v in settings.items()))
+    return tuned
+
+
+def _stage_runner(ctx: Context, registry: dict[str, StageDef]):
+    """``ctx.run_stage`` for tune stages: run a stage of this pipeline as a tuning trial.
+
+    The stage gets its config with ``settings`` (YAML paths inside it) applied and validated
+    by its own schema, a copy of the context with ``tuning=True``, the per-epoch hook, and a
+    dataset whose test split raises when read. It writes only into ``out_dir``.
+    """
+
+    def run_stage(label: str, settings: dict[str, Any], out_dir: Path, on_epoch: Any = None) -> StageResult:
+        stages = {s.label: s for s in ctx.pipeline.stages}
+        if label not in stages:
+            raise ConfigError(f"{ctx.pipeline.path}: no stage named {label!r} to tune")
+        try:
+            cfg = with_settings(stages[label], settings, ctx.pipeline.config)
+        except ValueError as exc:
+            raise ConfigError(f"{ctx.pipeline.path}: stage {label!r}: {exc}") from None
+        names = cfg.consumes(list(ctx.variants))
+        missing = [n for n in names if n not in ctx.variants]
+        if missing:
+            raise ArtifactError(
+                f"stage {label!r} needs variant(s) {', '.join(missing)}, which are not made before "
+                "the tune stage; move the tune stage after the stages that make them"
+            )
+        trial_ctx = replace(
+            ctx,
+            variants=dict(ctx.variants),
+            artifacts={k: dict(v) for k, v in ctx.artifacts.items()},
+            results=dict(ctx.results),
+            run_stage=None,
+            log=_TRIAL_LOG,  # warnings only: the tune stage logs one line per trial
+            tuning=True,
+            on_epoch=on_epoch,
+            _data=TuningBundle.wrap(ctx.data()),
+        )
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return registry[cfg.stage].run(cfg, trial_ctx.inputs(names), trial_ctx, out_dir)
+
+    return run_stage
+
+
 def stage_key(definition: StageDef, cfg: StageConfig, inputs: list[Variant], ctx: Context) -> str:
     data_spec = ctx.pipeline.config.data.model_dump(exclude={"root", "download"})
     return sha256_json(
@@ -237,6 +333,10 @@ def stage_key(definition: StageDef, cfg: StageConfig, inputs: list[Variant], ctx
             "seed": ctx.seed,
             "data": data_spec if definition.needs_data else None,
             "device": ctx.device.type,
+            # a stage that reports on the run (run id, timings, other stages' results) is never reused
+            **({"run_id": ctx.run_id} if definition.needs_results else {}),
+            # what else the stage's output depends on (e.g. a tune stage: its target's config)
+            **({"extras": cfg.cache_extras(ctx.pipeline.config)} if hasattr(cfg, "cache_extras") else {}),
         }
     )
 
@@ -284,6 +384,7 @@ def _commit(partial: Path, entry: Path, result: StageResult) -> None:
             },
             "metrics": result.metrics,
             "publish": result.publish,
+            "overrides": result.overrides,
             "files": files,
         },
     )
@@ -316,6 +417,7 @@ def _load_cached(entry: Path, label: str, verify: bool = True) -> StageResult | 
         variants=[Variant.from_json(v, entry) for v in data["variants"]],
         metrics=data["metrics"],
         publish=data.get("publish", {}),
+        overrides=data.get("overrides", {}),
         artifacts={
             name: {kind: entry / p for kind, p in files.items()}
             for name, files in data.get("artifacts", {}).items()
@@ -405,7 +507,7 @@ def _manifest_header(
         "pipeline_file": str(pipeline.path),
         "run_id": run_id,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": mask_secrets(" ".join(sys.argv)),  # e.g. --storage URL with a password
         "seed": pipeline.config.seed,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),

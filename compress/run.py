@@ -14,8 +14,11 @@ from pathlib import Path
 from compress.config import load_pipeline
 from compress.engine import RunOptions, RunSummary, StageFailed, run_pipeline
 from compress.errors import CompressError
+from compress.gating import Outcome, format_table
 from compress.stages import config_registry
+from compress.tuning import with_storage
 
+EXIT_GATE_FAILED = 1
 EXIT_STAGE_FAILED = 3
 EXIT_INTERRUPTED = 130
 
@@ -75,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the pipeline file and exit without touching data or models",
     )
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help="database for the tune stages' studies (any SQLAlchemy URL, e.g. "
+        "postgresql://user@host/db; password via PGPASSWORD or ~/.pgpass); default: an SQLite "
+        "file in the stage's directory",
+    )
+    parser.add_argument(
+        "--worker",
+        action="store_true",
+        help="with --only TUNE_STAGE and a shared --storage: join the study as one of several "
+        "worker processes (on one or many machines)",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     return parser
@@ -89,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         pipeline = load_pipeline(args.pipeline, config_registry(), args.overrides)
+        if args.storage:
+            pipeline = with_storage(pipeline, args.storage, config_registry())
         if args.validate:
             print(
                 f"ok: {pipeline.path} is valid ({len(pipeline.stages)} stages: "
@@ -105,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 only_stage=args.only_stage,
                 artifacts_dir=args.artifacts,
                 reports_dir=args.reports,
+                worker=args.worker,
             ),
         )
     except CompressError as exc:
@@ -125,9 +144,32 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_INTERRUPTED
     text = format_summary(summary)
+    gates_text, failed_gates = format_gates(summary)
+    text += gates_text
     print(text)
     (summary.run_dir / "summary.txt").write_text(text.lstrip() + "\n", encoding="utf-8")
+    if failed_gates:
+        print(
+            f"error: {failed_gates} quality gate(s) failed; see {summary.reports_dir / 'gates.xml'}",
+            file=sys.stderr,
+        )
+        return EXIT_GATE_FAILED
     return 0
+
+
+def format_gates(summary: RunSummary) -> tuple[str, int]:
+    """The pass/fail table of every gates stage in the run, and how many gates failed.
+
+    Read from the stage's result, so a cached gates stage fails the run just the same.
+    """
+    text, failed = "", 0
+    for record in summary.records:
+        if record.kind != "gates":
+            continue
+        outcomes = [Outcome.from_json(entry) for entry in record.result.metrics.get("results", [])]
+        failed += int(record.result.metrics.get("failed", 0))
+        text += "\n" + format_table(outcomes, title=record.label)
+    return text, failed
 
 
 def format_summary(summary: RunSummary) -> str:

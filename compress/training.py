@@ -316,7 +316,7 @@ def fit(
                 tmp,
             )
         if on_epoch is not None:
-            on_epoch(epoch + 1, row)
+            on_epoch(epoch + 1, {**row, "epochs": cfg.epochs})  # epochs: so a hook knows the last one
     result.seconds = time.perf_counter() - started
     write_json(workdir / "history.json", result.history)
     return result

@@ -14,7 +14,7 @@ from torch import nn
 
 from compress.models import ModelSpec, load_model
 
-Format = Literal["torch", "onnx"]
+Format = Literal["torch", "onnx", "pt2"]  # pt2: torch.export.save program (int8 PyTorch variants)
 
 
 @dataclass
@@ -60,3 +60,6 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     publish: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, dict[str, Path]] = field(default_factory=dict)
+    # settings for later stages, {stage label: {YAML path inside it: value}} (the tune stage's
+    # choice); the engine applies them to that stage's config, re-validated, before its cache key
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -26,13 +26,18 @@ class StageDef:
     run: StageFn
     version: int
     needs_data: bool
+    needs_results: bool = False  # reads ctx.results/ctx.manifest: re-runs every run (run id in its key)
 
 
 REGISTRY: dict[str, StageDef] = {}
 
 
 def stage(
-    kind: str, config: type[StageConfig], version: int = 1, needs_data: bool = True
+    kind: str,
+    config: type[StageConfig],
+    version: int = 1,
+    needs_data: bool = True,
+    needs_results: bool = False,
 ) -> Callable[[StageFn], StageFn]:
     """Register ``run(cfg, inputs, ctx, out_dir) -> StageResult`` under ``kind``.
 
@@ -43,7 +48,7 @@ def stage(
     def register(fn: StageFn) -> StageFn:
         if kind in REGISTRY:
             raise RuntimeError(f"stage {kind!r} registered twice")
-        REGISTRY[kind] = StageDef(kind, config, fn, version, needs_data)
+        REGISTRY[kind] = StageDef(kind, config, fn, version, needs_data, needs_results)
         return fn
 
     return register

@@ -174,9 +174,13 @@ def run(cfg: PruneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
 
 
 def _measure(model, bundle, ctx) -> dict:
-    test = evaluate(model, bundle, bundle.test, ctx.device)
+    # a tuning trial (ctx.tuning) is scored on validation data only: no test split there
+    test = None if ctx.tuning else evaluate(model, bundle, bundle.test, ctx.device)
     val = evaluate(model, bundle, bundle.val, ctx.device) if len(bundle.val) else None
-    return {"test_accuracy": test["accuracy"], "val_accuracy": val["accuracy"] if val else None}
+    return {
+        "test_accuracy": test["accuracy"] if test else None,
+        "val_accuracy": val["accuracy"] if val else None,
+    }
 
 
 # ------------------------------------------------------------------ magnitude
@@ -242,7 +246,15 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source) -> StageResult:
             hook.resume(state["model"], int(state["epoch"]) * steps_per_epoch)
         write_json(out_dir / "work" / "schedule.json", {"sparsity": sparsities, "after_step": iters})
         result = fit(
-            model, bundle, ft, ctx.device, ctx.seed, workdir, desc=f"{cfg.label} prune", after_step=hook
+            model,
+            bundle,
+            ft,
+            ctx.device,
+            ctx.seed,
+            workdir,
+            desc=f"{cfg.label} prune",
+            after_step=hook,
+            on_epoch=ctx.on_epoch,
         )
         history += result.history
         pruning.apply_masks(layers, hook.masks)
@@ -258,6 +270,7 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source) -> StageResult:
                 out_dir / "work" / "final",
                 desc=f"{cfg.label} final",
                 after_step=lambda: pruning.apply_masks(layers, masks),
+                on_epoch=ctx.on_epoch,
             )
             history += result.history
             pruning.apply_masks(layers, masks)
@@ -388,7 +401,14 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example) -> Stag
         if ft is not None and per_step[k - 1]:
             step_cfg = ft.model_copy(update={"epochs": per_step[k - 1]})
             result = fit(
-                model, bundle, step_cfg, ctx.device, ctx.seed, step_dir, desc=f"{cfg.label} step {k}"
+                model,
+                bundle,
+                step_cfg,
+                ctx.device,
+                ctx.seed,
+                step_dir,
+                desc=f"{cfg.label} step {k}",
+                on_epoch=ctx.on_epoch,
             )
             history += result.history
             record["val_accuracy"] = result.history[-1]["val_accuracy"] if result.history else None
@@ -399,7 +419,16 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example) -> Stag
         ctx.log.info("%s: step %d/%d: %d MACs, %d parameters", cfg.label, k, steps, macs_k, params_k)
     if cfg.final_finetune and ft is not None:
         final = ft.model_copy(update={"epochs": cfg.final_finetune})
-        result = fit(model, bundle, final, ctx.device, ctx.seed, work / "final", desc=f"{cfg.label} final")
+        result = fit(
+            model,
+            bundle,
+            final,
+            ctx.device,
+            ctx.seed,
+            work / "final",
+            desc=f"{cfg.label} final",
+            on_epoch=ctx.on_epoch,
+        )
         history += result.history
 
     model = model.cpu()

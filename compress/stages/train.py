@@ -43,9 +43,13 @@ def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
         ctx.device,
     )
     started = time.perf_counter()
-    result = fit(model, bundle, cfg, ctx.device, ctx.seed, out_dir / "work", desc=cfg.label)
+    result = fit(
+        model, bundle, cfg, ctx.device, ctx.seed, out_dir / "work", desc=cfg.label, on_epoch=ctx.on_epoch
+    )
     wall = time.perf_counter() - started
-    test = evaluate(model, bundle, bundle.test, ctx.device)
+    # a tuning trial is scored on validation data only: there the test split is off limits
+    empty = {"accuracy": None, "correct": None, "count": None, "per_class_accuracy": None}
+    test = empty if ctx.tuning else evaluate(model, bundle, bundle.test, ctx.device)
     val = evaluate(model, bundle, bundle.val, ctx.device) if len(bundle.val) else None
     save_model(model.cpu(), spec, out_dir / "model.pt")
     metrics = {

@@ -1,0 +1,267 @@
+"""Helpers the tune stage and the engine share: settings by YAML path, the test-split guard,
+secret masking, and a cross-process lock that keeps a shared study at exactly ``n_trials``.
+
+Nothing here imports the engine or the stages, so both may import it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+import threading
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from compress.config import StageConfig, _format_errors, split_path
+from compress.data import DataBundle, Split
+
+# ---------------------------------------------------------------- secrets
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&;](?:password|passwd|pwd)=)(?P<pw>[^&\s]*)")
+MASK = "***"
+
+
+def mask_secrets(text: str) -> str:
+    """``postgresql://me:secret@host/db`` -> ``postgresql://me:***@host/db`` (also ``?password=``)."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    return _QUERY_PASSWORD.sub(lambda m: f"{m['key']}{MASK}", text)
+
+
+# ---------------------------------------------------------------- settings by path
+
+
+def stage_path(path: str, label: str) -> list[str | int]:
+    """A setting's path inside a stage; a leading ``<label>.`` (as in ``prune.amount``) is dropped."""
+    parts = split_path(path)
+    if len(parts) > 1 and parts[0] == label:
+        parts = parts[1:]
+    return parts
+
+
+def with_settings(
+    cfg: StageConfig, settings: dict[str, Any], pipeline: Any | None = None, where: str = ""
+) -> StageConfig:
+    """``cfg`` with the values at the given YAML paths replaced, validated again by its own class.
+
+    Starts from what the user wrote (so the stage's "was this key given?" checks still work);
+    a section the user left out is first filled with its default value, so changing one
+    field of it keeps the others at the stage's defaults rather than the section's class
+    defaults. Raises ValueError with the path when a value is not valid for the stage.
+    """
+    given = cfg.model_dump(mode="python", by_alias=True, exclude_unset=True)
+    full = cfg.model_dump(mode="python", by_alias=True)
+    for path, value in settings.items():
+        try:
+            parts = stage_path(path, cfg.label)
+        except ValueError as exc:
+            raise ValueError(f"{where}{path}: {exc}") from None
+        node, default = given, full
+        for part in parts[:-1]:
+            sub_default = _child(default, part)
+            if isinstance(node, dict):
+                if not isinstance(node.get(part), dict | list):
+                    node[part] = copy.deepcopy(sub_default) if isinstance(sub_default, dict | list) else {}
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                raise ValueError(f"{where}{path}: {part!r} is not a section of stage {cfg.label!r}")
+            default = sub_default
+        last = parts[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                raise ValueError(f"{where}{path}: no item {last!r} in that list")
+        elif not isinstance(node, dict):
+            raise ValueError(f"{where}{path}: goes inside a value that is not a mapping")
+        node[last] = value
+    try:
+        new = type(cfg).model_validate(given)
+    except ValidationError as exc:
+        text = _format_errors(None, exc, type(cfg), prefix="")
+        raise ValueError(f"{where}{_paths_text(settings)} -> {text}") from None
+    if pipeline is not None:
+        try:
+            new.check(pipeline)
+        except ValueError as exc:
+            raise ValueError(f"{where}{_paths_text(settings)} -> {exc}") from None
+    return new
+
+
+def _child(node: Any, part: str | int) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and isinstance(part, int) and part < len(node):
+        return node[part]
+    return None
+
+
+def _paths_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in settings.items())
+
+
+def value_at(cfg: StageConfig, path: str) -> Any:
+    """The current (validated, defaults filled) value of a setting, or None if absent."""
+    node: Any = cfg.model_dump(mode="python", by_alias=True)
+    for part in stage_path(path, cfg.label):
+        node = _child(node, part)
+        if node is None:
+            return None
+    return node
+
+
+# ---------------------------------------------------------------- the test split guard
+
+
+class TuningTestReadError(RuntimeError):
+    """A stage read the test split inside a tuning trial: scores must come from validation."""
+
+
+class TuningBundle(DataBundle):
+    """The dataset as trials see it: ``.test`` raises, so a stage that forgets to skip its
+    test evaluation during tuning (``ctx.tuning``) fails loudly instead of leaking test data."""
+
+    @property
+    def test(self) -> Split:  # type: ignore[override]
+        raise TuningTestReadError(
+            "the test split was read during a tuning trial; stages must skip test evaluation "
+            "when ctx.tuning is true (tuning scores use the validation split only)"
+        )
+
+    @classmethod
+    def wrap(cls, bundle: DataBundle) -> TuningBundle:
+        return cls(**{f.name: getattr(bundle, f.name) for f in fields(DataBundle)})
+
+
+# ---------------------------------------------------------------- cross-process study lock
+
+
+class StudyLock:
+    """Serialises "count the study's trials, then start one" across processes.
+
+    Without it two workers can both see n_trials - 1 finished trials and both start one,
+    ending at n_trials + 1. SQLite files use a lock file beside the database, PostgreSQL an
+    advisory lock on a connection of its own, MySQL ``GET_LOCK``. ``release`` is idempotent,
+    so a trial can release the lock as soon as Optuna has created it.
+    """
+
+    def __init__(self, url: str, study_name: str):
+        self.kind = "thread"
+        self.held = False
+        self._thread = threading.Lock()
+        self._file = None
+        self._conn = None
+        key = int.from_bytes(hashlib.sha256(f"compress.tune:{study_name}".encode()).digest()[:8], "big")
+        self._key = key - (1 << 64) if key >= 1 << 63 else key  # a signed bigint
+        self._name = f"compress.tune.{hashlib.sha256(study_name.encode()).hexdigest()[:40]}"
+        if url.startswith("sqlite"):
+            path = _sqlite_path(url)
+            if path is not None:
+                from filelock import FileLock
+
+                self.kind, self._file = "file", FileLock(str(path) + ".lock")
+        elif url.startswith(("postgresql", "postgres", "mysql", "mariadb")):
+            import sqlalchemy
+
+            self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            self._conn = self._engine.connect()
+            self.kind = "postgresql" if url.startswith("postgres") else "mysql"
+        else:
+            self.kind = "none"
+
+    @property
+    def cross_process(self) -> bool:
+        return self.kind in ("file", "postgresql", "mysql")
+
+    def acquire(self) -> None:
+        import sqlalchemy
+
+        if self.kind == "file":
+            self._file.acquire()
+        elif self.kind == "postgresql":
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+            self._conn.commit()
+        elif self.kind == "mysql":
+            self._conn.execute(sqlalchemy.text("SELECT GET_LOCK(:n, -1)"), {"n": self._name})
+            self._conn.commit()
+        else:
+            self._thread.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        import sqlalchemy
+
+        self.held = False
+        if self.kind == "file":
+            self._file.release()
+        elif self.kind == "postgresql":
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+            self._conn.commit()
+        elif self.kind == "mysql":
+            self._conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:n)"), {"n": self._name})
+            self._conn.commit()
+        else:
+            self._thread.release()
+
+    def close(self) -> None:
+        self.release()
+        if self._conn is not None:
+            self._conn.close()
+            self._engine.dispose()
+            self._conn = None
+
+    def __enter__(self) -> StudyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL; None for in-memory databases."""
+    rest = url.split(":///", 1)[1] if ":///" in url else ""
+    rest = rest.split("?", 1)[0]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(rest)
+
+
+# ---------------------------------------------------------------- --storage
+
+
+def with_storage(pipeline: Any, url: str, registry: dict[str, type[StageConfig]]) -> Any:
+    """The pipeline with ``storage: url`` set on every tune stage (the ``--storage`` option)."""
+    from compress.config import validate_pipeline
+    from compress.errors import ConfigError
+
+    raw = copy.deepcopy(pipeline.raw)
+    tunes = [
+        s
+        for s in raw.get("stages", [])
+        if isinstance(s, dict) and getattr(registry.get(s.get("stage")), "supports_workers", False)
+    ]
+    if not tunes:
+        raise ConfigError(f"--storage: {pipeline.path} has no tune stage to store a study for")
+    for entry in tunes:
+        entry["storage"] = url
+    return validate_pipeline(raw, pipeline.path, registry)
+
+
+def driver_url(url: str) -> str:
+    """``postgresql://`` picks psycopg 3 in SQLAlchemy 2.1; use psycopg2 when only it is installed."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+        if scheme == "postgres":
+            return f"postgresql://{rest}"
+    return url
