@@ -141,9 +141,17 @@ def test_int8_onnx_has_int8_weights_and_is_about_4x_smaller(qrun: Run) -> None:
         name = f"baseline.int8-{mode}"
         path = directory / f"{name}.onnx"
         model = onnx.load(str(path))
-        int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        int8 = [
+            i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2
+        ]
         weights = sum(int(np.prod(i.dims)) for i in int8)
-        assert weights >= 266_000, f"{name}: only {weights} int8 weights"  # LeNet-300-100 has 266,200
+        # the accuracy fallback may keep a small layer in fp32: those weights stay float matrices
+        float_matrices = [
+            i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+        ]
+        kept = sum(int(np.prod(i.dims)) for i in float_matrices)
+        assert weights + kept == 266_200, f"{name}: {weights} int8 + {kept} fp32 weights"  # LeNet-300-100
+        assert weights >= 0.95 * 266_200, f"{name}: only {weights} int8 weights"
         ratio = fp32.stat().st_size / path.stat().st_size
         assert 3.5 <= ratio <= 4.3, f"{name}: {ratio:.2f}x smaller than fp32"
         metrics = qrun.record("quantize", name)["metrics"]
