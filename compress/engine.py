@@ -35,6 +35,7 @@ from compress.context import Context
 from compress.data import resolve_root
 from compress.errors import ArtifactError, CompressError, ConfigError
 from compress.fileio import hash_tree, read_json, sha256_file, sha256_json, write_json, write_text
+from compress.measure import cpu_model
 from compress.stages import StageDef, load_stages
 from compress.tuning import TuningBundle, mask_secrets, with_settings
 from compress.variants import StageResult, Variant
@@ -487,16 +488,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _manifest_header(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gzip
 import io
 import logging
 import os
@@ -36,6 +35,7 @@ import onnx
 import torch
 from torch import nn
 
+from compress import measure
 from compress.data import DataBundle, Split
 from compress.exporting import INPUT_NAME, export_onnx
 from compress.fileio import atomic_path
@@ -77,15 +77,9 @@ def accuracy_of(
 
 
 def ort_session(path: Path, threads: int = 0):
-    """A CPU onnxruntime session; ``threads=0`` lets onnxruntime choose."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1 if threads else 0
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """A CPU onnxruntime session, set up as the benchmark sets it up; ``threads=0`` lets
+    onnxruntime choose."""
+    return measure.ort_session(path, threads)
 
 
 def onnx_predictor(path: Path, threads: int = 0) -> Callable[[torch.Tensor], np.ndarray]:
@@ -103,14 +97,7 @@ def onnx_accuracy(path: Path, bundle: DataBundle, split: Split, batch_size: int 
     return accuracy_of(onnx_predictor(path), bundle, split, batch_size)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+torch_threads = measure.torch_threads
 
 
 def compare_latency(
@@ -152,8 +139,7 @@ def torch_runner(module: Callable[[torch.Tensor], Any], sample: torch.Tensor) ->
 
 
 def file_sizes(path: Path) -> dict[str, int]:
-    data = Path(path).read_bytes()
-    return {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0))}
+    return {"bytes": measure.file_size(path), "gzip_bytes": measure.gzip_size(path)}
 
 
 # ------------------------------------------------------------------ onnxruntime
