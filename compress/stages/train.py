@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from compress.config import ModelConfig, StageConfig, TrainingConfig
 from compress.context import Context
 from compress.models import build_model, count_parameters, save_model
@@ -28,10 +30,11 @@ class TrainConfig(StageConfig, TrainingConfig):
         return [self.output]
 
 
-@stage("train", TrainConfig, version=1)
+@stage("train", TrainConfig, version=2)
 def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     bundle = ctx.data()
     spec = {**cfg.model.spec(), **bundle.model_fields()}
+    torch.manual_seed(ctx.seed)  # the initial weights depend on the seed alone, not on what ran before
     model = build_model(spec)
     ctx.log.info(
         "train: %s (width %s), %d parameters, %d training / %d validation images, device %s",
