@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -94,6 +94,8 @@ class StageConfig(StrictModel):
     stage: str
     name: str | None = None
     from_: list[str] | None = Field(None, alias="from")
+    # A tune stage may target this stage: its run skips the test split when ``ctx.tuning``.
+    tunable: ClassVar[bool] = False
 
     @field_validator("from_", mode="before")
     @classmethod

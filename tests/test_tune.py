@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import ClassVar
 
 import optuna
 import pytest
@@ -179,6 +180,7 @@ def test_a_target_that_reads_the_test_split_during_a_trial_fails(tmp_path, data_
 
     class PeekConfig(StageConfig):
         stage: str = "peek"
+        tunable: ClassVar[bool] = True
         seed: int = 0
 
     def peek(cfg, inputs, ctx, out_dir):
@@ -270,12 +272,16 @@ def test_choice_is_the_stated_rule_on_the_feasible_pareto_front(tmp_path):
             "    objectives: [maximize: val_accuracy, minimize: parameters]\n    pruner: median\n",
             "cannot prune multi-objective trials",
         ),
+        (
+            "    target: export\n    space: {opset: {low: 17, high: 18}}\n",
+            "stage 'export' (export) has no tunable settings",
+        ),
     ],
 )
 def test_bad_search_spaces_are_config_errors(tmp_path, tune, message):
     if "objectives:" not in tune:
         tune += "    objectives: [maximize: val_accuracy]\n"
-    text = BASE + "  - stage: tune\n" + tune + REFIT
+    text = BASE + "  - stage: tune\n" + tune + REFIT + "  - stage: export\n"
     with pytest.raises(ConfigError) as error:
         load_pipeline(write_pipeline(tmp_path, text), config_registry())
     assert message in str(error.value)
@@ -351,3 +357,64 @@ def test_two_workers_share_one_postgres_study(tmp_path, data_root, postgres_url)
         for path in root.rglob("*"):
             if path.is_file() and path.suffix in (".json", ".yaml", ".log", ".txt", ".csv"):
                 assert PASSWORD not in path.read_text(errors="replace"), path
+
+
+# ---------------------------------------------------------------- other targets: distill, quantize
+
+DISTILL_AND_QUANTIZE = """\
+  - stage: tune
+    name: tune-kd
+    target: distill
+    space:
+      temperature: {low: 1, high: 20}
+      alpha: {low: 0.1, high: 0.9}
+    objectives: [maximize: val_accuracy]
+    sampler: random
+    n_trials: 2
+  - stage: distill
+    student: {arch: lenet300, width: 0.25}
+    epochs: 1
+    batch_size: 64
+    optimizer: {name: sgd, lr: 0.1}
+  - stage: tune
+    name: tune-q
+    target: quantize
+    space:
+      calibration.method: {choices: [minmax, entropy]}
+    variant: baseline.int8-static
+    objectives: [maximize: val_accuracy]
+    sampler: random
+    n_trials: 2
+  - stage: quantize
+    modes: [static]
+    calibration: {images: 128}
+    tolerance: null
+"""
+
+
+def test_distill_and_quantize_settings_are_tuned_on_validation_data_only(tmp_path, data_root):
+    pipeline = write_pipeline(tmp_path, BASE + DISTILL_AND_QUANTIZE)
+    result = run_cli(pipeline, cwd=tmp_path, data_root=data_root, env=ONE_THREAD)
+    assert result.returncode == 0, result.output
+    reports = tmp_path / "reports" / "tiny"
+    manifest = json.loads((tmp_path / "artifacts" / "tiny" / "latest" / "manifest.json").read_text())
+    stages = {s["name"]: s for s in manifest["stages"]}
+    for tune, target in (("tune-kd", "distill"), ("tune-q", "quantize")):
+        study = json.loads((reports / f"{tune}.study.json").read_text())
+        assert study["test_reads_during_tuning"] == 0
+        finished = _finished(study["trials"])
+        assert len(finished) == 2
+        assert all(t["metrics"]["test_accuracy"] is None for t in finished)
+        assert all(0.0 < t["metrics"]["val_accuracy"] <= 1.0 for t in finished)
+        assert stages[target]["tuned_settings"] == study["chosen"]["params"]
+    # a distillation trial trains the student alone; the final run adds its from-scratch control
+    kd = json.loads((reports / "tune-kd.study.json").read_text())
+    final = json.loads((reports / "distill.json").read_text())
+    assert final["temperature"] == kd["chosen"]["params"]["temperature"]
+    assert [r["kind"] for r in final["runs"]] == ["distilled", "scratch"]
+    assert all(t["metrics"]["test_accuracy_mean"] is None for t in _finished(kd["trials"]))
+    # same settings and budget as the chosen trial: the final student reproduces its validation score
+    assert manifest["variants"]["student"]["metrics"]["val_accuracy"] == kd["chosen"]["values"][0]
+    assert isinstance(manifest["variants"]["student"]["metrics"]["test_accuracy"], float)
+    quantized = manifest["variants"]["baseline.int8-static"]["metrics"]
+    assert isinstance(quantized["test_accuracy"], float) and quantized["delta_test_pp"] is not None

@@ -17,7 +17,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -39,6 +39,7 @@ SCRATCH_SUFFIX = ".scratch"
 
 class DistillConfig(StageConfig, TrainingConfig):
     stage: Literal["distill"]
+    tunable: ClassVar[bool] = True
     student: ModelConfig = ModelConfig(arch="lenet5", width=0.5)
     temperature: float = Field(4.0, gt=0, le=1000)
     alpha: float = Field(0.9, ge=0, le=1)
@@ -95,16 +96,16 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
     teacher_size = _size(teacher, bundle)
     student_size = _size(build_model(spec), bundle)
     teacher.to(ctx.device)
-    teacher_test = evaluate(teacher, bundle, bundle.test, ctx.device)["accuracy"]
+    teacher_test = _test_accuracy(teacher, bundle, ctx)
     teacher_val = _val_accuracy(teacher, bundle, ctx)
     ctx.log.info(
-        "%s: teacher %s (%s, %d parameters, test %.4f) -> student %s (%d parameters, %.1fx fewer), "
+        "%s: teacher %s (%s, %d parameters, test %s) -> student %s (%d parameters, %.1fx fewer), "
         "T=%s alpha=%s, %d seed(s), control %s",
         cfg.label,
         source.name,
         teacher_spec.get("arch"),
         teacher_size["parameters"],
-        teacher_test,
+        _shown(teacher_test),
         cfg.student.arch,
         student_size["parameters"],
         teacher_size["parameters"] / student_size["parameters"],
@@ -116,9 +117,11 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
 
     use_cache = cfg.cache_teacher_logits and cfg.augment == "none"
     cached = _teacher_logits(teacher, bundle, ctx) if use_cache else None
-    kinds = ["distilled", "scratch"] if cfg.control else ["distilled"]
+    # A tuning trial scores the distilled student alone (on validation data): the control and the
+    # extra seeds measure the final variant, not a setting.
+    kinds = ["distilled", "scratch"] if cfg.control and not ctx.tuning else ["distilled"]
     runs: list[dict[str, Any]] = []
-    for index in range(cfg.seeds):
+    for index in range(1 if ctx.tuning else cfg.seeds):
         seed = ctx.seed + index
         for kind in kinds:
             distill = Distillation(teacher, cfg.temperature, cfg.alpha, cached)
@@ -133,7 +136,7 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
     if weights_sha_after != weights_sha_before or file_sha_after != file_sha_before:
         raise RuntimeError(f"teacher {source.name!r} changed during distillation; this is a bug")
 
-    summary = _summarise(runs, teacher_test, cfg)
+    summary = _summarise(runs, teacher_test, teacher_val, cfg)
     metrics: dict[str, Any] = {
         "teacher": source.name,
         "teacher_test_accuracy": teacher_test,
@@ -185,7 +188,7 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
         },
     )
     variants = [student]
-    if cfg.control:
+    if "scratch" in first:
         variants.append(
             Variant(
                 name=cfg.output + SCRATCH_SUFFIX,
@@ -228,16 +231,25 @@ def _train_one(
     workdir = out_dir / "work" / f"seed{seed}-{kind}"
     started, cpu_started = time.perf_counter(), time.process_time()
     result = fit(
-        model, bundle, cfg, ctx.device, seed, workdir, desc=f"{cfg.label} {kind} seed {seed}", distill=distill
+        model,
+        bundle,
+        cfg,
+        ctx.device,
+        seed,
+        workdir,
+        desc=f"{cfg.label} {kind} seed {seed}",
+        distill=distill,
+        on_epoch=ctx.on_epoch if kind == "distilled" else None,
     )
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    test = evaluate(model, bundle, bundle.test, ctx.device)
+    # a tuning trial is scored on validation data only: there the test split is off limits
+    test = {} if ctx.tuning else evaluate(model, bundle, bundle.test, ctx.device)
     row = {
         "seed": seed,
         "kind": kind,
-        "test_accuracy": test["accuracy"],
-        "test_correct": test["correct"],
-        "test_count": test["count"],
+        "test_accuracy": test.get("accuracy"),
+        "test_correct": test.get("correct"),
+        "test_count": test.get("count"),
         "val_accuracy": _val_accuracy(model, bundle, ctx),
         "train_seconds": round(wall, 2),
         "train_cpu_seconds": round(cpu, 2),
@@ -245,20 +257,30 @@ def _train_one(
         "curves": f"work/{workdir.name}/history.json",
     }
     ctx.log.info(
-        "%s: seed %d %s student: test %.4f val %s (%.1fs)",
+        "%s: seed %d %s student: test %s val %s (%.1fs)",
         cfg.label,
         seed,
         kind,
-        row["test_accuracy"],
+        _shown(row["test_accuracy"]),
         f"{row['val_accuracy']:.4f}" if row["val_accuracy"] is not None else "n/a",
         wall,
     )
     return model, row
 
 
-def _summarise(runs: list[dict[str, Any]], teacher_test: float, cfg: DistillConfig) -> dict[str, Any]:
+def _summarise(
+    runs: list[dict[str, Any]], teacher_test: float | None, teacher_val: float | None, cfg: DistillConfig
+) -> dict[str, Any]:
     """Means, standard deviations, the gap share and the verdict over all seeds."""
     out: dict[str, Any] = {}
+    if teacher_test is None:  # a tuning trial: only validation accuracy exists
+        vals = [r["val_accuracy"] for r in runs if r["val_accuracy"] is not None]
+        out["distilled_val_accuracy_mean"] = statistics.fmean(vals) if vals else None
+        out["teacher_minus_student_val"] = (
+            teacher_val - out["distilled_val_accuracy_mean"] if vals and teacher_val is not None else None
+        )
+        out["verdict"] = "tuning trial: scored on validation data, no control"
+        return out
     acc: dict[str, list[float]] = {}
     for kind in ("distilled", "scratch"):
         rows = [r for r in runs if r["kind"] == kind]
@@ -322,6 +344,15 @@ def _teacher_logits(teacher: nn.Module, bundle: DataBundle, ctx: Context) -> tor
     teacher.eval()
     rows = [teacher(x).float().cpu() for x, _ in iterate_batches(bundle, bundle.train, 1000, ctx.device)]
     return torch.cat(rows)
+
+
+def _test_accuracy(model: nn.Module, bundle: DataBundle, ctx: Context) -> float | None:
+    """None inside a tuning trial, where the test split is off limits."""
+    return None if ctx.tuning else evaluate(model, bundle, bundle.test, ctx.device)["accuracy"]
+
+
+def _shown(accuracy: float | None) -> str:
+    return "n/a" if accuracy is None else f"{accuracy:.4f}"
 
 
 def _val_accuracy(model: nn.Module, bundle: DataBundle, ctx: Context) -> float | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -42,6 +42,7 @@ def _default_finetune() -> TrainingConfig:
 
 class PruneConfig(StageConfig):
     stage: Literal["prune"]
+    tunable: ClassVar[bool] = True
     method: Literal["magnitude", "structured"] = "magnitude"
     output: str | None = None
     amount: float | None = Field(None, gt=0, lt=1)

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -59,6 +59,7 @@ class LatencyConfig(StrictModel):
 
 class QuantizeConfig(StageConfig):
     stage: Literal["quantize"]
+    tunable: ClassVar[bool] = True
     backend: Literal["onnxruntime", "pytorch"] = "onnxruntime"
     modes: list[Literal["dynamic", "static"]] = Field(
         default_factory=lambda: ["dynamic", "static"], min_length=1
@@ -220,7 +221,7 @@ def _onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, Any]]]:
     q.prepare_onnx(job.model, job.sample[:2], fp32, pre, meta)
     has_val = len(bundle.val) > 0
     parent_val = q.onnx_accuracy(fp32, bundle, bundle.val)["accuracy"] if has_val else None
-    parent_test = q.onnx_accuracy(fp32, bundle, bundle.test)
+    parent_test = _test_accuracy(job, lambda split: q.onnx_accuracy(fp32, bundle, split))
     fp32_sizes = q.file_sizes(fp32)
     nodes = q.graph_nodes(pre)
     threads = cfg.latency.threads
@@ -285,7 +286,7 @@ def _onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, Any]]]:
             log.info("quantize: %s after the latency search keeps in fp32: %s", name, excluded or "nothing")
         final = make(excluded, job.out_dir / f"{name}.onnx")
         val = q.onnx_accuracy(final, bundle, bundle.val)["accuracy"] if has_val else None
-        test = q.onnx_accuracy(final, bundle, bundle.test)
+        test = _test_accuracy(job, lambda split, final=final: q.onnx_accuracy(final, bundle, split))
         fp32_ms, int8_ms = q.compare_latency(
             [fp32_runner, q.onnx_runner(final, job.sample, threads)],
             rounds=cfg.latency.rounds,
@@ -380,7 +381,7 @@ def _pytorch(job: Job) -> list[tuple[Variant | None, dict[str, Any]]]:
     has_val = len(bundle.val) > 0
     fp32_predict = q.torch_predictor(model)
     parent_val = q.accuracy_of(fp32_predict, bundle, bundle.val)["accuracy"] if has_val else None
-    parent_test = q.accuracy_of(fp32_predict, bundle, bundle.test)
+    parent_test = _test_accuracy(job, lambda split: q.accuracy_of(fp32_predict, bundle, split))
     pdir = job.out_dir / job.parent.name
     try:
         q.save_exported(model, sample2, pdir / "fp32.pt2")
@@ -430,7 +431,7 @@ def _pytorch(job: Job) -> list[tuple[Variant | None, dict[str, Any]]]:
             shipped = quantized
         predict = q.torch_predictor(shipped)
         val = q.accuracy_of(predict, bundle, bundle.val)["accuracy"] if has_val else None
-        test = q.accuracy_of(predict, bundle, bundle.test)
+        test = _test_accuracy(job, lambda split, predict=predict: q.accuracy_of(predict, bundle, split))
         with q.torch_threads(cfg.latency.threads):
             fp32_ms, int8_ms = q.compare_latency(
                 [q.torch_runner(model, job.sample), q.torch_runner(shipped, job.sample)],
@@ -494,6 +495,13 @@ def _pytorch(job: Job) -> list[tuple[Variant | None, dict[str, Any]]]:
 # ------------------------------------------------------------------ shared
 
 
+def _test_accuracy(job: Job, accuracy: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """The test split's accuracy, or Nones inside a tuning trial, where that split is off limits."""
+    if job.ctx.tuning:
+        return {"accuracy": None, "correct": None, "count": None}
+    return accuracy(job.bundle.test)
+
+
 def _metrics(
     job: Job,
     mode: str,
@@ -509,7 +517,8 @@ def _metrics(
     weight_layers: list[str],
 ) -> dict[str, Any]:
     cfg = job.cfg
-    delta_test = (test["accuracy"] - parent_test["accuracy"]) * 100
+    tested = test["accuracy"] is not None and parent_test["accuracy"] is not None
+    delta_test = (test["accuracy"] - parent_test["accuracy"]) * 100 if tested else None
     delta_val = (val - parent_val) * 100 if val is not None and parent_val is not None else None
     size = sizes["bytes"]
     return {
@@ -519,7 +528,7 @@ def _metrics(
         "val_accuracy": val,
         "parent_test_accuracy": parent_test["accuracy"],
         "parent_val_accuracy": parent_val,
-        "delta_test_pp": round(delta_test, 4),
+        "delta_test_pp": round(delta_test, 4) if delta_test is not None else None,
         "delta_val_pp": round(delta_val, 4) if delta_val is not None else None,
         "tolerance_pp": cfg.tolerance,
         "meets_tolerance": (
@@ -568,6 +577,9 @@ def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log_variant(log: Any, name: str, m: dict[str, Any]) -> None:
+    if m["test_accuracy"] is None:  # a tuning trial
+        log.info("quantize: %s val %s (tuning trial: no test split)", name, m["val_accuracy"])
+        return
     log.info(
         "quantize: %s test %.4f (%+.2f pp vs fp32 %.4f), %s bytes (%.2fx smaller), %.2f ms vs fp32 %.2f ms "
         "at batch %d / %d thread(s)%s; fp32 layers: %s",

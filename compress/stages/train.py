@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -18,6 +18,7 @@ from compress.variants import StageResult, Variant
 
 class TrainConfig(StageConfig, TrainingConfig):
     stage: Literal["train"]
+    tunable: ClassVar[bool] = True
     model: ModelConfig = ModelConfig()
     output: str = "baseline"
 

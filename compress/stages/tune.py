@@ -213,6 +213,11 @@ class TuneConfig(StageConfig):
         target = stages[where]
         if getattr(target, "supports_workers", False):
             raise ValueError("target: a tune stage cannot tune another tune stage")
+        if not target.tunable:
+            raise ValueError(
+                f"target: stage {self.target!r} ({target.stage}) has no tunable settings; a tune stage "
+                "can target train, prune, distill or quantize stages"
+            )
         if where <= me:
             raise ValueError(
                 f"target: stage {self.target!r} must come after the tune stage (tune runs first and "
