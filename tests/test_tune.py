@@ -418,3 +418,63 @@ def test_distill_and_quantize_settings_are_tuned_on_validation_data_only(tmp_pat
     assert isinstance(manifest["variants"]["student"]["metrics"]["test_accuracy"], float)
     quantized = manifest["variants"]["baseline.int8-static"]["metrics"]
     assert isinstance(quantized["test_accuracy"], float) and quantized["delta_test_pp"] is not None
+
+
+# ---------------------------------------------------------------- confirmation at full budget
+
+CONFIRMED = """\
+  - stage: tune
+    target: refit
+    space:
+      model.width: {choices: [0.25, 0.5]}
+      optimizer.lr: {low: 0.01, high: 0.3, log: true}
+    trial_overrides: {epochs: 10}
+    objectives: [minimize: parameters]
+    constraint: {metric: val_accuracy, max_drop_pp: 0.0, trial_slack_pp: 5.0, against: baseline}
+    confirm: 3
+    sampler: random
+    n_trials: 3
+"""
+
+
+def test_candidates_are_confirmed_at_full_budget_before_one_is_chosen(tmp_path, data_root):
+    """Trials (10 epochs, 5 pp of slack) admit settings the full 1-epoch budget may not hold up;
+    the chosen one is the first candidate that meets the strict tolerance (0 pp) when re-run."""
+    pipeline = write_pipeline(tmp_path, BASE + CONFIRMED + REFIT)
+    result = run_cli(pipeline, cwd=tmp_path, data_root=data_root, env=ONE_THREAD)
+    assert result.returncode == 0, result.output
+    study = json.loads((tmp_path / "reports" / "tiny" / "tune.study.json").read_text())
+    reference = study["constraint"]["reference"]
+    runs = study["confirmation"]["runs"]
+    trials = {t["number"]: t for t in study["trials"]}
+    assert 1 <= len(runs) <= 3
+    assert all(trials[r["number"]]["feasible"] for r in runs)  # only feasible trials are candidates
+    params = [trials[r["number"]]["metrics"]["parameters"] for r in runs]
+    assert params == sorted(params)  # in the order the objective prefers
+    for r in runs:
+        assert r["metrics"]["epochs"] == 1  # the full budget, not the trial's 10 epochs
+        assert r["metrics"]["test_accuracy"] is None  # still validation data only
+        assert r["drop"] == pytest.approx(100 * (reference - r["metrics"]["val_accuracy"]))
+        assert r["meets"] is (r["drop"] <= 0.0)
+    assert all(not r["meets"] for r in runs[:-1])  # stops at the first that meets
+    # trial 0 is the refit's own settings, identical to the baseline's: it must meet 0 pp
+    default = next((r for r in runs if r["number"] == 0), None)
+    assert default is None or (default["drop"] == 0.0 and default["meets"])
+    manifest = json.loads((tmp_path / "artifacts" / "tiny" / "latest" / "manifest.json").read_text())
+    stages = {s["name"]: s for s in manifest["stages"]}
+    if runs[-1]["meets"]:
+        chosen = study["chosen"]
+        assert chosen["number"] == runs[-1]["number"]
+        assert stages["refit"]["tuned_settings"] == chosen["params"]
+        # the final run repeats the confirmation run: same settings, budget and seed
+        assert manifest["variants"]["refit"]["metrics"]["val_accuracy"] == runs[-1]["metrics"]["val_accuracy"]
+    else:
+        assert study["chosen"] is None and not stages["refit"].get("tuned_settings")
+        assert "met the constraint at full budget" in result.stderr
+
+
+def test_slack_without_confirmation_is_a_config_error(tmp_path):
+    text = BASE + CONFIRMED.replace("    confirm: 3\n", "") + REFIT
+    with pytest.raises(ConfigError) as error:
+        load_pipeline(write_pipeline(tmp_path, text), config_registry())
+    assert "set confirm: N" in str(error.value)

@@ -88,6 +88,9 @@ class ConstraintConfig(StrictModel):
     max_drop_pp: float = Field(ge=0, le=100)
     relative: bool = False
     against: str | None = None
+    # Short trials under-rate a setting, so a trial may drop this much more and still be a
+    # candidate; ``confirm`` then re-checks candidates against max_drop_pp at full budget.
+    trial_slack_pp: float = Field(0.0, ge=0, le=100)
 
 
 class TuneConfig(StageConfig):
@@ -113,6 +116,9 @@ class TuneConfig(StageConfig):
     max_retry: int = Field(3, ge=0, le=100)
     keep_trials: bool = False
     enqueue_default: bool = True
+    # Re-run the best N candidates with the target's full budget (validation data only) and
+    # choose the first that meets the constraint there.
+    confirm: int = Field(0, ge=0, le=20)
 
     supports_workers: ClassVar[bool] = True
     _target: StageConfig | None = PrivateAttr(None)
@@ -148,6 +154,13 @@ class TuneConfig(StageConfig):
     def _consistent(self) -> TuneConfig:
         if self.from_ is not None:
             raise ValueError("from: a tune stage reads its target's inputs; remove 'from:'")
+        if self.confirm and self.constraint is None:
+            raise ValueError("confirm: re-checks the constraint at full budget; add a constraint:")
+        if self.constraint is not None and self.constraint.trial_slack_pp and not self.confirm:
+            raise ValueError(
+                "constraint.trial_slack_pp admits settings that may miss the tolerance at full budget; "
+                "set confirm: N (e.g. 1) so the chosen one is re-checked"
+            )
         if self.pruner != "none" and len(self.objectives) > 1:
             raise ValueError("pruner: Optuna cannot prune multi-objective trials; use pruner: none")
         if self.sampler == "nsga2" and len(self.objectives) == 1 and self.constraint is None:
@@ -362,6 +375,9 @@ def run(cfg: TuneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> 
 
         _optimize(study, lock, cfg, ctx, out_dir, reference, started)
         summary = _summarize(study, cfg, reference, study_name, shown_url, started)
+        if cfg.confirm and not ctx.worker:  # workers only fill the study; the run that applies it confirms
+            _confirm(study, summary, cfg, ctx, out_dir, reference)
+            summary["elapsed_seconds"] = round(time.perf_counter() - started, 2)
     finally:
         if lock is not None:
             lock.close()
@@ -386,12 +402,13 @@ def run(cfg: TuneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> 
             ", ".join(f"{k}={v!r}" for k, v in chosen["params"].items()),
         )
     else:
-        ctx.log.warning(
-            "%s: no feasible trial among %d; %s keeps its own settings",
-            cfg.label,
-            summary["counts"].get("COMPLETE", 0),
-            cfg.target,
+        why = (
+            f"none of the {len(summary['confirmation']['runs'])} candidate(s) met the constraint at "
+            "full budget"
+            if summary.get("confirmation", {}).get("runs")
+            else f"no feasible trial among {summary['counts'].get('COMPLETE', 0)}"
         )
+        ctx.log.warning("%s: %s; %s keeps its own settings", cfg.label, why, cfg.target)
     metrics: dict[str, Any] = {
         "study_name": study_name,
         "storage": shown_url,
@@ -407,6 +424,7 @@ def run(cfg: TuneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> 
         "reference": reference,
         "test_reads_during_tuning": test_reads,
         "tuning_seconds": summary["elapsed_seconds"],
+        "confirmed": [r["number"] for r in summary.get("confirmation", {}).get("runs", [])],
     }
     if chosen:
         for metric, value in zip(cfg.metrics, chosen["values"], strict=True):
@@ -635,7 +653,7 @@ class _Objective:
             drop = (self.reference - value) * 100
             if cfg.constraint.relative:
                 drop = drop / self.reference if self.reference else math.inf
-            excess = drop - cfg.constraint.max_drop_pp
+            excess = drop - cfg.constraint.max_drop_pp - cfg.constraint.trial_slack_pp
             feasible = excess <= 0
             trial.set_constraint("accuracy_drop", excess)  # Optuna's convention: <= 0 is feasible
             trial.set_user_attr("constraint", [excess])
@@ -749,6 +767,73 @@ def _short(value: Any) -> str:
 # ---------------------------------------------------------------- choosing and summarising
 
 
+def _confirm(
+    study: optuna.Study,
+    summary: dict[str, Any],
+    cfg: TuneConfig,
+    ctx: Context,
+    out_dir: Path,
+    reference: float | None,
+) -> None:
+    """Re-run the best ``confirm`` candidates with the target's full budget (no trial_overrides,
+    validation data only) and choose the first that meets the constraint without slack."""
+    assert cfg.constraint is not None and reference is not None
+    candidates, _ = ranked(study.get_trials(deepcopy=False), cfg)
+    runs: list[dict[str, Any]] = []
+    chosen = None
+    for trial in candidates[: cfg.confirm]:
+        tic = time.perf_counter()
+        result = ctx.run_stage(cfg.target, dict(trial.params), out_dir / "confirm" / f"{trial.number:05d}")
+        variant = _scored_variant(result, cfg)
+        metrics = _metrics(variant, cfg, ctx)
+        value = _number(metrics, cfg.constraint.metric, cfg, variant)
+        drop = (reference - value) * 100
+        if cfg.constraint.relative:
+            drop = drop / reference if reference else math.inf
+        meets = drop <= cfg.constraint.max_drop_pp
+        runs.append(
+            {
+                "number": trial.number,
+                "params": trial.params,
+                "metrics": metrics,
+                "drop": drop,
+                "meets": meets,
+                "seconds": round(time.perf_counter() - tic, 2),
+            }
+        )
+        ctx.log.info(
+            "%s: confirming trial %d at full budget: %s %.6g, drop %.3f pp -> %s",
+            cfg.label,
+            trial.number,
+            cfg.constraint.metric,
+            value,
+            drop,
+            "meets the constraint" if meets else "misses the constraint",
+        )
+        if meets:
+            chosen = trial
+            break
+    if not cfg.keep_trials:
+        shutil.rmtree(out_dir / "confirm", ignore_errors=True)
+    summary["confirmation"] = {
+        "candidates": cfg.confirm,
+        "rule": f"the first of the {cfg.confirm} best candidates whose full-budget {cfg.constraint.metric} "
+        f"is at most {cfg.constraint.max_drop_pp} pp below the reference",
+        "runs": runs,
+    }
+    if chosen is None:
+        summary["chosen"] = None
+        return
+    summary["chosen"] = {
+        "number": chosen.number,
+        "params": chosen.params,
+        "values": chosen.values,
+        "metrics": chosen.user_attrs.get("metrics", {}),
+        "confirmed_metrics": runs[-1]["metrics"],
+        "confirmed_drop": runs[-1]["drop"],
+    }
+
+
 def _feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and bool(trial.user_attrs.get("feasible", True))
 
@@ -767,17 +852,22 @@ def _pareto(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTria
 
 def choose(trials: list[FrozenTrial], cfg: TuneConfig) -> tuple[FrozenTrial | None, list[FrozenTrial]]:
     """The chosen trial and the feasible Pareto front (infeasible trials are never chosen)."""
+    candidates, front = ranked(trials, cfg)
+    return (candidates[0] if candidates else None), front
+
+
+def ranked(trials: list[FrozenTrial], cfg: TuneConfig) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+    """Feasible trials in the order the selection rule prefers them (the Pareto front first),
+    and the front itself."""
     feasible = [t for t in trials if _feasible(t)]
-    if not feasible:
-        return None, []
     front = _pareto(feasible, cfg.directions)
     order = [cfg.primary] + [i for i in range(len(cfg.directions)) if i != cfg.primary]
 
     def rank(t: FrozenTrial) -> tuple:
         signs = [1 if cfg.directions[i] == "minimize" else -1 for i in order]
-        return (*[s * t.values[i] for s, i in zip(signs, order, strict=True)], t.number)
+        return (t not in front, *[s * t.values[i] for s, i in zip(signs, order, strict=True)], t.number)
 
-    return min(front, key=rank), sorted(front, key=lambda t: t.number)
+    return sorted(feasible, key=rank), sorted(front, key=lambda t: t.number)
 
 
 def _best_text(study: optuna.Study, cfg: TuneConfig) -> str:
