@@ -8,13 +8,13 @@ import shutil
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from compress import data
 from compress.config import DataConfig
 from compress.errors import DataError
+from tests.cifar_files import write_cifar10
 from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
 
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
@@ -97,37 +97,11 @@ def test_batches_are_normalised_and_augmented_per_image(data_root: Path) -> None
 
 
 def _write_cifar(folder: Path, per_batch: int = 12, payload: object | None = None) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        entry = {
-            "batch_label": name,
-            "labels": rng.integers(0, 10, per_batch).tolist(),
-            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            "filenames": [f"img{i}.png" for i in range(per_batch)],
-        }
-        if payload is not None and name == "test_batch":
-            entry = payload
-        with open(folder / name, "wb") as handle:
-            pickle.dump(entry, handle)
-    meta = {
-        "label_names": [
-            "airplane",
-            "automobile",
-            "bird",
-            "cat",
-            "deer",
-            "dog",
-            "frog",
-            "horse",
-            "ship",
-            "truck",
-        ],
-        "num_cases_per_batch": per_batch,
-    }
-    with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump(meta, handle)
+    """The shared generated set (tests/cifar_files.py); ``payload`` replaces the test batch."""
+    write_cifar10(folder.parent, n_train=5 * per_batch, n_test=per_batch)
+    if payload is not None:
+        with open(folder / "test_batch", "wb") as handle:
+            pickle.dump(payload, handle)
 
 
 def test_cifar10_reads_the_python_pickle_layout(tmp_path: Path, isolated_cache: Path) -> None:
@@ -137,7 +111,7 @@ def test_cifar10_reads_the_python_pickle_layout(tmp_path: Path, isolated_cache: 
     assert bundle.input_shape == (3, 32, 32)
     assert bundle.classes[0] == "airplane" and bundle.num_classes == 10
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "rb") as handle:
-        raw = pickle.load(handle)
+        raw = pickle.load(handle, encoding="latin1")  # Python 2 pickles, like the real files
     first = torch.from_numpy(raw["data"][0].reshape(3, 32, 32))
     assert torch.equal(bundle.test.x[0], first)
 
