@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from compress import distributed, faults
 from compress.config import TrainingConfig
 from compress.data import DataBundle, Split, iterate_batches
-from compress.fileio import atomic_path, write_json
+from compress.errors import ConfigError
+from compress.fileio import atomic_path, no_interrupt, write_json
 from compress.models import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_epoch: int = 0
     seconds: float = 0.0
+    precision: str = "fp32"  # what the forward passes computed in (resolve_precision)
+    world_size: int = 1  # processes that trained it together (DDP)
 
 
 def kd_loss(
@@ -113,10 +117,44 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+def resolve_precision(cfg: TrainingConfig, device: torch.device) -> str:
+    """What training with ``cfg`` computes in on ``device``: 'fp32', 'bf16' or 'fp16'.
+
+    ``auto`` is mixed precision on CUDA (bf16 where the GPU supports it, else fp16, which
+    needs a grad scaler) and fp32 on a CPU. Raises ConfigError for a precision the device lacks.
+    """
+    wanted = cfg.precision if cfg.amp else "fp32"
+    if device.type != "cuda":
+        if wanted in ("bf16", "fp16"):
+            raise ConfigError(
+                f"precision: {wanted} needs a CUDA device, this run trains on {device}; "
+                "use precision: auto (fp32 on a CPU) or fp32"
+            )
+        return "fp32"
+    if wanted == "auto":  # native bf16 (Ampere or newer); older GPUs only emulate it, slowly
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if wanted == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+            "use precision: auto (fp16 with a grad scaler there) or fp32"
+        )
+    return wanted
+
+
+def training_configs(cfg: Any) -> dict[str, TrainingConfig]:
+    """The training settings in a stage's config by YAML key prefix: ``""`` for the config
+    itself (train, distill), ``"finetune."`` for a field such as prune's ``finetune``."""
+    found = {"": cfg} if isinstance(cfg, TrainingConfig) else {}
+    for name, info in type(cfg).model_fields.items() if hasattr(type(cfg), "model_fields") else ():
+        value = getattr(cfg, name, None)
+        if isinstance(value, TrainingConfig):
+            found[f"{info.alias or name}."] = value
+    return found
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return nullcontext()
 
 
@@ -132,29 +170,62 @@ def train_one_epoch(
     distill: Distillation | None = None,
     scaler: torch.amp.GradScaler | None = None,
     after_step: Callable[[], None] | None = None,
+    precision: str | None = None,
+    shard: torch.Tensor | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
-    """One pass over the training split; ``after_step`` lets pruning re-apply its masks."""
+    """One pass over the training split; ``after_step`` lets pruning re-apply its masks.
+
+    Under DDP, ``shard`` is this rank's part of the epoch (``distributed.epoch_shard``, already
+    shuffled): it is read in order, in batches of ``batch_size / world size``, augmented with a
+    per-rank seed, and the returned loss and accuracy are summed over all ranks.
+    """
     model.train()
     batch_size = cfg.batch_size or 128
+    precision = precision or resolve_precision(cfg, device)
     cached = distill is not None and distill.logits is not None
     if cached and (cfg.augment != "none" or len(distill.logits) != len(bundle.train)):
         raise ValueError("cached teacher logits need augment 'none' and one row per training image")
-    batches = iterate_batches(
-        bundle,
-        bundle.train,
-        batch_size,
-        device,
-        shuffle=True,
-        seed=seed,
-        augment=cfg.augment,
-        with_index=cached,
-    )
+    if shard is None:
+        batches = iterate_batches(
+            bundle,
+            bundle.train,
+            batch_size,
+            device,
+            shuffle=True,
+            seed=seed,
+            augment=cfg.augment,
+            with_index=cached,
+        )
+        steps = (len(bundle.train) + batch_size - 1) // batch_size
+    else:
+        batch_size = distributed.per_rank_batch(batch_size, f"{desc}: batch_size")
+        batches = iterate_batches(
+            bundle,
+            bundle.train,
+            batch_size,
+            device,
+            seed=distributed.rank_seed(seed),
+            augment=cfg.augment,
+            indices=shard,
+            with_index=cached,
+        )
+        steps = (len(shard) + batch_size - 1) // batch_size
     total_loss, correct, seen = 0.0, 0, 0
-    steps = (len(bundle.train) + batch_size - 1) // batch_size
-    bar = tqdm(batches, total=steps, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        batches,
+        total=steps,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not distributed.is_main(),
+    )
     for batch in bar:
         x, y = batch[0], batch[1]
-        with _autocast(device, cfg.amp):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, precision):
             logits = model(x)
             if distill is not None:
                 if cached:
@@ -187,6 +258,9 @@ def train_one_epoch(
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+    if shard is not None:  # the epoch's totals over every rank's shard
+        sums = distributed.all_reduce_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
+        total_loss, correct, seen = sums[0].item(), int(sums[1]), int(sums[2])
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
@@ -198,19 +272,27 @@ def evaluate(
     device: torch.device,
     batch_size: int = 1000,
 ) -> dict[str, Any]:
-    """Loss, top-1 accuracy and per-class accuracy of ``model`` on ``split``."""
+    """Loss, top-1 accuracy and per-class accuracy of ``model`` on ``split``.
+
+    Under DDP every rank scores every world-size-th image and the counts are summed, so each
+    image is scored exactly once overall and the result equals the single-process one.
+    """
     model.eval()
     num_classes = bundle.num_classes
     correct = torch.zeros(num_classes, dtype=torch.long)
     totals = torch.zeros(num_classes, dtype=torch.long)
     loss_sum = 0.0
-    for x, y in iterate_batches(bundle, split, batch_size, device):
+    shard = distributed.eval_shard(len(split)) if distributed.active() else None
+    for x, y in iterate_batches(bundle, split, batch_size, device, indices=shard):
         logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         hits = (logits.argmax(1) == y).cpu()
         y_cpu = y.cpu()
         totals += torch.bincount(y_cpu, minlength=num_classes)
         correct += torch.bincount(y_cpu[hits], minlength=num_classes)
+    if shard is not None:
+        correct, totals = distributed.all_reduce_sum(torch.stack([correct, totals])).unbind(0)
+        loss_sum = distributed.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64)).item()
     n = int(totals.sum())
     per_class = {
         bundle.classes[i]: (correct[i] / totals[i]).item() if totals[i] else None for i in range(num_classes)
@@ -241,38 +323,73 @@ def fit(
     The checkpoint holds model, optimizer, scheduler and history, saved after every epoch;
     the per-epoch shuffle is seeded by (seed, epoch), so a resumed run sees the same batches
     it would have seen without the interruption.
+
+    On CUDA: mixed precision as ``cfg.precision`` says (``resolve_precision``), channels-last
+    memory for conv nets, and cuDNN's autotuner. Under torchrun (``distributed.active()``)
+    the model trains in DistributedDataParallel: ``batch_size`` stays the global batch (each
+    rank takes ``batch_size / world size`` of it, the epoch's shuffle dealt out as
+    ``DistributedSampler`` does), so a step sees the same images as the single-process step
+    and the schedule has the same length; only rank 0 writes checkpoints, and a resumed fit
+    takes rank 0's checkpoint on every rank.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = workdir / "checkpoint.pt"
     torch.manual_seed(seed)
     model.to(device)
+    precision = resolve_precision(cfg, device)
+    channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if distill is not None:
         distill.teacher.to(device).eval()
         for p in distill.teacher.parameters():
             p.requires_grad_(False)
     optimizer = make_optimizer(model, cfg)
     batch_size = cfg.batch_size or 128
-    steps_per_epoch = (len(bundle.train) + batch_size - 1) // batch_size
+    parallel = distributed.active()
+    if parallel:
+        per_rank = distributed.per_rank_batch(batch_size, f"{desc}: batch_size")
+        shard_size = -(-len(bundle.train) // distributed.world_size())
+        steps_per_epoch = -(-shard_size // per_rank)  # = ceil(len(train) / batch_size)
+    else:
+        steps_per_epoch = (len(bundle.train) + batch_size - 1) // batch_size
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    result = FitResult()
+    result = FitResult(precision=precision, world_size=distributed.world_size() if parallel else 1)
     start_epoch = 0
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
+    if parallel:  # rank 0's checkpoint, if any, on every rank (other nodes may not see its disk)
+        state = distributed.on_main(
+            lambda: load_checkpoint(checkpoint_path, map_location="cpu") if checkpoint_path.exists() else None
+        )
+    else:
+        state = load_checkpoint(checkpoint_path, map_location=device) if checkpoint_path.exists() else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         result.history = list(state["history"])
         start_epoch = result.resumed_from_epoch = int(state["epoch"])
         log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, start_epoch)
+    net = model
+    if parallel:
+        net = distributed.wrap(model, device)  # broadcasts rank 0's weights and buffers
+        torch.manual_seed(distributed.rank_seed(seed))  # dropout differs per rank
+        log.info(
+            "%s: DistributedDataParallel on %d processes, %d images per process per step, %s",
+            desc,
+            distributed.world_size(),
+            per_rank,
+            precision,
+        )
 
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         tic = time.perf_counter()
         stats = train_one_epoch(
-            model,
+            net,
             bundle,
             optimizer,
             scheduler,
@@ -283,6 +400,10 @@ def fit(
             distill=distill,
             scaler=scaler,
             after_step=after_step,
+            precision=precision,
+            # DistributedSampler(seed=seed * 100_003).set_epoch(epoch): the single-process shuffle
+            shard=distributed.epoch_shard(len(bundle.train), seed * 100_003, epoch) if parallel else None,
+            channels_last=channels_last,
         )
         val = evaluate(model, bundle, bundle.val, device) if len(bundle.val) else None
         row = {
@@ -304,19 +425,24 @@ def fit(
             f"{row['val_accuracy']:.4f}" if val else "n/a",
             row["seconds"],
         )
-        with atomic_path(checkpoint_path) as tmp:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": result.history,
-                    "epoch": epoch + 1,
-                },
-                tmp,
-            )
+        if distributed.is_main():  # the other ranks' workdirs are scratch copies
+            with no_interrupt(), atomic_path(checkpoint_path) as tmp:  # Ctrl-C here: finish the file first
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": result.history,
+                        "epoch": epoch + 1,
+                    },
+                    tmp,
+                )
+        faults.checkpoint(f"fit:{workdir}:epoch{epoch + 1}")
         if on_epoch is not None:
             on_epoch(epoch + 1, {**row, "epochs": cfg.epochs})  # epochs: so a hook knows the last one
     result.seconds = time.perf_counter() - started
-    write_json(workdir / "history.json", result.history)
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)  # callers save, prune and export it as usual
+    if distributed.is_main():
+        write_json(workdir / "history.json", result.history)
     return result

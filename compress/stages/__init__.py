@@ -27,6 +27,8 @@ class StageDef:
     version: int
     needs_data: bool
     needs_results: bool = False  # reads ctx.results/ctx.manifest: re-runs every run (run id in its key)
+    # runs on every rank under torchrun (training under DDP); other stages run on rank 0 only
+    distributed: bool = False
 
 
 REGISTRY: dict[str, StageDef] = {}
@@ -38,17 +40,20 @@ def stage(
     version: int = 1,
     needs_data: bool = True,
     needs_results: bool = False,
+    distributed: bool = False,
 ) -> Callable[[StageFn], StageFn]:
     """Register ``run(cfg, inputs, ctx, out_dir) -> StageResult`` under ``kind``.
 
     Bump ``version`` when a change alters what the stage produces: it is part of the cache
-    key, so old cached results are not reused.
+    key, so old cached results are not reused. ``distributed=True`` marks a stage that trains
+    through ``training.fit``/``evaluate``: under torchrun every rank runs it (see
+    ``compress.distributed``); any other stage runs on rank 0 alone.
     """
 
     def register(fn: StageFn) -> StageFn:
         if kind in REGISTRY:
             raise RuntimeError(f"stage {kind!r} registered twice")
-        REGISTRY[kind] = StageDef(kind, config, fn, version, needs_data, needs_results)
+        REGISTRY[kind] = StageDef(kind, config, fn, version, needs_data, needs_results, distributed)
         return fn
 
     return register

@@ -74,7 +74,7 @@ class DistillConfig(StageConfig, TrainingConfig):
         return [self.output, self.output + SCRATCH_SUFFIX] if self.control else [self.output]
 
 
-@stage("distill", DistillConfig, version=1)
+@stage("distill", DistillConfig, version=1, distributed=True)
 def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     source = inputs[0]
     if source.format != "torch":

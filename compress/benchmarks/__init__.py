@@ -1,0 +1,1 @@
+"""Stand-alone measurements (``python -m compress.benchmarks.<name>``), not pipeline stages."""
