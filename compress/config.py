@@ -9,6 +9,7 @@ handed in as a registry so that it never imports the stages.
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 import types
 import typing
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from compress.errors import ConfigError
 
@@ -26,6 +28,78 @@ ARCHS = ("lenet300", "lenet5", "resnet20", "mlp")
 MAX_EPOCHS = 10_000
 MAX_YAML_BYTES = 1_000_000
 MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 50
+SHALLOW = "a pipeline file is only a few levels deep"
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SAFE_NAME_TEXT = "may hold only letters, digits, '.', '_' and '-' (it becomes a file name)"
+IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&;](?:password|passwd|pwd)=)(?P<pw>[^&\s]*)")
+
+
+def mask_secrets(text: str) -> str:
+    """``postgresql://me:secret@host/db`` -> ``postgresql://me:***@host/db`` (also ``?password=``)."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_PASSWORD.sub(lambda m: f"{m['key']}***", text)
+
+
+# ``model.import_path`` values named by a pipeline validated in this process. Model files
+# record their import path so they can be rebuilt, but a file alone never makes us import
+# code: ``models.build_model`` imports only what a pipeline the user runs names (trusted code).
+_TRUSTED_IMPORTS: set[str] = set()
+
+
+def import_factory(path: str, trust: bool = False):  # noqa: ANN201 - returns the user's callable
+    """The callable ``package.module:factory`` names; ``trust`` records it as named by a pipeline.
+
+    Raises ValueError (with what to do) when the text is malformed or the import fails, and
+    PermissionError when the path was never named by a validated pipeline.
+    """
+    if not IMPORT_PATH.fullmatch(path):
+        raise ValueError(f"{path!r} is not 'package.module:factory' (e.g. 'mymodels.nets:build')")
+    if not trust and path not in _TRUSTED_IMPORTS:
+        raise PermissionError(path)
+    module_name, attr = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module: any error it raises is theirs to fix
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"cannot import {module_name!r} ({type(exc).__name__}: {first}); the module must be "
+            "importable from the working directory or an installed package"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"module {module_name!r} has no callable {attr!r}")
+    if trust:
+        _TRUSTED_IMPORTS.add(path)
+    return factory
+
+
+def project_file(text: str, key: str) -> Path:
+    """A file path a pipeline gives, which must stay inside the project (the working directory).
+
+    Relative to the working directory; absolute paths and ``..`` that climb out of it are
+    refused, so a pipeline received from someone else cannot make a run read arbitrary files.
+    To use a file from elsewhere, copy or symlink it into the project (a deliberate act).
+    Raises ValueError naming ``key``.
+    """
+    if not text.strip():
+        raise ValueError(f"{key}: is empty; give a file path relative to the directory you run from")
+    raw = Path(text).expanduser() if text.startswith("~") else Path(text)
+    parts = raw.parts
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
+        if depth < 0:
+            break
+    if raw.is_absolute() or depth < 0:
+        raise ValueError(
+            f"{key}: {text!r} is outside the project directory; give a path relative to the directory "
+            "you run from, without '..' (copy or symlink the file into the project to use it)"
+        )
+    return Path.cwd() / raw
 
 
 class StrictModel(BaseModel):
@@ -46,10 +120,46 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    arch: Literal["lenet300", "lenet5", "resnet20", "mlp"] = "lenet5"
+    arch: Literal["lenet300", "lenet5", "resnet20", "mlp", "custom"] = "lenet5"
     width: float = Field(1.0, gt=0, le=16)
     hidden: list[int] | None = None
     dropout: float = Field(0.0, ge=0, lt=1)
+    # TRUSTED CODE: 'package.module:factory', called with the model spec (dict) to build an
+    # nn.Module. Imported when the pipeline is validated; implies arch: custom.
+    import_path: str | None = Field(None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _custom_arch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("import_path") is not None and "arch" not in data:
+            return {**data, "arch": "custom"}
+        return data
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _known_arch(cls, value: Any) -> Any:
+        known = [*ARCHS, "custom"]
+        if isinstance(value, str) and value not in known:
+            raise ValueError(
+                f"unknown architecture {value!r}{did_you_mean(value, known)}; known: {', '.join(ARCHS)} "
+                "(for a model class of your own give import_path: 'package.module:factory' instead)"
+            )
+        return value
+
+    @field_validator("import_path")
+    @classmethod
+    def _importable(cls, value: str | None) -> str | None:
+        if value is not None:
+            import_factory(value, trust=True)
+        return value
+
+    @model_validator(mode="after")
+    def _arch_or_import(self) -> ModelConfig:
+        if self.arch == "custom" and self.import_path is None:
+            raise ValueError("arch: custom needs import_path: 'package.module:factory'")
+        if self.import_path is not None and self.arch != "custom":
+            raise ValueError(f"give either arch ({self.arch!r}) or import_path, not both")
+        return self
 
     @field_validator("hidden")
     @classmethod
@@ -80,7 +190,32 @@ class TrainingConfig(StrictModel):
     warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: Literal["none", "shift", "crop_flip"] = "none"
-    amp: bool = True
+    amp: bool = True  # false: train in fp32 everywhere (the same as precision: fp32)
+    # auto: mixed precision on CUDA (bf16 where the GPU supports it, else fp16 with a grad
+    # scaler), fp32 on a CPU. bf16/fp16 need a CUDA device; fp32 turns mixed precision off.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup_ends_before_training(cls, value: float, info: Any) -> float:
+        epochs = info.data.get("epochs")
+        if value and isinstance(epochs, int) and value >= epochs:
+            raise PydanticCustomError(
+                "warmup",
+                "{value} is not less than epochs ({epochs}): the learning rate would never leave its "
+                "warm-up; use warmup_epochs: 0 for short runs",
+                {"value": value, "epochs": epochs},
+            )
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _amp_agrees_with_precision(cls, value: str, info: Any) -> str:
+        if value in ("bf16", "fp16") and info.data.get("amp") is False:
+            raise PydanticCustomError(
+                "precision", "asks for mixed precision but amp is false; drop amp: false or use fp32"
+            )
+        return value
 
 
 class StageConfig(StrictModel):
@@ -101,6 +236,14 @@ class StageConfig(StrictModel):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _safe_stage_name(cls, value: str | None) -> str | None:
+        # the name is a directory under artifacts/ and a file name under reports/
+        if value is not None and not SAFE_NAME.fullmatch(value):
+            raise ValueError(f"{SAFE_NAME_TEXT}, got {value!r}")
+        return value
 
     @property
     def label(self) -> str:
@@ -128,8 +271,8 @@ class PipelineConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
-            raise ValueError("name may hold only letters, digits, '.', '_' and '-'")
+        if value is not None and not SAFE_NAME.fullmatch(value):
+            raise ValueError(f"{SAFE_NAME_TEXT}, got {value!r}")
         return value
 
 
@@ -160,7 +303,7 @@ def load_pipeline(
     path = Path(path)
     raw = read_yaml(path)
     for override in overrides:
-        apply_override(raw, override, where=f"--set {override}")
+        apply_override(raw, override, where=f"--set {mask_secrets(override)}")
     return validate_pipeline(raw, path, registry)
 
 
@@ -181,7 +324,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {exc.problem}") from None
+        context, start = exc.context, exc.context_mark
+        since = (
+            f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+            if context and start and mark and start.line != mark.line
+            else ""
+        )
+        raise ConfigError(f"{where}: YAML syntax error: {exc.problem}{since}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: YAML error: {exc}") from None
     if data is None:
@@ -192,26 +341,44 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _refuse_alias_bombs(path: Path, text: str) -> None:
-    """Count nodes with aliases expanded, so a 'billion laughs' file fails fast and small."""
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    """Count nodes with aliases expanded, so a 'billion laughs' file fails fast and small; also
+    refuse absurd nesting and a key given twice in one mapping (YAML would keep the last one)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read; {SHALLOW}") from None
     if root is None:
         return
     memo: dict[int, int] = {}
 
-    def size(node: yaml.Node) -> int:
+    def at(node: yaml.Node) -> str:
+        return f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+    def size(node: yaml.Node, depth: int) -> int:
         key = id(node)
         if key in memo:
             return memo[key]
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{at(node)}: nested more than {MAX_YAML_DEPTH} levels deep; {SHALLOW}")
         memo[key] = 1  # guards against recursive aliases
         total = 1
         if isinstance(node, yaml.SequenceNode):
-            total += sum(size(child) for child in node.value)
+            total += sum(size(child, depth + 1) for child in node.value)
         elif isinstance(node, yaml.MappingNode):
-            total += sum(size(k) + size(v) for k, v in node.value)
+            first_seen: dict[str, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if k.value in first_seen:
+                        raise ConfigError(
+                            f"{at(k)}: duplicate key {k.value!r} (first on line {first_seen[k.value]}); "
+                            "YAML would silently keep only the last one: remove one of them"
+                        )
+                    first_seen[k.value] = k.start_mark.line + 1
+                total += size(k, depth + 1) + size(v, depth + 1)
         memo[key] = total
         return total
 
-    if size(root) > MAX_YAML_NODES:
+    if size(root, 0) > MAX_YAML_NODES:
         raise ConfigError(
             f"{path}: expands to more than {MAX_YAML_NODES} values (anchors/aliases?); "
             "a pipeline file should be small"
@@ -278,7 +445,10 @@ def locate(raw: dict[str, Any], path: str) -> tuple[Any, str | int]:
             node = node[part]
         except (KeyError, IndexError, TypeError):
             shown = ".".join(str(p) for p in parts[: depth + 1])
-            raise KeyError(f"{shown!r} does not exist") from None
+            count = len(node) if isinstance(node, list) else 0
+            plural = "" if count == 1 else "s"
+            size = f" ({shown.rsplit('.', 1)[0]} has {count} item{plural})" if count else ""
+            raise KeyError(f"{shown!r} does not exist{size}") from None
     last = parts[-1]
     if isinstance(node, list) and isinstance(last, str):
         index = _stage_index(node, last)
@@ -383,6 +553,8 @@ def _check_graph(path: Path, config: PipelineConfig) -> None:
             problems.append(f"{where}.{exc}")
             continue
         for produced in stage.produces(inputs):
+            if not SAFE_NAME.fullmatch(produced):
+                problems.append(f"{where}.output: variant name {SAFE_NAME_TEXT}, got {produced!r}")
             if produced in available:
                 problems.append(
                     f"{where}: variant {produced!r} is already produced by an earlier stage; "
@@ -411,15 +583,27 @@ def _format_errors(path: Path | None, exc: ValidationError, model: type[BaseMode
         key = prefix
         for part in loc:
             key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-        msg = error["msg"]
+        msg = error["msg"].removeprefix("Value error, ")  # our validators' own words
         if error["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
             allowed = _fields_at(model, loc[:-1])
             msg = f"unknown key{did_you_mean(loc[-1], allowed)}; allowed keys: {', '.join(allowed)}"
         elif error["type"] == "missing":
             msg = "required key is missing"
+        elif error["type"] in ("model_type", "dict_type") and not isinstance(error.get("input"), dict):
+            msg = f"should be a mapping of keys and values, not {type(error.get('input')).__name__}"
+            if not isinstance(error.get("input"), list):
+                msg += f" (got {error.get('input')!r})"
         elif "input" in error and not isinstance(error["input"], dict | list):
-            msg = f"{msg} (got {error['input']!r})"
+            if mask_secrets(repr(error["input"])) not in mask_secrets(msg):
+                msg = f"{msg} (got {error['input']!r})"
+            bound = (error.get("ctx") or {}).get("le", (error.get("ctx") or {}).get("lt"))
+            if error["type"] in ("less_than_equal", "less_than") and isinstance(bound, int | float):
+                if bound >= 100:
+                    msg += "; the upper bound catches typos such as an extra zero, larger values are refused"
+                elif bound == 1:
+                    msg += "; it is a fraction (0.9 means 90%)"
         lines.append(f"{key or '(top level)'}: {msg}")
+    lines = [mask_secrets(line) for line in lines]  # e.g. a storage URL with its password
     if path is None:
         return "\n  ".join(lines)
     return _join(path, lines)

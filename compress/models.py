@@ -8,6 +8,7 @@ whose saved weights have another shape, so structurally pruned models reload wit
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.config import import_factory
 from compress.errors import ArtifactError
 from compress.fileio import atomic_path
 
@@ -170,11 +172,42 @@ ZOO: dict[str, Callable[[ModelSpec], nn.Module]] = {
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Instantiate a zoo model; ``spec`` holds arch, width, ... plus the data's shape."""
+    """Instantiate a zoo model; ``spec`` holds arch, width, ... plus the data's shape.
+
+    ``arch: custom`` calls the ``import_path`` factory, but only one that a pipeline validated
+    in this process names (``model.import_path``, trusted code): a model file cannot make us
+    import anything on its own.
+    """
     arch = spec.get("arch")
+    if arch == "custom":
+        return _build_custom(spec)
     if arch not in ZOO:
         raise ArtifactError(f"unknown model architecture {arch!r}; known: {', '.join(ZOO)}")
-    return ZOO[arch](spec)
+    try:
+        return ZOO[arch](spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(
+            f"model spec for {arch!r} is incomplete or invalid ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _build_custom(spec: ModelSpec) -> nn.Module:
+    path = spec.get("import_path")
+    try:
+        factory = import_factory(str(path))
+    except PermissionError:
+        raise ArtifactError(
+            f"the model needs code from {path!r}, which no pipeline run here names in model.import_path; "
+            "refusing to import it (name it in the pipeline's model.import_path if you trust that code)"
+        ) from None
+    except ValueError as exc:
+        raise ArtifactError(f"model.import_path: {exc}") from None
+    model = factory(dict(spec))
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(
+            f"model.import_path: {path} returned {type(model).__name__}, not a torch nn.Module"
+        )
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -192,14 +225,22 @@ def save_model(model: nn.Module, spec: ModelSpec, path: Path, extra: dict | None
 def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
     """Rebuild a model saved by ``save_model``; corrupt or foreign files raise ArtifactError."""
     payload = load_checkpoint(path, map_location)
-    if payload.get("format") != "compress.model/1" or "spec" not in payload:
+    if (
+        payload.get("format") != "compress.model/1"
+        or not isinstance(payload.get("spec"), dict)
+        or not isinstance(payload.get("state"), dict)
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state"].items())
+    ):
         raise ArtifactError(f"{path}: not a compress model file (no 'spec'/'state' inside)")
     spec = payload["spec"]
-    model = build_model(spec)
-    _resize_to(model, payload["state"])
     try:
+        model = build_model(spec)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+    try:
+        _resize_to(model, payload["state"])
         model.load_state_dict(payload["state"])
-    except RuntimeError as exc:
+    except (RuntimeError, IndexError, ValueError) as exc:
         raise ArtifactError(f"{path}: weights do not fit {spec.get('arch')}: {exc}") from None
     return model, spec
 
@@ -210,11 +251,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": our message says it all
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc):
+            # torch's own text suggests weights_only=False: never give that advice for a file we refuse
+            reason = "it holds Python objects other than tensors and plain containers, which could run code"
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            reason = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
         raise ArtifactError(
-            f"{path}: not a readable checkpoint ({first[:200]}); delete it and re-run the stage"
+            f"{path}: not a readable checkpoint ({reason}); it must be a file written by compress — "
+            "if it is one of ours, delete it and re-run the stage"
         ) from None
     if not isinstance(payload, dict):
         raise ArtifactError(f"{path}: expected a dict checkpoint, found {type(payload).__name__}")

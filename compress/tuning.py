@@ -16,20 +16,36 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from compress.config import StageConfig, _format_errors, split_path
+from compress.config import StageConfig, _format_errors, mask_secrets, split_path
 from compress.data import DataBundle, Split
 
 # ---------------------------------------------------------------- secrets
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
-_QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&;](?:password|passwd|pwd)=)(?P<pw>[^&\s]*)")
+# mask_secrets lives in config (which formats validation errors and must mask them too)
 MASK = "***"
 
 
-def mask_secrets(text: str) -> str:
-    """``postgresql://me:secret@host/db`` -> ``postgresql://me:***@host/db`` (also ``?password=``)."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
-    return _QUERY_PASSWORD.sub(lambda m: f"{m['key']}{MASK}", text)
+STORAGE_DIALECTS = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
+_STORAGE_SCHEME = re.compile(r"(?P<dialect>[A-Za-z][A-Za-z0-9]*)(\+[A-Za-z0-9_]+)?")
+
+
+def check_storage_url(url: str) -> str:
+    """A study storage must be an SQLAlchemy URL of a database Optuna supports; ValueError if not.
+
+    Checked when the pipeline is validated, so ``storage: mongodb://...`` fails before any
+    run directory exists. The message never shows the password.
+    """
+    examples = "e.g. sqlite:///study.db, postgresql://user@host:5432/db or mysql://user@host/db"
+    scheme, sep, _rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"{mask_secrets(url)!r} is not a database URL; {examples}")
+    match = _STORAGE_SCHEME.fullmatch(scheme)
+    if match is None or match["dialect"].lower() not in STORAGE_DIALECTS:
+        raise ValueError(
+            f"unknown database scheme {scheme!r} in {mask_secrets(url)!r}; Optuna studies are stored in "
+            f"{', '.join(STORAGE_DIALECTS)} databases ({examples})"
+        )
+    return url
 
 
 # ---------------------------------------------------------------- settings by path
@@ -241,6 +257,10 @@ def with_storage(pipeline: Any, url: str, registry: dict[str, type[StageConfig]]
     from compress.config import validate_pipeline
     from compress.errors import ConfigError
 
+    try:
+        check_storage_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"--storage: {exc}") from None
     raw = copy.deepcopy(pipeline.raw)
     tunes = [
         s

@@ -145,7 +145,25 @@ def load_index(directory: Path) -> dict[str, Any]:
         or not isinstance(index.get("models"), list)
     ):
         raise NotABundle(f"{directory / INDEX}: not a {BUNDLE_FORMAT} index")
+    _plain_name(index.get("sample_input", "sample_input.npy"), directory, "sample_input")
+    for number, model in enumerate(index["models"]):
+        if not isinstance(model, dict):
+            raise NotABundle(f"{directory / INDEX}: models[{number}] is not a mapping")
+        for key in ("file", "expected"):
+            _plain_name(model.get(key), directory, f"models[{number}].{key}")
+        atol = model.get("atol", 1e-4)
+        if isinstance(atol, bool) or not isinstance(atol, int | float) or not 0 <= atol < float("inf"):
+            raise NotABundle(f"{directory / INDEX}: models[{number}].atol: {atol!r} is not a tolerance")
     return index
+
+
+def _plain_name(value: Any, directory: Path, key: str) -> None:
+    """Bundle entries are file names inside the bundle: never a path that leads out of it."""
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value:
+        raise NotABundle(
+            f"{directory / INDEX}: {key}: {value!r} is not a file name inside the bundle "
+            "(bundle entries may not contain '/' or '..')"
+        )
 
 
 def run_child(

@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from compress.config import ModelConfig, StageConfig, TrainingConfig
+from compress.config import ModelConfig, StageConfig, TrainingConfig, project_file
 from compress.context import Context
-from compress.models import build_model, count_parameters, save_model
+from compress.errors import ArtifactError
+from compress.fileio import sha256_file
+from compress.models import _resize_to, build_model, count_parameters, load_checkpoint, save_model
 from compress.stages import stage
 from compress.training import evaluate, fit
 from compress.variants import StageResult, Variant
@@ -21,22 +24,70 @@ class TrainConfig(StageConfig, TrainingConfig):
     tunable: ClassVar[bool] = True
     model: ModelConfig = ModelConfig()
     output: str = "baseline"
+    # start from the weights of a compress model file (model.pt of any run) instead of random
+    # ones; a path inside the project, relative to the working directory
+    init: str | None = Field(None, exclude_if=lambda v: v is None)
 
     def consumes(self, available: list[str]) -> list[str]:
         if self.from_:
             raise ValueError("from: the train stage starts from scratch and takes no input")
         return []
 
+    def check(self, pipeline: object) -> None:
+        if self.init is not None:
+            init_state(self)  # a missing, foreign or mismatched file fails before anything runs
+
+    def cache_extras(self, pipeline: object) -> dict[str, str]:
+        """The init file's content is part of what this stage makes."""
+        return {"init_sha256": sha256_file(project_file(self.init, "init"))} if self.init else {}
+
     def produces(self, inputs: list[str]) -> list[str]:
         return [self.output]
 
 
-@stage("train", TrainConfig, version=2)
+def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The state dict in ``cfg.init``, loaded with weights_only; ValueError('init: ...') if unusable."""
+    path = project_file(cfg.init or "", "init")
+    if not path.is_file():
+        raise ValueError(f"init: {cfg.init}: file not found (looked in {path.parent})")
+    try:
+        payload = load_checkpoint(path)
+    except ArtifactError as exc:
+        raise ValueError(f"init: {exc}") from None
+    spec, state = payload.get("spec"), payload.get("state")
+    plain = isinstance(spec, dict) and isinstance(state, dict)
+    if payload.get("format") != "compress.model/1" or not plain:
+        raise ValueError(
+            f"init: {cfg.init} is not a compress model file (a model.pt written by a train, prune or "
+            "distill stage)"
+        )
+    if spec.get("arch") != cfg.model.arch:
+        raise ValueError(
+            f"init: {cfg.init} holds a {spec.get('arch')!r} model, but model.arch is {cfg.model.arch!r}"
+        )
+    return state
+
+
+@stage("train", TrainConfig, version=2, distributed=True)
 def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     bundle = ctx.data()
     spec = {**cfg.model.spec(), **bundle.model_fields()}
     torch.manual_seed(ctx.seed)  # the initial weights depend on the seed alone, not on what ran before
     model = build_model(spec)
+    if cfg.init is not None:
+        try:
+            state = init_state(cfg)
+        except ValueError as exc:  # the file changed since the pipeline was validated
+            raise ArtifactError(f"stage {cfg.label!r}: {exc}") from None
+        try:
+            _resize_to(model, state)  # e.g. a channel-pruned model's narrower layers
+            model.load_state_dict(state)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ArtifactError(
+                f"stage {cfg.label!r}: init: the weights in {cfg.init} do not fit the model: {first}"
+            ) from None
+        ctx.log.info("train: initial weights from %s", cfg.init)
     ctx.log.info(
         "train: %s (width %s), %d parameters, %d training / %d validation images, device %s",
         cfg.model.arch,
