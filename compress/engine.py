@@ -20,6 +20,8 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -28,15 +30,17 @@ from typing import Any
 
 import torch
 import yaml
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from compress.config import Pipeline, StageConfig, did_you_mean
+from compress import distributed, faults
+from compress.config import Pipeline, StageConfig, TrainingConfig, did_you_mean
 from compress.context import Context
 from compress.data import resolve_root
-from compress.errors import ArtifactError, CompressError, ConfigError
+from compress.errors import ArtifactError, CompressError, ConfigError, DataError, StorageError
 from compress.fileio import hash_tree, read_json, sha256_file, sha256_json, write_json, write_text
 from compress.measure import cpu_model
 from compress.stages import StageDef, load_stages
+from compress.training import resolve_precision, training_configs
 from compress.tuning import TuningBundle, mask_secrets, with_settings
 from compress.variants import StageResult, Variant
 
@@ -90,12 +94,12 @@ class StageFailed(Exception):
         self.label, self.error, self.log_path = label, error, log_path
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, where: str = "device") -> torch.device:
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
-                "device: 'cuda' was requested but no CUDA device is available; "
-                "use --device auto or --device cpu"
+                f"{where}: 'cuda' was requested but no CUDA device is available; "
+                "use --device auto or --device cpu (or device: cpu in the pipeline)"
             )
         return torch.device("cuda")
     if requested == "auto":
@@ -119,23 +123,33 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
                 "--worker needs --only STAGE naming a stage that can share its work with other "
                 "processes (a tune stage), e.g. --only tune --worker"
             )
-    device = resolve_device(options.device or pipeline.config.device)
-    data_root, data_source = resolve_root(options.data_root, pipeline.config.data.root, pipeline.path.parent)
+    device = resolve_device(
+        options.device or pipeline.config.device, "--device" if options.device else f"{pipeline.path}: device"
+    )
+    device = distributed.local_device(device)  # cuda:LOCAL_RANK under torchrun
+    _check_precision(pipeline, device)
+    try:
+        data_root, data_source = resolve_root(
+            options.data_root, pipeline.config.data.root, pipeline.path.parent
+        )
+    except DataError as exc:
+        raise DataError(f"{pipeline.path}: {exc}") from None
 
     base = Path(options.artifacts_dir) / pipeline.name
-    run_id = _new_run_id(base)
-    run_dir = base / run_id
     try:
-        (run_dir / "stages").mkdir(parents=True)
-        (base / "cache" / ".partial").mkdir(parents=True, exist_ok=True)
+        run_id = distributed.on_main(lambda: _make_run_dir(base))  # under torchrun rank 0 makes it
+        run_dir = base / run_id
     except OSError as exc:
         raise ArtifactError(
-            f"cannot create the run directory {run_dir} ({exc.strerror}); "
-            "make the artifacts directory writable or free some disk space"
+            f"cannot create {exc.filename or base}: {exc.strerror}; make {base} writable (or use "
+            "--artifacts elsewhere) or free some disk space"
         ) from None
-    handler = _attach_log_file(run_dir / "run.log")
+    # under torchrun only rank 0 writes the run directory, the manifest and reports/
+    main = distributed.is_main()
+    handler = _attach_log_file(run_dir / "run.log") if main else logging.NullHandler()
     try:
-        write_text(run_dir / "config.yaml", yaml.safe_dump(_resolved(pipeline), sort_keys=False))
+        if main:
+            write_text(run_dir / "config.yaml", yaml.safe_dump(_resolved(pipeline), sort_keys=False))
         ctx = Context(pipeline, run_id, run_dir, device, data_root, data_source)
         summary = RunSummary(pipeline.name, run_id, run_dir, Path(options.reports_dir) / pipeline.name)
         manifest = _manifest_header(pipeline, run_id, device, data_root, data_source)
@@ -180,11 +194,15 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
                 ctx.variants[variant.name] = variant
             for name, files in record.result.artifacts.items():
                 ctx.artifacts.setdefault(name, {}).update(files)
+            if not main:
+                continue
             _link(run_dir / "stages" / cfg.label, record.directory)
             _publish(record, summary.reports_dir)
             manifest["stages"].append(_manifest_entry(record, ctx))
             if cfg.label in tuned:
                 manifest["stages"][-1]["tuned_settings"] = tuned[cfg.label]
+            if definition.distributed and training_configs(cfg):
+                manifest["stages"][-1]["training"] = _training_entry(cfg, record, device)
             manifest["variants"] = {
                 v.name: {
                     "stage": v.stage,
@@ -199,8 +217,9 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
         summary.variants = dict(ctx.variants)
         summary.seconds = time.perf_counter() - started
         manifest["seconds"] = round(summary.seconds, 2)
-        write_json(run_dir / "manifest.json", manifest)
-        _link(base / "latest", run_dir)
+        if main:
+            write_json(run_dir / "manifest.json", manifest)
+            _link(base / "latest", run_dir)
         return summary
     finally:
         logging.getLogger().removeHandler(handler)
@@ -241,7 +260,13 @@ def _run_or_reuse(
             cfg.label, cfg.stage, "ran", time.perf_counter() - tic, key, entry, input_names,
             [v.name for v in result.variants], result,
         )  # fmt: skip
-    with FileLock(str(base / "cache" / f".{entry.name}.lock")):
+    if distributed.initialized():  # launched by torchrun with several processes
+        status, result = _run_on_ranks(definition, cfg, inputs, ctx, base, entry, partial, force, cache_only)
+        return StageRecord(
+            cfg.label, cfg.stage, status, time.perf_counter() - tic, key, entry, input_names,
+            [v.name for v in result.variants], result,
+        )  # fmt: skip
+    with _entry_lock(base / "cache" / f".{entry.name}.lock", cfg.label):
         cached = None if force else _load_cached(entry, cfg.label)
         if cached is not None:
             log.info("stage %s: cached (%s)", cfg.label, entry.name)
@@ -268,6 +293,115 @@ def _run_or_reuse(
         outputs=[v.name for v in result.variants],
         result=result,
     )
+
+
+@contextmanager
+def _entry_lock(path: Path, label: str) -> Iterator[None]:
+    """One writer per cache entry; a second run of the pipeline waits here, and says so."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning(
+            "stage %s: another run is computing this stage (lock %s); waiting for it to finish, "
+            "then its result is reused",
+            label,
+            path,
+        )
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_on_ranks(
+    definition: StageDef,
+    cfg: StageConfig,
+    inputs: list[Variant],
+    ctx: Context,
+    base: Path,
+    entry: Path,
+    partial: Path,
+    force: bool,
+    cache_only: bool,
+) -> tuple[str, StageResult]:
+    """One stage under torchrun: rank 0 decides and commits, every rank ends with its result.
+
+    Rank 0 holds the entry's lock and decides (cached / run); the others follow. A stage
+    registered ``distributed=True`` runs on every rank (DDP inside ``training.fit``): rank 0
+    in the cache's work directory, the others in scratch copies of it that are then deleted.
+    Any other stage runs on rank 0 alone (``distributed.solo``) while the others wait. Either
+    way rank 0 commits the one cache entry, and every rank reads its result from there.
+    """
+    main = distributed.is_main()
+    with ExitStack() as held:
+
+        def decide() -> str:
+            held.enter_context(_entry_lock(base / "cache" / f".{entry.name}.lock", cfg.label))
+            if not force and _load_cached(entry, cfg.label) is not None:
+                return "cached"
+            if cache_only:
+                raise ArtifactError(
+                    f"--only {cfg.label}... needs the output of stage {cfg.label!r}, which is not "
+                    "cached for this configuration; run the pipeline once without --only"
+                )
+            return "run"
+
+        status = distributed.on_main(decide)
+        log.info("stage %s: %s (%s)", cfg.label, "cached" if status == "cached" else "running", entry.name)
+        if status == "run" and definition.distributed:
+            workdir = partial if main else distributed.scratch_copy(partial)
+            distributed.barrier()  # rank 0 touches its work directory only once the copies exist
+            try:
+                if definition.needs_data:
+                    with distributed.main_first():  # rank 0 unpacks (or downloads) the data first
+                        ctx.data()
+                error: BaseException | None = None
+                try:
+                    result = _execute(definition, cfg, inputs, ctx, workdir)
+                except BaseException as exc:  # tell the other ranks before raising
+                    error = exc
+                distributed.check_peers(error)
+                if error is not None:
+                    raise error
+            finally:
+                if not main:
+                    distributed.discard(workdir)
+            distributed.on_main(lambda: _commit(partial, entry, result))
+        elif status == "run":
+
+            def alone() -> None:
+                with distributed.solo():
+                    result = _execute(definition, cfg, inputs, ctx, partial)
+                _commit(partial, entry, result)
+
+            distributed.on_main(alone)
+        return ("cached" if status == "cached" else "ran"), _load_cached(entry, cfg.label, verify=False)
+
+
+def _check_precision(pipeline: Pipeline, device: torch.device) -> None:
+    """Every training stage's ``precision`` is possible on ``device`` and, under torchrun, its
+    ``batch_size`` (the global batch) splits evenly across the processes: before anything runs."""
+    for index, cfg in enumerate(pipeline.stages):
+        for prefix, training in training_configs(cfg).items():
+            try:
+                resolve_precision(training, device)
+                if distributed.initialized():
+                    distributed.per_rank_batch(training.batch_size or 128, "batch_size")
+            except ConfigError as exc:
+                raise ConfigError(f"{pipeline.path}: stages[{index}] ({cfg.label}).{prefix}{exc}") from None
+
+
+def _training_entry(cfg: StageConfig, record: StageRecord, device: torch.device) -> dict[str, Any]:
+    """How a training stage trains on this device (a cached one was trained by an earlier run
+    on the same device type; the world size is known only for a stage that ran now)."""
+    entry: dict[str, Any] = {
+        "precision": "/".join(sorted({resolve_precision(t, device) for t in training_configs(cfg).values()})),
+    }
+    if record.status == "ran":
+        entry["world_size"] = distributed.world_size()
+    return entry
 
 
 def _apply_tuned(cfg: StageConfig, settings: dict[str, Any] | None, pipeline: Pipeline) -> StageConfig:
@@ -337,9 +471,15 @@ def stage_key(definition: StageDef, cfg: StageConfig, inputs: list[Variant], ctx
             # a stage that reports on the run (run id, timings, other stages' results) is never reused
             **({"run_id": ctx.run_id} if definition.needs_results else {}),
             # what else the stage's output depends on (e.g. a tune stage: its target's config)
-            **({"extras": cfg.cache_extras(ctx.pipeline.config)} if hasattr(cfg, "cache_extras") else {}),
+            **_cache_extras(cfg, ctx),
         }
     )
+
+
+def _cache_extras(cfg: StageConfig, ctx: Context) -> dict[str, Any]:
+    """Only a non-empty ``cache_extras`` enters the key, so adding the hook keeps old keys valid."""
+    extras = cfg.cache_extras(ctx.pipeline.config) if hasattr(cfg, "cache_extras") else None
+    return {"extras": extras} if extras else {}
 
 
 def _variant_hashes(variant: Variant, ctx: Context) -> dict[str, str]:
@@ -357,11 +497,13 @@ def _execute(
         result = definition.run(cfg, inputs, ctx, workdir)
     except (CompressError, KeyboardInterrupt):
         raise
+    except OSError as exc:
+        storage = StorageError.from_os_error(exc, workdir)
+        if storage is None:
+            raise StageFailed(cfg.label, exc, _error_log(workdir, cfg.label)) from exc
+        raise storage from None  # the CLI prints it (not logged: run.log may be on the full disk)
     except Exception as exc:
-        text = traceback.format_exc()
-        write_text(workdir / "error.log", text)
-        log.error("stage %s failed:\n%s", cfg.label, text)
-        raise StageFailed(cfg.label, exc, workdir / "error.log") from exc
+        raise StageFailed(cfg.label, exc, _error_log(workdir, cfg.label)) from exc
     for variant in result.variants:
         if not Path(variant.file).resolve().is_relative_to(workdir.resolve()):
             raise StageFailed(
@@ -372,9 +514,21 @@ def _execute(
     return result
 
 
+def _error_log(workdir: Path, label: str) -> Path:
+    """Log the exception being handled and keep its traceback in ``workdir/error.log``."""
+    text = traceback.format_exc()
+    log.error("stage %s failed:\n%s", label, text)
+    try:
+        write_text(workdir / "error.log", text)
+    except OSError:  # e.g. the disk is full: the traceback is in the console output above
+        pass
+    return workdir / "error.log"
+
+
 def _commit(partial: Path, entry: Path, result: StageResult) -> None:
     """Write result.json with every file's hash, then rename the work dir into the cache."""
     files = hash_tree(partial)
+    files.pop("result.json", None)  # left by a commit that was killed before its rename
     write_json(
         partial / "result.json",
         {
@@ -389,6 +543,7 @@ def _commit(partial: Path, entry: Path, result: StageResult) -> None:
             "files": files,
         },
     )
+    faults.checkpoint(f"commit:{entry.name}", entry)
     if entry.exists():
         shutil.rmtree(entry)
     os.replace(partial, entry)
@@ -430,31 +585,70 @@ def _publish(record: StageRecord, reports_dir: Path) -> None:
     for source, target in record.result.publish.items():
         destination = reports_dir / target
         destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp = destination.with_name(f".{destination.name}.tmp")
+        tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")  # runs may publish at once
         shutil.copyfile(record.directory / source, tmp)
         os.replace(tmp, destination)
 
 
 def _link(link: Path, target: Path) -> None:
-    tmp = link.with_name(f".{link.name}.tmp")
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")  # two runs may finish at once
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()))
     os.replace(tmp, link)
 
 
+def _make_run_dir(base: Path) -> str:
+    """A new run directory with its ``stages/`` folder, and the cache's work folder; its id."""
+    run_id = _new_run_id(base)
+    (base / run_id / "stages").mkdir()
+    (base / "cache" / ".partial").mkdir(parents=True, exist_ok=True)
+    return run_id
+
+
 def _new_run_id(base: Path) -> str:
+    """A timestamp (-2, -3, ... for runs started in the same second); makes its directory.
+
+    ``mkdir`` either creates the directory or fails, so two processes never share an id.
+    """
+    base.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     candidate, n = stamp, 1
-    while (base / candidate).exists():
-        n += 1
-        candidate = f"{stamp}-{n}"
-    return candidate
+    while True:
+        try:
+            (base / candidate).mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{stamp}-{n}"
+
+
+class _RunLogHandler(logging.FileHandler):
+    """run.log; if it cannot be written (a full disk), one warning and the run goes on without it."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        self.failed = True
+        print(f"warning: cannot write the run log {self.baseFilename}: {error.strerror}", file=sys.stderr)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # flushing onto a full disk: those lines are lost, the run's own error is not
+            pass
 
 
 def _attach_log_file(path: Path) -> logging.Handler:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
@@ -504,6 +698,10 @@ def _manifest_header(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(),
+        # training precision for ``precision: auto`` here (each training stage's is in its entry)
+        "precision": resolve_precision(TrainingConfig(), device),
+        "world_size": distributed.world_size(),  # processes under torchrun (1 without it)
+        "distributed": distributed.describe() if distributed.initialized() else None,
         "data": {
             **pipeline.config.data.model_dump(mode="json"),
             "resolved_root": str(data_root),

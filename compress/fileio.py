@@ -6,14 +6,23 @@ so everything is written to a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from compress import faults
+
+# less free space than this when a write fails means the disk is full, whatever the writer said
+_FULL_BELOW_BYTES = 1 << 20
 
 
 @contextmanager
@@ -29,12 +38,50 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide artifacts from other users
     try:
         yield tmp
+        faults.checkpoint(f"write:{path}", path)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file: name the one being written
+            exc.filename = str(path)
+        raise
+    except Exception as exc:
+        if _disk_full(path.parent):  # torch.save reports a full disk as a RuntimeError
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < _FULL_BELOW_BYTES
+    except OSError:
+        return False
+
+
+@contextmanager
+def no_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, e.g. while a checkpoint is written.
+
+    The interrupt is raised as ``KeyboardInterrupt`` when the block is done, so the work it
+    protects is complete. Outside the main thread, or under a custom SIGINT handler, no-op.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if received:
+            raise KeyboardInterrupt
 
 
 def write_text(path: Path, text: str) -> None:

@@ -35,7 +35,7 @@ import onnx
 import torch
 from torch import nn
 
-from compress import measure
+from compress import faults, measure
 from compress.data import DataBundle, Split
 from compress.exporting import INPUT_NAME, export_onnx
 from compress.fileio import atomic_path
@@ -165,6 +165,7 @@ class ImageReader:
         batch = self.images[self._start : self._start + self.batch_size]
         self._start += self.batch_size
         self.fed += len(batch)
+        faults.checkpoint(f"calibrate:batch{-(-self._start // self.batch_size)}")
         return {self.input_name: batch}
 
     def rewind(self) -> None:

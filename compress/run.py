@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
+from compress import distributed
 from compress.config import load_pipeline
 from compress.engine import RunOptions, RunSummary, StageFailed, run_pipeline
-from compress.errors import CompressError
+from compress.errors import CompressError, StorageError
+from compress.fileio import write_text
 from compress.gating import Outcome, format_table
 from compress.stages import config_registry
-from compress.tuning import with_storage
+from compress.tuning import mask_secrets, with_storage
 
 EXIT_GATE_FAILED = 1
 EXIT_STAGE_FAILED = 3
@@ -98,11 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    # Under torchrun: join the process group for the run (see compress.distributed). --worker
+    # processes share a study, not a model, so each stays a process of its own.
+    with distributed.session(enabled=not (args.validate or args.worker)):
+        if not distributed.is_main():
+            args.quiet = True  # rank 0 reports; the other ranks print only warnings and errors
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.quiet:  # the console shows warnings only; run.log still gets every INFO line
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setLevel(logging.WARNING)
     try:
         pipeline = load_pipeline(args.pipeline, config_registry(), args.overrides)
         if args.storage:
@@ -129,25 +141,37 @@ def main(argv: list[str] | None = None) -> int:
     except CompressError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except StageFailed as exc:
         if args.debug:
             raise
-        print(f"error: {exc}\n  full traceback: {exc.log_path}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(exc))}\n  full traceback: {exc.log_path}", file=sys.stderr)
         return EXIT_STAGE_FAILED
+    except OSError as exc:  # outside a stage: the run directory, manifest or reports
+        storage = StorageError.from_os_error(exc)
+        if storage is None or args.debug:
+            raise
+        print(f"error: {storage}", file=sys.stderr)
+        return storage.exit_code
     except KeyboardInterrupt:
+        command = shlex.join(["python", "-m", "compress.run", *(sys.argv[1:] if argv is None else argv)])
         print(
             "\ninterrupted. Finished stages are cached and training resumes from its last "
-            "checkpoint: run the same command again to continue.",
+            f"checkpoint; to continue, run the same command again:\n  {mask_secrets(command)}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
     text = format_summary(summary)
     gates_text, failed_gates = format_gates(summary)
+    if not distributed.is_main():  # rank 0 prints and writes the summary
+        return EXIT_GATE_FAILED if failed_gates else 0
     text += gates_text
     print(text)
-    (summary.run_dir / "summary.txt").write_text(text.lstrip() + "\n", encoding="utf-8")
+    try:
+        write_text(summary.run_dir / "summary.txt", text.lstrip() + "\n")
+    except OSError as exc:  # the run itself is complete and recorded; only this copy is missing
+        print(f"warning: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
     if failed_gates:
         print(
             f"error: {failed_gates} quality gate(s) failed; see {summary.reports_dir / 'gates.xml'}",

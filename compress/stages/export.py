@@ -34,7 +34,7 @@ import onnx
 import torch
 from pydantic import Field, field_validator
 
-from compress import deploy
+from compress import deploy, faults
 from compress.config import StageConfig
 from compress.context import Context
 from compress.exporting import (
@@ -290,6 +290,7 @@ def _make_onnx(
     if not entry["ok"]:
         return _keep_failed(work, out_dir, entry), final
     os.replace(work, final)
+    faults.checkpoint(f"export:{final.name}")
     return entry, final
 
 

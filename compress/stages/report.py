@@ -26,7 +26,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field
 
-from compress import reporting
+from compress import faults, reporting
 from compress.config import StageConfig
 from compress.context import Context
 from compress.fileio import read_json, write_json, write_text
@@ -97,6 +97,7 @@ def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
     html = reporting.render_html(page)
     write_text(out_dir / "latest.html", html)
     write_text(out_dir / f"{ctx.run_id}.html", html)
+    faults.checkpoint("report:writing")
     write_text(out_dir / "summary.md", reporting.render_markdown(page))
     write_json(out_dir / PREVIOUS, {"run_id": ctx.run_id, "pipeline": ctx.pipeline.name, "results": rows})
     publish.update(

@@ -1,0 +1,61 @@
+"""A test hook: make a run fail at a named point, so tests can stop it exactly where they mean to.
+
+Code calls ``faults.checkpoint(name)`` where a crash matters. Normally that is one environment
+lookup and nothing else. Tests set
+
+    COMPRESS_FAULT=<pattern>[#<n>][@kill|@int|@enospc]
+
+and the point whose name matches the glob ``pattern`` (``fnmatch``; ``*`` also matches ``/``)
+for the n-th time in this process (default: the first) fires: ``kill`` (the default) sends
+SIGKILL to this process (power cut, OOM killer), ``int`` sends it SIGINT (Ctrl-C) and
+``enospc`` raises ``OSError(ENOSPC)`` naming the point's file (a full disk). Tests run the
+same command again with the variable unset (or naming the next point) to resume.
+
+The points:
+
+    write:<path>            an atomic write (fileio.atomic_path) has its temp file complete,
+                            not yet renamed into place
+    fit:<workdir>:epoch<N>  training.fit has epoch N's checkpoint in place
+    calibrate:batch<N>      onnxruntime static calibration has been fed N batches
+    export:<file>.onnx      the export stage has a variant's ONNX file in deploy/, more to do
+    tune:trial<N>           tuning trial N has started (its settings are drawn)
+    report:writing          the report stage has written part of its files
+    commit:<entry>          the engine has written a stage's result.json, not yet renamed the
+                            stage's directory into the cache (<entry> = <stage>-<key prefix>)
+
+Not a user feature: nothing but tests should set COMPRESS_FAULT.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+ENV = "COMPRESS_FAULT"
+_SPEC = re.compile(r"(?P<pattern>.+?)(?:#(?P<nth>\d+))?(?:@(?P<action>kill|int|enospc))?")
+_hits = 0  # matches so far in this process (one fault per process: the spec never changes)
+
+
+def checkpoint(name: str, path: Path | str | None = None) -> None:
+    """Fire the fault named by $COMPRESS_FAULT if ``name`` matches it; else do nothing."""
+    global _hits
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    match = _SPEC.fullmatch(spec)
+    if match is None or not fnmatchcase(name, match["pattern"]):
+        return
+    _hits += 1
+    if _hits != int(match["nth"] or 1):
+        return
+    action = match["action"] or "kill"
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path if path is not None else name))
+    if action == "int":
+        signal.raise_signal(signal.SIGINT)  # handled before the next line runs, as Ctrl-C would be
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
