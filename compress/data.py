@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 import torch
 import torch.nn.functional as F
-from torchvision import datasets as tvd
 
 from compress.config import DataConfig
 from compress.errors import DataError
@@ -33,7 +33,6 @@ STATS = {  # per-channel mean/std of the training images in [0, 1]
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
-MNIST_LIKE = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST}
 IDX_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -171,7 +170,7 @@ def _read_dataset(
 
 
 def _read_mnist_like(dataset: str, root: Path, download: bool, source: str) -> tuple[Split, Split, list[str]]:
-    cls = MNIST_LIKE[dataset]
+    cls = _torchvision_datasets()[dataset]
     folder = cls.__name__
     cache = default_root()
     searched = [root / folder / "raw"] + ([cache / folder / "raw"] if cache != root else [])
@@ -284,30 +283,43 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-class _LayoutCheckedCIFAR10(tvd.CIFAR10):
-    """torchvision's CIFAR10 with its md5 check replaced by a layout and safety check.
+@lru_cache(maxsize=1)
+def _torchvision_datasets() -> dict[str, type]:
+    """torchvision's dataset classes, imported on first use: importing torchvision costs ~2 s
+    of CPU (it pulls in torch._dynamo), which every cached run and every bad-input exit would pay."""
+    from torchvision import datasets as tvd
 
-    The md5 list only matches the official archive; files in the same layout (our generated
-    test sets, re-packed copies) are accepted once every file has been proven to hold only
-    arrays, lists and strings.
-    """
+    class LayoutCheckedCIFAR10(tvd.CIFAR10):
+        """torchvision's CIFAR10 with its md5 check replaced by a layout and safety check.
 
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name in CIFAR_FILES)
+        The md5 list only matches the official archive; files in the same layout (our generated
+        test sets, re-packed copies) are accepted once every file has been proven to hold only
+        arrays, lists and strings.
+        """
 
-    def _load_meta(self) -> None:
-        path = Path(self.root) / self.base_folder / self.meta["filename"]
-        with open(path, "rb") as handle:
-            meta = _ArraysOnlyUnpickler(handle, encoding="latin1").load()
-        self.classes = meta[self.meta["key"]]
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        def _check_integrity(self) -> bool:
+            folder = Path(self.root) / self.base_folder
+            return all((folder / name).is_file() for name in CIFAR_FILES)
+
+        def _load_meta(self) -> None:
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            with open(path, "rb") as handle:
+                meta = _ArraysOnlyUnpickler(handle, encoding="latin1").load()
+            self.classes = meta[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    return {
+        "mnist": tvd.MNIST,
+        "fashion_mnist": tvd.FashionMNIST,
+        "cifar10": tvd.CIFAR10,
+        "cifar10_checked": LayoutCheckedCIFAR10,
+    }
 
 
 def _read_cifar10(root: Path, download: bool, source: str) -> tuple[Split, Split, list[str]]:
     folder = root / "cifar-10-batches-py"
     if not all((folder / n).is_file() for n in CIFAR_FILES) and download:
-        _try_download(tvd.CIFAR10, root, [folder], source)
+        _try_download(_torchvision_datasets()["cifar10"], root, [folder], source)
     if not all((folder / n).is_file() for n in CIFAR_FILES):
         raise DataError(_missing_message("cifar10", [folder], source, download, folder.name))
     for name in CIFAR_FILES:
@@ -317,12 +329,13 @@ def _read_cifar10(root: Path, download: bool, source: str) -> tuple[Split, Split
         except Exception as exc:
             raise DataError(f"{folder / name}: not a CIFAR-10 batch file ({exc})") from None
     try:
-        train_ds = _LayoutCheckedCIFAR10(str(root), train=True)
-        test_ds = _LayoutCheckedCIFAR10(str(root), train=False)
+        checked = _torchvision_datasets()["cifar10_checked"]
+        train_ds = checked(str(root), train=True)
+        test_ds = checked(str(root), train=False)
     except Exception as exc:
         raise DataError(f"{folder}: the CIFAR-10 files do not parse ({exc})") from None
 
-    def to_split(ds: tvd.CIFAR10) -> Split:
+    def to_split(ds: Any) -> Split:
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         y = torch.tensor(ds.targets, dtype=torch.long)
         if len(x) != len(y) or x.shape[1:] != (3, 32, 32):
@@ -362,6 +375,8 @@ def iterate_batches(
         x, y = split.x[idx], split.y[idx]
         if augment != "none":
             x = _augment(x, augment, generator)
+        if non_blocking:  # page-locked: the host-to-GPU copy runs asynchronously
+            x, y = x.pin_memory(), y.pin_memory()
         x = x.to(device, non_blocking=non_blocking)
         if with_index:
             yield bundle.normalize(x), y.to(device, non_blocking=non_blocking), idx

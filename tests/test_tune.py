@@ -478,3 +478,15 @@ def test_slack_without_confirmation_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_pipeline(write_pipeline(tmp_path, text), config_registry())
     assert "set confirm: N" in str(error.value)
+
+
+def test_a_drop_of_exactly_the_tolerance_meets_it():
+    """99.22% -> 99.12% is 0.1 pp (0.10000000000000009 in floating point): it meets 0.1 pp."""
+    from compress.stages.tune import ConstraintConfig, drop_pp
+
+    constraint = ConstraintConfig(max_drop_pp=0.1)
+    assert (0.9922 - 0.9912) * 100 > 0.1  # the float noise this guards against
+    assert drop_pp(0.9922, 0.9912, constraint) == 0.1
+    assert drop_pp(0.9922, 0.9911, constraint) > 0.1
+    relative = ConstraintConfig(max_drop_pp=1.0, relative=True)
+    assert drop_pp(0.5, 0.495, relative) == 1.0

@@ -33,13 +33,13 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import Field, PrivateAttr, field_serializer, field_validator, model_validator
 from tqdm import tqdm
 
-from compress import measure
+from compress import faults, measure
 from compress.config import StageConfig, StrictModel, did_you_mean
 from compress.context import Context
 from compress.errors import ArtifactError, CompressError, ConfigError
 from compress.fileio import sha256_file, sha256_json, write_json
 from compress.stages import stage
-from compress.tuning import StudyLock, driver_url, mask_secrets, value_at, with_settings
+from compress.tuning import StudyLock, check_storage_url, driver_url, mask_secrets, value_at, with_settings
 from compress.variants import StageResult, Variant
 
 DERIVED_METRICS = ("file_bytes", "gzip_bytes", "latency_ms")
@@ -138,12 +138,7 @@ class TuneConfig(StageConfig):
     @field_validator("storage")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is not None and "://" not in value:
-            raise ValueError(
-                f"{mask_secrets(value)!r} is not a database URL; e.g. sqlite:///study.db or "
-                "postgresql://user@host:5432/db"
-            )
-        return value
+        return check_storage_url(value) if value is not None else None
 
     @field_serializer("storage")
     def _masked(self, value: str | None) -> str | None:
@@ -289,6 +284,18 @@ class TuneConfig(StageConfig):
         return self.constraint.against or (self._inputs[0] if self._inputs else None)
 
 
+def drop_pp(reference: float, value: float, constraint: ConstraintConfig) -> float:
+    """How far ``value`` is below ``reference``: percentage points, or percent of it when relative.
+
+    Rounded to 1e-9 so a drop of exactly the tolerance (99.22% -> 99.12% is 0.1 pp, but
+    0.100000000000000009 in binary floating point) meets it.
+    """
+    drop = (reference - value) * 100
+    if constraint.relative:
+        drop = drop / reference if reference else math.inf
+    return round(drop, 9)
+
+
 class TrialRejected(Exception):
     """The target refused a sampled configuration (a ConfigError): the trial fails, the study goes on."""
 
@@ -296,7 +303,7 @@ class TrialRejected(Exception):
 # ---------------------------------------------------------------- the stage
 
 
-@stage("tune", TuneConfig, version=1)
+@stage("tune", TuneConfig, version=2)
 def run(cfg: TuneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     if ctx.run_stage is None:
         raise ArtifactError("the tune stage needs the engine's stage runner (ctx.run_stage)")
@@ -629,6 +636,7 @@ class _Objective:
         cfg, ctx = self.cfg, self.ctx
         params = {path: _suggest(trial, path, entry, cfg) for path, entry in cfg.space.items()}
         trial_dir = self.out_dir / "trials" / f"{trial.number:05d}"
+        faults.checkpoint(f"tune:trial{trial.number}")
         on_epoch = self._reporter(trial) if cfg.pruner != "none" else None
         tic = time.perf_counter()
         try:
@@ -650,10 +658,8 @@ class _Objective:
         feasible = True
         if cfg.constraint is not None:
             value = _number(metrics, cfg.constraint.metric, cfg, variant)
-            drop = (self.reference - value) * 100
-            if cfg.constraint.relative:
-                drop = drop / self.reference if self.reference else math.inf
-            excess = drop - cfg.constraint.max_drop_pp - cfg.constraint.trial_slack_pp
+            drop = drop_pp(self.reference, value, cfg.constraint)
+            excess = round(drop - cfg.constraint.max_drop_pp - cfg.constraint.trial_slack_pp, 9)
             feasible = excess <= 0
             trial.set_constraint("accuracy_drop", excess)  # Optuna's convention: <= 0 is feasible
             trial.set_user_attr("constraint", [excess])
@@ -787,10 +793,8 @@ def _confirm(
         variant = _scored_variant(result, cfg)
         metrics = _metrics(variant, cfg, ctx)
         value = _number(metrics, cfg.constraint.metric, cfg, variant)
-        drop = (reference - value) * 100
-        if cfg.constraint.relative:
-            drop = drop / reference if reference else math.inf
-        meets = drop <= cfg.constraint.max_drop_pp
+        drop = drop_pp(reference, value, cfg.constraint)
+        meets = round(drop - cfg.constraint.max_drop_pp, 9) <= 0
         runs.append(
             {
                 "number": trial.number,
