@@ -96,7 +96,7 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
     teacher_size = _size(teacher, bundle)
     student_size = _size(build_model(spec), bundle)
     teacher.to(ctx.device)
-    teacher_test = _test_accuracy(teacher, bundle, ctx)
+    teacher_test = _tested(teacher, bundle, ctx).get("accuracy")
     teacher_val = _val_accuracy(teacher, bundle, ctx)
     ctx.log.info(
         "%s: teacher %s (%s, %d parameters, test %s) -> student %s (%d parameters, %.1fx fewer), "
@@ -242,8 +242,7 @@ def _train_one(
         on_epoch=ctx.on_epoch if kind == "distilled" else None,
     )
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    # a tuning trial is scored on validation data only: there the test split is off limits
-    test = {} if ctx.tuning else evaluate(model, bundle, bundle.test, ctx.device)
+    test = _tested(model, bundle, ctx)
     row = {
         "seed": seed,
         "kind": kind,
@@ -346,9 +345,9 @@ def _teacher_logits(teacher: nn.Module, bundle: DataBundle, ctx: Context) -> tor
     return torch.cat(rows)
 
 
-def _test_accuracy(model: nn.Module, bundle: DataBundle, ctx: Context) -> float | None:
-    """None inside a tuning trial, where the test split is off limits."""
-    return None if ctx.tuning else evaluate(model, bundle, bundle.test, ctx.device)["accuracy"]
+def _tested(model: nn.Module, bundle: DataBundle, ctx: Context) -> dict[str, Any]:
+    """The test split's evaluation; empty inside a tuning trial, where that split is off limits."""
+    return {} if ctx.tuning else evaluate(model, bundle, bundle.test, ctx.device)
 
 
 def _shown(accuracy: float | None) -> str:

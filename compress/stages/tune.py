@@ -829,12 +829,18 @@ def _confirm(
         summary["chosen"] = None
         return
     summary["chosen"] = {
-        "number": chosen.number,
-        "params": chosen.params,
-        "values": chosen.values,
-        "metrics": chosen.user_attrs.get("metrics", {}),
+        **_chosen_json(chosen),
         "confirmed_metrics": runs[-1]["metrics"],
         "confirmed_drop": runs[-1]["drop"],
+    }
+
+
+def _chosen_json(trial: FrozenTrial) -> dict[str, Any]:
+    return {
+        "number": trial.number,
+        "params": trial.params,
+        "values": trial.values,
+        "metrics": trial.user_attrs.get("metrics", {}),
     }
 
 
@@ -926,14 +932,7 @@ def _summarize(
         "selection_rule": cfg.selection_rule(),
         "counts": counts,
         "feasible": sum(_feasible(t) for t in trials),
-        "chosen": None
-        if chosen is None
-        else {
-            "number": chosen.number,
-            "params": chosen.params,
-            "values": chosen.values,
-            "metrics": chosen.user_attrs.get("metrics", {}),
-        },
+        "chosen": None if chosen is None else _chosen_json(chosen),
         "pareto_front": [t.number for t in front],
         "importances": importances,
         "elapsed_seconds": round(time.perf_counter() - started, 2),
