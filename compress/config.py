@@ -218,6 +218,18 @@ class TrainingConfig(StrictModel):
         return value
 
 
+class SoftLabels(StrictModel):
+    """Knowledge distillation from a teacher during fine-tuning (Hinton et al. 2015).
+
+    A pruned model fine-tuned against its own unpruned input's soft labels, not the hard
+    labels alone, recovers more of the input's accuracy: the teacher's logits carry which
+    wrong classes are close, which the pruned weights have to relearn.
+    """
+
+    temperature: float = Field(4.0, gt=0, le=1000)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft term; 0 is plain cross-entropy
+
+
 class StageConfig(StrictModel):
     """Fields every stage has. Stages subclass it with their own settings.
 

@@ -44,6 +44,18 @@ class Distillation:
     logits: torch.Tensor | None = None
 
 
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, bundle: DataBundle, device: torch.device) -> torch.Tensor:
+    """The teacher's float32 logits for every training image, in split order (eval mode).
+
+    Computed once per stage instead of once per batch per epoch; only valid without
+    augmentation (``Distillation.logits``).
+    """
+    teacher.to(device).eval()
+    rows = [teacher(x).float().cpu() for x, _ in iterate_batches(bundle, bundle.train, 1000, device)]
+    return torch.cat(rows)
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)

@@ -25,13 +25,13 @@ from torch import nn
 
 from compress.config import ModelConfig, StageConfig, TrainingConfig
 from compress.context import Context
-from compress.data import DataBundle, iterate_batches
+from compress.data import DataBundle
 from compress.errors import ConfigError
 from compress.fileio import sha256_file, write_json
 from compress.measure import count_macs, count_parameters
 from compress.models import ModelSpec, build_model, save_model
 from compress.stages import stage
-from compress.training import Distillation, evaluate, fit
+from compress.training import Distillation, evaluate, fit, teacher_logits
 from compress.variants import StageResult, Variant
 
 SCRATCH_SUFFIX = ".scratch"
@@ -116,7 +116,7 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
     )
 
     use_cache = cfg.cache_teacher_logits and cfg.augment == "none"
-    cached = _teacher_logits(teacher, bundle, ctx) if use_cache else None
+    cached = teacher_logits(teacher, bundle, ctx.device) if use_cache else None
     # A tuning trial scores the distilled student alone (on validation data): the control and the
     # extra seeds measure the final variant, not a setting.
     kinds = ["distilled", "scratch"] if cfg.control and not ctx.tuning else ["distilled"]
@@ -335,14 +335,6 @@ def _variant_metrics(
         "test_accuracy_std": summary.get(f"{kind}_test_accuracy_std"),
         "gap_closed": summary.get("gap_closed"),
     }
-
-
-@torch.no_grad()
-def _teacher_logits(teacher: nn.Module, bundle: DataBundle, ctx: Context) -> torch.Tensor:
-    """The teacher's float32 logits for every training image, in split order (eval mode)."""
-    teacher.eval()
-    rows = [teacher(x).float().cpu() for x, _ in iterate_batches(bundle, bundle.train, 1000, ctx.device)]
-    return torch.cat(rows)
 
 
 def _tested(model: nn.Module, bundle: DataBundle, ctx: Context) -> dict[str, Any]:

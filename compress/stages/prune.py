@@ -18,13 +18,13 @@ import torch
 from pydantic import Field, model_validator
 
 from compress import pruning
-from compress.config import OptimizerConfig, StageConfig, TrainingConfig
+from compress.config import OptimizerConfig, SoftLabels, StageConfig, TrainingConfig
 from compress.context import Context
 from compress.errors import ConfigError
 from compress.fileio import read_json, write_json
 from compress.models import count_parameters, load_model, save_model
 from compress.stages import stage
-from compress.training import evaluate, fit
+from compress.training import Distillation, evaluate, fit, teacher_logits
 from compress.variants import StageResult, Variant
 
 MAGNITUDE_ONLY = ("exclude_classifier", "max_layer_sparsity", "layer_sparsity_limits", "ramp")
@@ -63,6 +63,8 @@ class PruneConfig(StageConfig):
     round_to: int | None = Field(None, ge=1, le=1024)
     finetune: TrainingConfig | None = Field(default_factory=_default_finetune)
     final_finetune: int = Field(0, ge=0, le=10_000)
+    # fine-tune against the unpruned input's soft labels as well as the hard labels
+    distill: SoftLabels | None = None
 
     @model_validator(mode="after")
     def _defaults(self) -> PruneConfig:
@@ -106,6 +108,8 @@ class PruneConfig(StageConfig):
             found.append(("steps", "gradual pruning needs finetune: epochs to spread its steps over"))
         if self.final_finetune and self.finetune is None:
             found.append(("final_finetune", "needs a finetune: section for its optimizer settings"))
+        if self.distill is not None and self.finetune is None:
+            found.append(("distill", "distils during fine-tuning; it needs a finetune: section"))
         return found
 
     def check(self, pipeline) -> None:
@@ -162,16 +166,30 @@ def run(cfg: PruneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
             )
     example = bundle.normalize(bundle.train.x[:1]).cpu()
     started, cpu_started = time.perf_counter(), time.process_time()
+    teacher = _teacher(cfg, model, bundle, ctx)
     if cfg.method == "magnitude":
-        result = _magnitude(cfg, model, spec, bundle, ctx, out_dir, source)
+        result = _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher)
     else:
-        result = _structured(cfg, model, spec, bundle, ctx, out_dir, source, example)
+        result = _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher)
     variant = result.variants[0]
     variant.metrics["prune_seconds"] = round(time.perf_counter() - started, 2)
     variant.metrics["prune_cpu_seconds"] = round(time.process_time() - cpu_started, 2)
     for key in ("prune_seconds", "prune_cpu_seconds"):
         result.metrics[key] = variant.metrics[key]
     return result
+
+
+def _teacher(cfg: PruneConfig, model: torch.nn.Module, bundle, ctx: Context) -> Distillation | None:
+    """The unpruned input as the fine-tuning's teacher (``distill:``), or None without one.
+
+    A frozen copy taken before any weight is removed; its logits are computed once when the
+    fine-tuning does not augment (the teacher would see the same images every epoch).
+    """
+    if cfg.distill is None or cfg.finetune is None:
+        return None
+    teacher = copy.deepcopy(model).to(ctx.device).eval()
+    logits = teacher_logits(teacher, bundle, ctx.device) if cfg.finetune.augment == "none" else None
+    return Distillation(teacher, cfg.distill.temperature, cfg.distill.alpha, logits)
 
 
 def _measure(model, bundle, ctx) -> dict:
@@ -187,7 +205,7 @@ def _measure(model, bundle, ctx) -> dict:
 # ------------------------------------------------------------------ magnitude
 
 
-def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source) -> StageResult:
+def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher) -> StageResult:
     layers = pruning.prunable_layers(model, cfg.layer_types, cfg.exclude, cfg.exclude_classifier)
     if not layers:
         raise _fail(ctx, cfg, "layer_types", "no layer left to prune after exclude/exclude_classifier")
@@ -255,6 +273,7 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source) -> StageResult:
             workdir,
             desc=f"{cfg.label} prune",
             after_step=hook,
+            distill=teacher,
             on_epoch=ctx.on_epoch,
         )
         history += result.history
@@ -271,6 +290,7 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source) -> StageResult:
                 out_dir / "work" / "final",
                 desc=f"{cfg.label} final",
                 after_step=lambda: pruning.apply_masks(layers, masks),
+                distill=teacher,
                 on_epoch=ctx.on_epoch,
             )
             history += result.history
@@ -321,6 +341,7 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source) -> StageResult:
             "per_layer_sparsity": per_layer,
             "schedule": cfg.schedule,
             "events": len(events),
+            "distill": cfg.distill.model_dump() if cfg.distill else None,
         },
     )
     return StageResult(
@@ -333,7 +354,7 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source) -> StageResult:
 # ------------------------------------------------------------------ structured
 
 
-def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example) -> StageResult:
+def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher) -> StageResult:
     plan = pruning.ChannelPlan(
         importance=cfg.importance,
         scope=cfg.scope,
@@ -409,6 +430,7 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example) -> Stag
                 ctx.seed,
                 step_dir,
                 desc=f"{cfg.label} step {k}",
+                distill=teacher,
                 on_epoch=ctx.on_epoch,
             )
             history += result.history
@@ -428,6 +450,7 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example) -> Stag
             ctx.seed,
             work / "final",
             desc=f"{cfg.label} final",
+            distill=teacher,
             on_epoch=ctx.on_epoch,
         )
         history += result.history
@@ -481,6 +504,7 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example) -> Stag
             "scope": cfg.scope,
             "layer_shapes": shapes,
             "steps": done,
+            "distill": cfg.distill.model_dump() if cfg.distill else None,
         },
     )
     return StageResult(variants=[variant], metrics={**metrics, "history": history, "steps": done})
