@@ -15,6 +15,9 @@ import torch
 from onnx import numpy_helper
 
 from compress import exporting, pruning
+from compress.config import DataConfig
+from compress.data import load_data
+from compress.fileio import sha256_file
 from compress.models import build_model, count_parameters, load_model, save_model
 from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
 
@@ -115,6 +118,75 @@ def test_channel_pruned_models_reload_from_plain_state_dict(arch, tmp_path):
         torch.testing.assert_close(again.eval()(x), model(x))
 
 
+KD_STAGES = """\
+  - stage: prune
+    name: hard
+    output: hard
+    amount: 0.8
+    steps: 3
+    finetune: {epochs: 1, optimizer: {lr: 0.01}}
+  - stage: prune
+    name: kd0
+    output: kd0
+    amount: 0.8
+    steps: 3
+    finetune: {epochs: 1, optimizer: {lr: 0.01}}
+    distill: {temperature: 4, alpha: 0.0}
+  - stage: prune
+    name: kd
+    output: kd
+    amount: 0.8
+    steps: 3
+    finetune: {epochs: 1, optimizer: {lr: 0.01}}
+    distill: {temperature: 4, alpha: 0.9}
+"""
+
+
+def _kl_to(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        t = torch.log_softmax(teacher.eval()(x), 1)
+        s = torch.log_softmax(student.eval()(x), 1)
+    return torch.nn.functional.kl_div(s, t, reduction="batchmean", log_target=True).item()
+
+
+def test_distilled_finetuning_learns_from_the_unpruned_input(tiny_run, data_root, tmp_path):
+    """alpha 0 is exactly the hard-label fine-tuning (same batches, same masks), so the only
+    difference alpha 0.9 makes is the teacher's soft labels: the pruned model ends closer to
+    its unpruned input's predictions, and the input is not changed by teaching."""
+    cwd = _reuse_baseline(tiny_run, tmp_path)
+    baseline_sha = sha256_file(tiny_run.baseline)
+    pipeline = write_pipeline(cwd, TINY_PIPELINE + KD_STAGES)
+    result = run_cli(pipeline, cwd=cwd, data_root=data_root)
+    assert result.returncode == 0, result.output
+    run_dir = (cwd / "artifacts" / "tiny" / "latest").resolve()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    models = {n: load_model(run_dir / "stages" / n / "model.pt")[0] for n in ("hard", "kd0", "kd")}
+    for name, other in (("kd0", models["kd0"]), ("kd", models["kd"])):
+        assert set(other.state_dict()) == set(models["hard"].state_dict()), name
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(
+            models["hard"].state_dict().values(), models["kd0"].state_dict().values(), strict=True
+        )
+    )
+    assert same, "alpha 0 must be the plain cross-entropy fine-tuning"
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(models["hard"].state_dict().values(), models["kd"].state_dict().values(), strict=True)
+    )
+
+    teacher, _ = load_model(tiny_run.baseline)
+    bundle = load_data(DataConfig(dataset="mnist", val_size=1000, limit_test=1000), data_root)
+    x = bundle.normalize(bundle.test.x)
+    kl_hard, kl_kd = _kl_to(teacher, models["hard"], x), _kl_to(teacher, models["kd"], x)
+    assert kl_kd < 0.5 * kl_hard, (kl_kd, kl_hard)
+    assert sha256_file(tiny_run.baseline) == baseline_sha
+    assert manifest["variants"]["kd"]["metrics"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    for name, recorded in (("kd", {"temperature": 4.0, "alpha": 0.9}), ("hard", None)):
+        stage_result = json.loads((run_dir / "stages" / name / "result.json").read_text())
+        assert stage_result["variants"][0]["info"]["distill"] == recorded
+
+
 def test_magnitude_masks_respect_layer_limits():
     torch.manual_seed(0)
     model = build_model({"arch": "lenet300", "in_channels": 1, "image_size": 28, "num_classes": 10})
@@ -147,6 +219,12 @@ BAD_COMBINATIONS = """\
     output: p2
     schedule: oneshot
     steps: 3
+  - stage: prune
+    name: p3
+    output: p3
+    schedule: oneshot
+    finetune: null
+    distill: {alpha: 0.9}
 """
 
 
@@ -159,6 +237,7 @@ BAD_COMBINATIONS = """\
             [
                 "stages[1] (prune).target_macs_reduction: give either",
                 "stages[2] (p2).steps: schedule oneshot",
+                "stages[3] (p3).distill: distils during fine-tuning; it needs a finetune: section",
             ],
         ),
     ],
