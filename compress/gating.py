@@ -338,6 +338,7 @@ def judge(
 
 
 def shipped(name: str) -> bool:
+    """False for a from-scratch control: it measures what distillation bought and is no deliverable."""
     return not name.endswith(SCRATCH_SUFFIX)
 
 

@@ -30,6 +30,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from compress import gating
+
 TEMPLATES = Path(__file__).parent / "templates"
 RUNTIME_LABEL = {"pytorch": "PyTorch eager", "torchscript": "TorchScript", "onnxruntime": "onnxruntime"}
 MAX_CHART_ROWS = 60  # bars/points beyond this make a chart unreadable; the table still has them all
@@ -319,11 +321,15 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
             f"No baseline named `{inputs.baseline}` was measured, so deltas and ratios are missing; "
             "set `baseline:` in the benchmark stage."
         )
-    within = [
+    within = [  # candidates to recommend: never a from-scratch control
         r
         for r in good
         if r.get("variant") == inputs.baseline
-        or (is_number(r.get("accuracy_delta_pp")) and float(r["accuracy_delta_pp"]) >= -inputs.tolerance_pp)
+        or (
+            gating.shipped(str(r.get("variant")))
+            and is_number(r.get("accuracy_delta_pp"))
+            and float(r["accuracy_delta_pp"]) >= -inputs.tolerance_pp
+        )
     ]
     for objective in OBJECTIVES:
         row = pick(within, objective, batch)

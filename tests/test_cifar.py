@@ -201,6 +201,10 @@ def test_deploy_bundle_verifies_in_a_fresh_process(cifar_run: CifarRun, tmp_path
     onnx_files = {p.name for p in deploy.glob("*.onnx")}
     shipped = ["baseline", "slim", "pruned", "student", "baseline.int8-static", "slim.int8-static"]
     assert {f"{name}.onnx" for name in shipped} <= onnx_files
+    # the from-scratch student is a control: measured and exported, never handed to the edge team
+    assert "student.scratch.onnx" not in onnx_files
+    if _stage(cifar_run.raw, "distill").get("control", True):
+        assert cifar_run.row("student.scratch", "onnxruntime")["status"] == "ok"
     int8_bytes = (deploy / "baseline.int8-static.onnx").stat().st_size
     assert int8_bytes < 0.4 * (deploy / "baseline.onnx").stat().st_size
     meta = json.loads((deploy / "baseline.model.json").read_text())

@@ -213,10 +213,12 @@ def test_recommendations_are_one_plain_sentence_each_within_the_tolerance():
         "and it costs 0.12 pp of test accuracy (98.88 % vs 99.00 %)."
     )
     assert page["warnings"] == []
-    loose = build_page(ReportInputs(results=rows_for(), manifest=MANIFEST, tolerance_pp=5.0, charts=False))
-    assert {r["objective"]: r["variant"] for r in loose["summary"]["recommendations"]}[
-        "smallest"
-    ] == "student"
+    rows = rows_for()  # plus a from-scratch control, smaller still: a measurement, not a deliverable
+    rows.append({**rows[-1], "variant": "student.scratch", "size_bytes": 40_000, "size_ratio": 0.1})
+    loose = build_page(ReportInputs(results=rows, manifest=MANIFEST, tolerance_pp=5.0, charts=False))
+    recs = {r["objective"]: r["variant"] for r in loose["summary"]["recommendations"]}
+    assert recs["smallest"] == "student" and "student.scratch" not in recs.values()
+    assert "`student.onnx`" in loose["summary"]["headline"]
 
 
 def test_a_slower_int8_variant_a_failed_export_and_a_failed_gate_show_as_warnings():

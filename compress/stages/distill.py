@@ -28,13 +28,12 @@ from compress.context import Context
 from compress.data import DataBundle
 from compress.errors import ConfigError
 from compress.fileio import sha256_file, write_json
+from compress.gating import SCRATCH_SUFFIX
 from compress.measure import count_macs, count_parameters
 from compress.models import ModelSpec, build_model, save_model
 from compress.stages import stage
 from compress.training import Distillation, evaluate, fit, teacher_logits
 from compress.variants import StageResult, Variant
-
-SCRATCH_SUFFIX = ".scratch"
 
 
 class DistillConfig(StageConfig, TrainingConfig):

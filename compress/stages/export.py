@@ -34,7 +34,7 @@ import onnx
 import torch
 from pydantic import Field, field_validator
 
-from compress import deploy, faults
+from compress import deploy, faults, gating
 from compress.config import StageConfig
 from compress.context import Context
 from compress.exporting import (
@@ -140,7 +140,7 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         report_path = out_dir / "exports" / f"{safe_filename(variant.name)}.json"
         write_json(report_path, report)
         artifacts[variant.name] = {**files, "export_report": report_path}
-        if model is not None:
+        if model is not None and gating.shipped(variant.name):  # controls are measured, not handed over
             shipped.append(model)
         if report.get("skipped"):
             ctx.log.info("export: %s: skipped: %s", variant.name, report["skipped"])
