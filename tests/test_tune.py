@@ -8,16 +8,20 @@ whole study machinery runs for real in well under a minute per test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from typing import ClassVar
 
 import optuna
 import pytest
+import sqlalchemy
 
 from compress.config import load_pipeline
 from compress.errors import ConfigError
@@ -306,23 +310,53 @@ def test_credentials_are_masked(tmp_path):
 # ---------------------------------------------------------------- PostgreSQL, two workers
 
 
+@contextlib.contextmanager
+def _trials_table_held(url: str, waiters: int) -> Iterator[None]:
+    """Keep every worker from counting or starting a trial until ``waiters`` of them wait for it.
+
+    Trials here take a fraction of a second, so a worker that starts a few seconds late (a busy
+    machine) could find the whole study done and the sharing would go unproven. Optuna's
+    ``trials`` table is locked in one transaction; once ``waiters`` database sessions are
+    blocked (each single-threaded worker can block only one at a time) the lock is released
+    and the workers race for trials from the same start.
+    """
+    optuna.storages.RDBStorage(driver_url(url))  # the schema, as the first worker would make it
+    engine = sqlalchemy.create_engine(driver_url(url), poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as holder, engine.connect() as watcher:
+            transaction = holder.begin()
+            holder.execute(sqlalchemy.text("LOCK TABLE trials IN ACCESS EXCLUSIVE MODE"))
+            yield
+            blocked, deadline = 0, time.monotonic() + 240
+            while blocked < waiters and time.monotonic() < deadline:
+                time.sleep(0.2)
+                query = "SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted"
+                blocked = watcher.execute(sqlalchemy.text(query)).scalar_one()
+                watcher.commit()
+            transaction.commit()
+            assert blocked >= waiters, f"only {blocked} worker(s) reached the study within 240 s"
+    finally:
+        engine.dispose()
+
+
 def test_two_workers_share_one_postgres_study(tmp_path, data_root, postgres_url):  # noqa: F811
     # tune comes first and targets the train stage, so the workers need no cached input
     text = BASE.replace("  - stage: train\n", TUNE_FIRST + "  - stage: train\n")
     pipeline = write_pipeline(tmp_path, text)
     env = {**os.environ, "COMPRESS_DATA_ROOT": str(data_root), "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     command = [sys.executable, "-m", "compress.run", str(pipeline), "--only", "tune", "--worker"]
-    workers = [
-        subprocess.Popen(
-            [*command, "--storage", postgres_url],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    with _trials_table_held(postgres_url, waiters=2):
+        workers = [
+            subprocess.Popen(
+                [*command, "--storage", postgres_url],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (out, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, out + err

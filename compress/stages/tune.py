@@ -655,7 +655,7 @@ class _Objective:
         values = [_number(metrics, m, cfg, variant) for m in cfg.metrics]
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("seconds", round(time.perf_counter() - tic, 2))
-        feasible = True
+        feasible, verdict = True, ""
         if cfg.constraint is not None:
             value = _number(metrics, cfg.constraint.metric, cfg, variant)
             drop = drop_pp(self.reference, value, cfg.constraint)
@@ -664,6 +664,8 @@ class _Objective:
             trial.set_constraint("accuracy_drop", excess)  # Optuna's convention: <= 0 is feasible
             trial.set_user_attr("constraint", [excess])
             trial.set_user_attr("drop", drop)
+            unit = "%" if cfg.constraint.relative else "pp"
+            verdict = f" ({cfg.constraint.metric} drop {drop:.3g} {unit}: {'feasible' if feasible else 'infeasible'})"
         trial.set_user_attr("feasible", feasible)
         ctx.log.info(
             "%s: trial %d: %s -> %s%s",
@@ -671,7 +673,7 @@ class _Objective:
             trial.number,
             ", ".join(f"{k}={_short(v)}" for k, v in params.items()),
             ", ".join(f"{m} {v:.6g}" for m, v in zip(cfg.metrics, values, strict=True)),
-            "" if cfg.constraint is None else (" (feasible)" if feasible else " (infeasible)"),
+            verdict,
         )
         return values
 
