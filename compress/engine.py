@@ -278,6 +278,8 @@ def _run_or_reuse(
             )
         else:
             log.info("stage %s: running (%s)", cfg.label, entry.name)
+            if definition.needs_results:
+                _sweep_abandoned(base / "cache", cfg.label, entry.name)
             result = _execute(definition, cfg, inputs, ctx, partial)
             _commit(partial, entry, result)
             result = _load_cached(entry, cfg.label, verify=False)
@@ -313,6 +315,30 @@ def _entry_lock(path: Path, label: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def _sweep_abandoned(cache: Path, label: str, keep: str) -> None:
+    """Remove work directories of this stage that no run can ever resume.
+
+    A stage that reports on its run has the run id in its key, so the work directory a killed
+    run left behind is never picked up again. One whose lock is free belongs to a run that is
+    gone (a run still at work holds its lock); this run's own entry is kept.
+    """
+    for work in (cache / ".partial").glob(f"{label}-*"):
+        if work.name == keep or not work.is_dir() or ".worker-" in work.name:
+            continue
+        lock_path = cache / f".{work.name}.lock"
+        lock = FileLock(str(lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # another run is writing it now
+        try:
+            shutil.rmtree(work, ignore_errors=True)
+            log.info("stage %s: removed %s, left by an interrupted earlier run", label, work)
+        finally:
+            lock.release()
+        lock_path.unlink(missing_ok=True)
 
 
 def _run_on_ranks(

@@ -665,7 +665,8 @@ class _Objective:
             trial.set_user_attr("constraint", [excess])
             trial.set_user_attr("drop", drop)
             unit = "%" if cfg.constraint.relative else "pp"
-            verdict = f" ({cfg.constraint.metric} drop {drop:.3g} {unit}: {'feasible' if feasible else 'infeasible'})"
+            state = "feasible" if feasible else "infeasible"
+            verdict = f" ({cfg.constraint.metric} drop {drop:.3g} {unit}: {state})"
         trial.set_user_attr("feasible", feasible)
         ctx.log.info(
             "%s: trial %d: %s -> %s%s",
