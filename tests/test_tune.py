@@ -491,6 +491,8 @@ def test_candidates_are_confirmed_at_full_budget_before_one_is_chosen(tmp_path, 
         assert r["drop"] == pytest.approx(100 * (reference - r["metrics"]["val_accuracy"]))
         assert r["meets"] is (r["drop"] <= 0.0)
     assert all(not r["meets"] for r in runs[:-1])  # stops at the first that meets
+    for k, r in enumerate(runs[1:], 1):  # after misses, only candidates with smaller trial drops
+        assert r["trial_drop"] < min(m["trial_drop"] for m in runs[:k])
     # trial 0 is the refit's own settings, identical to the baseline's: it must meet 0 pp
     default = next((r for r in runs if r["number"] == 0), None)
     assert default is None or (default["drop"] == 0.0 and default["meets"])
@@ -505,6 +507,54 @@ def test_candidates_are_confirmed_at_full_budget_before_one_is_chosen(tmp_path, 
     else:
         assert study["chosen"] is None and not stages["refit"].get("tuned_settings")
         assert "met the constraint at full budget" in result.stderr
+
+
+def test_confirmation_runs_skip_candidates_no_more_promising_than_a_miss(tmp_path):
+    """After the best candidate misses at full budget, its near neighbours (short-trial drops as
+    large) are not worth a full run: the next run goes to a candidate with a smaller drop."""
+    import logging
+    from types import SimpleNamespace
+
+    from compress.stages.tune import TuneConfig, _confirm
+    from compress.variants import StageResult, Variant
+
+    cfg = TuneConfig(
+        stage="tune",
+        target="prune",
+        space={"amount": {"low": 0.8, "high": 0.99}},
+        objectives=[{"maximize": "sparsity"}],
+        constraint={"metric": "val_accuracy", "max_drop_pp": 0.1, "trial_slack_pp": 0.2},
+        confirm=2,
+    )
+    # (sparsity, short-trial drop pp, full-budget val accuracy against a 0.99 reference)
+    trials = [(0.97, 0.22, 0.9885), (0.968, 0.24, 0.9899), (0.96, 0.22, 0.9899), (0.94, 0.12, 0.9895)]
+    study = optuna.create_study(direction="maximize")
+    for sparsity, drop, _ in trials:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"amount": sparsity},
+                distributions={"amount": optuna.distributions.FloatDistribution(0.8, 0.99)},
+                values=[sparsity],
+                user_attrs={"drop": drop, "feasible": True},
+            )
+        )
+    full_budget = {sparsity: val for sparsity, _, val in trials}
+    ran: list[float] = []
+
+    def run_stage(target, params, out_dir, on_epoch=None):
+        ran.append(params["amount"])
+        metrics = {"sparsity": params["amount"], "val_accuracy": full_budget[params["amount"]]}
+        return StageResult(variants=[Variant("pruned", "torch", out_dir / "model.pt", metrics=metrics)])
+
+    ctx = SimpleNamespace(run_stage=run_stage, log=logging.getLogger("test"))
+    summary: dict = {}
+    _confirm(study, summary, cfg, ctx, tmp_path, reference=0.99)
+    assert ran == [0.97, 0.94]  # 0.968 and 0.96 (drops 0.24, 0.22 >= 0.22) would have met, untried
+    confirmation = summary["confirmation"]
+    assert [r["meets"] for r in confirmation["runs"]] == [False, True]
+    assert [s["number"] for s in confirmation["skipped"]] == [1, 2]
+    assert summary["chosen"]["number"] == 3 and summary["chosen"]["params"] == {"amount": 0.94}
+    assert summary["chosen"]["confirmed_drop"] == pytest.approx(0.05)
 
 
 def test_slack_without_confirmation_is_a_config_error(tmp_path):

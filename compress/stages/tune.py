@@ -303,7 +303,7 @@ class TrialRejected(Exception):
 # ---------------------------------------------------------------- the stage
 
 
-@stage("tune", TuneConfig, version=2)
+@stage("tune", TuneConfig, version=3)
 def run(cfg: TuneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     if ctx.run_stage is None:
         raise ArtifactError("the tune stage needs the engine's stage runner (ctx.run_stage)")
@@ -784,13 +784,37 @@ def _confirm(
     out_dir: Path,
     reference: float | None,
 ) -> None:
-    """Re-run the best ``confirm`` candidates with the target's full budget (no trial_overrides,
-    validation data only) and choose the first that meets the constraint without slack."""
+    """Re-run up to ``confirm`` candidates with the target's full budget (no trial_overrides,
+    validation data only), best first, and choose the first that meets the constraint without
+    slack.
+
+    A full-budget run is the expensive part, so none is spent on a candidate no more promising
+    than one that already missed: after a miss, only candidates whose short-trial drop is
+    smaller than every missed candidate's are confirmed. Without this rule the runs go to the
+    neighbours of the first miss (the best candidates cluster at the edge of the constraint)
+    and the study ends with nothing chosen while safer candidates stay untried.
+    """
     assert cfg.constraint is not None and reference is not None
     candidates, _ = ranked(study.get_trials(deepcopy=False), cfg)
     runs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     chosen = None
-    for trial in candidates[: cfg.confirm]:
+    bar = math.inf  # a candidate's short-trial drop must be below this to be confirmed
+    for trial in candidates:
+        if len(runs) == cfg.confirm:
+            break
+        trial_drop = float(trial.user_attrs.get("drop", 0.0))
+        if trial_drop >= bar:
+            skipped.append({"number": trial.number, "trial_drop": trial_drop})
+            ctx.log.info(
+                "%s: not confirming trial %d: its short-trial drop %.3g is not below %.3g, the "
+                "smallest short-trial drop of a candidate that missed at full budget",
+                cfg.label,
+                trial.number,
+                trial_drop,
+                bar,
+            )
+            continue
         tic = time.perf_counter()
         result = ctx.run_stage(cfg.target, dict(trial.params), out_dir / "confirm" / f"{trial.number:05d}")
         variant = _scored_variant(result, cfg)
@@ -804,6 +828,7 @@ def _confirm(
                 "params": trial.params,
                 "metrics": metrics,
                 "drop": drop,
+                "trial_drop": trial_drop,
                 "meets": meets,
                 "seconds": round(time.perf_counter() - tic, 2),
             }
@@ -820,13 +845,16 @@ def _confirm(
         if meets:
             chosen = trial
             break
+        bar = min(bar, trial_drop)
     if not cfg.keep_trials:
         shutil.rmtree(out_dir / "confirm", ignore_errors=True)
     summary["confirmation"] = {
         "candidates": cfg.confirm,
-        "rule": f"the first of the {cfg.confirm} best candidates whose full-budget {cfg.constraint.metric} "
-        f"is at most {cfg.constraint.max_drop_pp} pp below the reference",
+        "rule": f"best candidates first, at most {cfg.confirm} full-budget run(s), after a miss only "
+        "candidates with a smaller short-trial drop than every miss; the first whose full-budget "
+        f"{cfg.constraint.metric} is at most {cfg.constraint.max_drop_pp} pp below the reference",
         "runs": runs,
+        "skipped": skipped,
     }
     if chosen is None:
         summary["chosen"] = None
