@@ -511,6 +511,12 @@ def _cache_extras(cfg: StageConfig, ctx: Context) -> dict[str, Any]:
 def _variant_hashes(variant: Variant, ctx: Context) -> dict[str, str]:
     """The variant's own file and every artifact attached to it by earlier stages."""
     files = {"model": variant.file, **ctx.artifacts.get(variant.name, {})}
+    for kind, path in files.items():
+        if not Path(path).is_file():
+            raise ArtifactError(
+                f"the {kind} file of variant {variant.name!r} is missing: {path}; run the pipeline "
+                f"again with --from {variant.stage or 'the stage that made it'} to remake it"
+            )
     return {kind: sha256_file(path) for kind, path in sorted(files.items())}
 
 

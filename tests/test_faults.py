@@ -532,3 +532,26 @@ def test_two_runs_at_once_share_the_cache_with_one_writer(tmp_path: Path, data_r
     assert len(manifests) == 2 and len({m["run_id"] for m in manifests}) == 2
     assert sorted(m["stages"][0]["status"] for m in manifests) == ["cached", "ran"]
     assert len(list((tmp_path / "artifacts" / "tiny" / "cache").glob("train-*"))) == 1
+
+
+def test_an_input_file_gone_missing_is_one_message_naming_it(tmp_path: Path) -> None:
+    """A file an earlier stage attached to a variant and that is gone when the next stage keys
+    its inputs: a message naming the variant, the file and the way out, not a FileNotFoundError."""
+    from types import SimpleNamespace
+
+    from compress.errors import ArtifactError
+    from compress.variants import Variant
+
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    gone = tmp_path / "deploy" / "student.model.json"
+    variant = Variant("student", "torch", model, stage="distill")
+    ctx = SimpleNamespace(artifacts={"student": {"onnx_json": gone}})
+    with pytest.raises(ArtifactError) as error:
+        engine._variant_hashes(variant, ctx)
+    message = str(error.value)
+    assert "onnx_json file of variant 'student' is missing" in message and str(gone) in message
+    assert "--from distill" in message
+    gone.parent.mkdir()
+    gone.write_text("{}")
+    assert set(engine._variant_hashes(variant, ctx)) == {"model", "onnx_json"}

@@ -15,6 +15,7 @@ Layout of the stage directory::
                                bundle.json, README.md, SHA256SUMS
     torchscript/<variant>.pt   + <variant>.model.json (also stored inside the .pt archive)
     exports/<variant>.json     status and parity of each file (attached as 'export_report')
+    controls/<variant>.onnx    from-scratch controls (``*.scratch``): measured, never shipped
     failed/                    files that exported but failed a check, kept for inspection
 """
 
@@ -107,7 +108,7 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
     sample = images[:shown].numpy()
 
     deploy_dir = out_dir / "deploy"
-    for sub in ("deploy", "torchscript", "exports", "failed", "work"):
+    for sub in ("deploy", "controls", "torchscript", "exports", "failed", "work"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
         (out_dir / sub).mkdir(parents=True)
 
@@ -140,7 +141,7 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         report_path = out_dir / "exports" / f"{safe_filename(variant.name)}.json"
         write_json(report_path, report)
         artifacts[variant.name] = {**files, "export_report": report_path}
-        if model is not None and gating.shipped(variant.name):  # controls are measured, not handed over
+        if model is not None:
             shipped.append(model)
         if report.get("skipped"):
             ctx.log.info("export: %s: skipped: %s", variant.name, report["skipped"])
@@ -198,6 +199,8 @@ def _export_variant(
     report: dict[str, Any] = {"variant": variant.name, "source_format": variant.format, "files": {}}
     files: dict[str, Path] = {}
     shipped: deploy.ShippedModel | None = None
+    ships = gating.shipped(variant.name)  # a control's ONNX is measured but not handed over
+    onnx_dir = out_dir / ("deploy" if ships else "controls")
 
     if variant.format not in ("torch", "onnx"):
         report["skipped"] = (
@@ -211,12 +214,14 @@ def _export_variant(
             report["files"]["onnx"] = _failed(f"the source ONNX file does not run: {reference}")
             return report, files, None
         source = lambda path: _copy_with_metadata(Path(variant.file), path, facts)  # noqa: E731
-        entry, path = _make_onnx(cfg, base, out_dir, reference, images, source)
+        entry, path = _make_onnx(cfg, base, out_dir, onnx_dir, reference, images, source)
         report["files"]["onnx"] = entry
         _parent_agreement(variant, ctx, images, path, cfg, entry)
         if entry["ok"]:
-            files["onnx"], files["onnx_json"] = path, deploy.model_json_path(path)
-            shipped = _shipped(variant, path, sample, cfg, entry, facts)
+            files["onnx"] = path
+            if ships:
+                files["onnx_json"] = deploy.model_json_path(path)
+                shipped = _shipped(variant, path, sample, cfg, entry, facts)
         return report, files, shipped
 
     try:
@@ -238,11 +243,13 @@ def _export_variant(
         def source(path: Path) -> None:
             export_onnx(model, trace_input, path, opset=cfg.opset, metadata=_as_metadata(facts))
 
-        entry, path = _make_onnx(cfg, base, out_dir, reference, images, source)
+        entry, path = _make_onnx(cfg, base, out_dir, onnx_dir, reference, images, source)
         report["files"]["onnx"] = entry
         if entry["ok"]:
-            files["onnx"], files["onnx_json"] = path, deploy.model_json_path(path)
-            shipped = _shipped(variant, path, sample, cfg, entry, facts)
+            files["onnx"] = path
+            if ships:
+                files["onnx_json"] = deploy.model_json_path(path)
+                shipped = _shipped(variant, path, sample, cfg, entry, facts)
         elif entry.get("traceback"):
             ctx.log.error("export: %s onnx:\n%s", variant.name, entry.pop("traceback"))
         entry.pop("traceback", None)
@@ -266,12 +273,13 @@ def _make_onnx(
     cfg: ExportConfig,
     base: str,
     out_dir: Path,
+    folder: Path,
     reference: np.ndarray,
     images: torch.Tensor,
     produce: Any,
 ) -> tuple[dict[str, Any], Path]:
     work = out_dir / "work" / f"{base}.onnx"
-    final = out_dir / "deploy" / f"{base}.onnx"
+    final = folder / f"{base}.onnx"
     try:
         produce(work)
     except Exception as exc:
