@@ -7,6 +7,7 @@ check is what a user gets: exit codes, messages, and the files written.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,6 +16,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A test run started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored,
+# and so would every CLI it starts: the Ctrl-C tests would then see no Ctrl-C at all. A
+# handled signal is reset to its default action in an exec'd child, an ignored one is not.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # 2,000 training images, 1 epoch: seconds on a CPU, yet a real model (~89% accurate).
 TINY_PIPELINE = """\
