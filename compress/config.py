@@ -38,6 +38,13 @@ _URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:
 _QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&;](?:password|passwd|pwd)=)(?P<pw>[^&\s]*)")
 
 
+def safe_name(value: str | None) -> str | None:
+    """``value`` unchanged if it can be a file or directory name; ValueError naming the rule if not."""
+    if value is not None and not SAFE_NAME.fullmatch(value):
+        raise ValueError(f"{SAFE_NAME_TEXT}, got {value!r}")
+    return value
+
+
 def mask_secrets(text: str) -> str:
     """``postgresql://me:secret@host/db`` -> ``postgresql://me:***@host/db`` (also ``?password=``)."""
     text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
@@ -252,10 +259,7 @@ class StageConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _safe_stage_name(cls, value: str | None) -> str | None:
-        # the name is a directory under artifacts/ and a file name under reports/
-        if value is not None and not SAFE_NAME.fullmatch(value):
-            raise ValueError(f"{SAFE_NAME_TEXT}, got {value!r}")
-        return value
+        return safe_name(value)  # a directory under artifacts/ and a file name under reports/
 
     @property
     def label(self) -> str:
@@ -283,9 +287,7 @@ class PipelineConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str | None) -> str | None:
-        if value is not None and not SAFE_NAME.fullmatch(value):
-            raise ValueError(f"{SAFE_NAME_TEXT}, got {value!r}")
-        return value
+        return safe_name(value)
 
 
 class Pipeline(BaseModel):

@@ -253,7 +253,7 @@ def _run_or_reuse(
         partial = partial.with_name(f"{entry.name}.worker-{os.getpid()}")
         log.info("stage %s: running as a worker (%s)", cfg.label, entry.name)
         result = _execute(definition, cfg, inputs, ctx, partial)
-        with FileLock(str(base / "cache" / f".{entry.name}.lock")):
+        with FileLock(str(_lock_file(base / "cache", entry.name))):
             _commit(partial, entry, result)
             result = _load_cached(entry, cfg.label, verify=False)
         return StageRecord(
@@ -266,16 +266,13 @@ def _run_or_reuse(
             cfg.label, cfg.stage, status, time.perf_counter() - tic, key, entry, input_names,
             [v.name for v in result.variants], result,
         )  # fmt: skip
-    with _entry_lock(base / "cache" / f".{entry.name}.lock", cfg.label):
+    with _entry_lock(_lock_file(base / "cache", entry.name), cfg.label):
         cached = None if force else _load_cached(entry, cfg.label)
         if cached is not None:
             log.info("stage %s: cached (%s)", cfg.label, entry.name)
             status, result = "cached", cached
         elif cache_only:
-            raise ArtifactError(
-                f"--only {cfg.label}... needs the output of stage {cfg.label!r}, which is not "
-                "cached for this configuration; run the pipeline once without --only"
-            )
+            raise _not_cached(cfg.label)
         else:
             log.info("stage %s: running (%s)", cfg.label, entry.name)
             if definition.needs_results:
@@ -295,6 +292,18 @@ def _run_or_reuse(
         outputs=[v.name for v in result.variants],
         result=result,
     )
+
+
+def _not_cached(label: str) -> ArtifactError:
+    return ArtifactError(
+        f"--only {label}... needs the output of stage {label!r}, which is not "
+        "cached for this configuration; run the pipeline once without --only"
+    )
+
+
+def _lock_file(cache: Path, entry_name: str) -> Path:
+    """The lock that gives one process at a time a cache entry (and its work directory)."""
+    return cache / f".{entry_name}.lock"
 
 
 @contextmanager
@@ -327,7 +336,7 @@ def _sweep_abandoned(cache: Path, label: str, keep: str) -> None:
     for work in (cache / ".partial").glob(f"{label}-*"):
         if work.name == keep or not work.is_dir() or ".worker-" in work.name:
             continue
-        lock_path = cache / f".{work.name}.lock"
+        lock_path = _lock_file(cache, work.name)
         lock = FileLock(str(lock_path))
         try:
             lock.acquire(timeout=0)
@@ -364,14 +373,11 @@ def _run_on_ranks(
     with ExitStack() as held:
 
         def decide() -> str:
-            held.enter_context(_entry_lock(base / "cache" / f".{entry.name}.lock", cfg.label))
+            held.enter_context(_entry_lock(_lock_file(base / "cache", entry.name), cfg.label))
             if not force and _load_cached(entry, cfg.label) is not None:
                 return "cached"
             if cache_only:
-                raise ArtifactError(
-                    f"--only {cfg.label}... needs the output of stage {cfg.label!r}, which is not "
-                    "cached for this configuration; run the pipeline once without --only"
-                )
+                raise _not_cached(cfg.label)
             return "run"
 
         status = distributed.on_main(decide)

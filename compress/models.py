@@ -225,12 +225,7 @@ def save_model(model: nn.Module, spec: ModelSpec, path: Path, extra: dict | None
 def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
     """Rebuild a model saved by ``save_model``; corrupt or foreign files raise ArtifactError."""
     payload = load_checkpoint(path, map_location)
-    if (
-        payload.get("format") != "compress.model/1"
-        or not isinstance(payload.get("spec"), dict)
-        or not isinstance(payload.get("state"), dict)
-        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state"].items())
-    ):
+    if not is_model_payload(payload):
         raise ArtifactError(f"{path}: not a compress model file (no 'spec'/'state' inside)")
     spec = payload["spec"]
     try:
@@ -238,11 +233,31 @@ def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn
     except ArtifactError as exc:
         raise ArtifactError(f"{path}: {exc}") from None
     try:
-        _resize_to(model, payload["state"])
-        model.load_state_dict(payload["state"])
-    except (RuntimeError, IndexError, ValueError) as exc:
+        apply_state(model, payload["state"])
+    except ValueError as exc:
         raise ArtifactError(f"{path}: weights do not fit {spec.get('arch')}: {exc}") from None
     return model, spec
+
+
+def is_model_payload(payload: dict[str, Any]) -> bool:
+    """True for what ``save_model`` writes: format tag, spec and a state dict of tensors."""
+    state = payload.get("state")
+    return (
+        payload.get("format") == "compress.model/1"
+        and isinstance(payload.get("spec"), dict)
+        and isinstance(state, dict)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    )
+
+
+def apply_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model``, first resizing layers to the saved shapes (a channel-pruned
+    model's narrower layers); ValueError with torch's reason when the weights do not fit."""
+    try:
+        _resize_to(model, state)
+        model.load_state_dict(state)
+    except (RuntimeError, IndexError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

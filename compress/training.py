@@ -198,31 +198,21 @@ def train_one_epoch(
     cached = distill is not None and distill.logits is not None
     if cached and (cfg.augment != "none" or len(distill.logits) != len(bundle.train)):
         raise ValueError("cached teacher logits need augment 'none' and one row per training image")
-    if shard is None:
-        batches = iterate_batches(
-            bundle,
-            bundle.train,
-            batch_size,
-            device,
-            shuffle=True,
-            seed=seed,
-            augment=cfg.augment,
-            with_index=cached,
-        )
-        steps = (len(bundle.train) + batch_size - 1) // batch_size
-    else:
+    if shard is not None:  # already shuffled: read in order, augment with this rank's seed
         batch_size = distributed.per_rank_batch(batch_size, f"{desc}: batch_size")
-        batches = iterate_batches(
-            bundle,
-            bundle.train,
-            batch_size,
-            device,
-            seed=distributed.rank_seed(seed),
-            augment=cfg.augment,
-            indices=shard,
-            with_index=cached,
-        )
-        steps = (len(shard) + batch_size - 1) // batch_size
+        seed = distributed.rank_seed(seed)
+    batches = iterate_batches(
+        bundle,
+        bundle.train,
+        batch_size,
+        device,
+        shuffle=shard is None,
+        seed=seed,
+        augment=cfg.augment,
+        indices=shard,
+        with_index=cached,
+    )
+    steps = -(-(len(bundle.train) if shard is None else len(shard)) // batch_size)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(
         batches,

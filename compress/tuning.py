@@ -21,10 +21,6 @@ from compress.data import DataBundle, Split
 
 # ---------------------------------------------------------------- secrets
 
-# mask_secrets lives in config (which formats validation errors and must mask them too)
-MASK = "***"
-
-
 STORAGE_DIALECTS = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 _STORAGE_SCHEME = re.compile(r"(?P<dialect>[A-Za-z][A-Za-z0-9]*)(\+[A-Za-z0-9_]+)?")
 

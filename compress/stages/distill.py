@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from compress.config import ModelConfig, StageConfig, TrainingConfig
@@ -47,13 +46,6 @@ class DistillConfig(StageConfig, TrainingConfig):
     output: str = "student"
     # With augment 'none' the teacher sees the same images every epoch: compute its logits once.
     cache_teacher_logits: bool = True
-
-    @field_validator("output")
-    @classmethod
-    def _safe_output(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
-            raise ValueError("output may hold only letters, digits, '.', '_' and '-'")
-        return value
 
     def consumes(self, available: list[str]) -> list[str]:
         if self.from_ is None and "baseline" not in available:

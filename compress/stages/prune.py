@@ -172,6 +172,7 @@ def run(cfg: PruneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
     else:
         result = _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher)
     variant = result.variants[0]
+    variant.info["distill"] = cfg.distill.model_dump() if cfg.distill else None
     variant.metrics["prune_seconds"] = round(time.perf_counter() - started, 2)
     variant.metrics["prune_cpu_seconds"] = round(time.process_time() - cpu_started, 2)
     for key in ("prune_seconds", "prune_cpu_seconds"):
@@ -187,7 +188,7 @@ def _teacher(cfg: PruneConfig, model: torch.nn.Module, bundle, ctx: Context) -> 
     """
     if cfg.distill is None or cfg.finetune is None:
         return None
-    teacher = copy.deepcopy(model).to(ctx.device).eval()
+    teacher = copy.deepcopy(model)
     logits = teacher_logits(teacher, bundle, ctx.device) if cfg.finetune.augment == "none" else None
     return Distillation(teacher, cfg.distill.temperature, cfg.distill.alpha, logits)
 
@@ -341,7 +342,6 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher) -> Stage
             "per_layer_sparsity": per_layer,
             "schedule": cfg.schedule,
             "events": len(events),
-            "distill": cfg.distill.model_dump() if cfg.distill else None,
         },
     )
     return StageResult(
@@ -504,7 +504,6 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher
             "scope": cfg.scope,
             "layer_shapes": shapes,
             "steps": done,
-            "distill": cfg.distill.model_dump() if cfg.distill else None,
         },
     )
     return StageResult(variants=[variant], metrics={**metrics, "history": history, "steps": done})

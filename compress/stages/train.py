@@ -13,7 +13,14 @@ from compress.config import ModelConfig, StageConfig, TrainingConfig, project_fi
 from compress.context import Context
 from compress.errors import ArtifactError
 from compress.fileio import sha256_file
-from compress.models import _resize_to, build_model, count_parameters, load_checkpoint, save_model
+from compress.models import (
+    apply_state,
+    build_model,
+    count_parameters,
+    is_model_payload,
+    load_checkpoint,
+    save_model,
+)
 from compress.stages import stage
 from compress.training import evaluate, fit
 from compress.variants import StageResult, Variant
@@ -54,13 +61,12 @@ def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
         payload = load_checkpoint(path)
     except ArtifactError as exc:
         raise ValueError(f"init: {exc}") from None
-    spec, state = payload.get("spec"), payload.get("state")
-    plain = isinstance(spec, dict) and isinstance(state, dict)
-    if payload.get("format") != "compress.model/1" or not plain:
+    if not is_model_payload(payload):
         raise ValueError(
             f"init: {cfg.init} is not a compress model file (a model.pt written by a train, prune or "
             "distill stage)"
         )
+    spec, state = payload["spec"], payload["state"]
     if spec.get("arch") != cfg.model.arch:
         raise ValueError(
             f"init: {cfg.init} holds a {spec.get('arch')!r} model, but model.arch is {cfg.model.arch!r}"
@@ -80,9 +86,8 @@ def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
         except ValueError as exc:  # the file changed since the pipeline was validated
             raise ArtifactError(f"stage {cfg.label!r}: {exc}") from None
         try:
-            _resize_to(model, state)  # e.g. a channel-pruned model's narrower layers
-            model.load_state_dict(state)
-        except (RuntimeError, IndexError, ValueError) as exc:
+            apply_state(model, state)  # resizes e.g. a channel-pruned model's narrower layers
+        except ValueError as exc:
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             raise ArtifactError(
                 f"stage {cfg.label!r}: init: the weights in {cfg.init} do not fit the model: {first}"
