@@ -365,7 +365,7 @@ def _calls(tree: ast.AST) -> list[tuple[str, ast.Call]]:
 
 # Modules allowed to import code by name: the stage modules of this package, and the
 # model.import_path factory (trusted code a pipeline names).
-ALLOWED_IMPORTS = {"compress/stages/__init__.py", "compress/config.py"}
+ALLOWED_IMPORTS = {"compress/stages/__init__.py", "compress/config/safety.py"}
 # TorchScript and torch.export files are made by our own stages and read back from the
 # hash-checked cache only, never from a path a user gives (torch.export.load may unpickle).
 ALLOWED_PROGRAM_LOADS = {"compress/exporting.py", "compress/quantization.py", "compress/stages/benchmark.py"}
@@ -492,7 +492,7 @@ def test_user_model_only_through_an_explicit_import_path(
     (package / "tinynet.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(config, "_TRUSTED_IMPORTS", set())
+    monkeypatch.setattr(config.safety, "_TRUSTED_IMPORTS", set())
     for module in [m for m in sys.modules if m.startswith("mymodels")]:
         monkeypatch.delitem(sys.modules, module)
     flag = package / "imported.flag"

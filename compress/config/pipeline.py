@@ -1,0 +1,84 @@
+"""The pipeline as validated: the fields every stage has, the top level, and the result.
+
+Stage-specific schemas live beside each stage and subclass ``StageConfig``; the loader gets
+them handed in as a registry so that ``compress.config`` never imports the stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from compress.config.data import DataConfig
+from compress.config.safety import safe_name
+from compress.config.sections import StrictModel
+
+
+class StageConfig(StrictModel):
+    """Fields every stage has. Stages subclass it with their own settings.
+
+    ``produces`` and ``consumes`` let the whole pipeline be checked before anything runs:
+    a ``from:`` that names a variant no earlier stage makes is a config error, not a crash
+    twenty minutes in.
+    """
+
+    stage: str
+    name: str | None = None
+    from_: list[str] | None = Field(None, alias="from")
+    # A tune stage may target this stage: its run skips the test split when ``ctx.tuning``.
+    tunable: ClassVar[bool] = False
+
+    @field_validator("from_", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _safe_stage_name(cls, value: str | None) -> str | None:
+        return safe_name(value)  # a directory under artifacts/ and a file name under reports/
+
+    @property
+    def label(self) -> str:
+        return self.name or self.stage
+
+    def consumes(self, available: list[str]) -> list[str]:
+        """Variant names this stage reads, given those made by earlier stages."""
+        return list(self.from_) if self.from_ is not None else []
+
+    def produces(self, inputs: list[str]) -> list[str]:
+        """Variant names this stage adds, given the names it consumes."""
+        return []
+
+    def check(self, pipeline: PipelineConfig) -> None:
+        """Cross-checks that need the rest of the pipeline; raise ValueError with the key."""
+
+
+class PipelineConfig(StrictModel):
+    name: str | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    stages: list[Any] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        return safe_name(value)
+
+
+class Pipeline(BaseModel):
+    """A validated pipeline: where it came from and its typed stages."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    path: Path
+    name: str
+    config: PipelineConfig
+    raw: dict[str, Any]
+
+    @property
+    def stages(self) -> list[StageConfig]:
+        return self.config.stages
