@@ -353,7 +353,7 @@ def test_a_damaged_cached_file_is_detected_and_its_stage_reruns(
     assert cli_done.status() == {"train": "cached", "prune": "ran"}
     warnings = [r.getMessage() for r in caplog.records if "was changed or removed" in r.getMessage()]
     assert len(warnings) == 1 and str(damaged.relative_to(cli_done.cwd)) in warnings[0], warnings
-    assert damaged.is_file() and engine._load_cached(damaged.parent, "prune") is not None  # whole again
+    assert damaged.is_file() and engine.cache.load_cached(damaged.parent, "prune") is not None  # whole again
 
 
 def test_disk_full_while_a_stage_writes_exits_with_one_line_and_keeps_earlier_work(cli: Cli) -> None:
@@ -363,7 +363,7 @@ def test_disk_full_while_a_stage_writes_exits_with_one_line_and_keeps_earlier_wo
     assert "cannot write artifacts/tiny/cache/.partial/prune-" in line and "/model.pt: " in line
     assert "No space left on device; free some disk space" in line
     train_entry = _only(list(cli.cwd.glob("artifacts/tiny/cache/train-*")))
-    assert engine._load_cached(train_entry, "train") is not None  # finished, whole, verified
+    assert engine.cache.load_cached(train_entry, "train") is not None  # finished, whole, verified
     code, output = cli()
     assert code == 0, output
     assert cli.status() == {"train": "cached", "prune": "ran"}
@@ -471,7 +471,9 @@ def test_storage_errors_name_the_file_and_the_fix() -> None:
 
 def test_run_ids_are_unique_when_runs_start_in_the_same_second(tmp_path: Path) -> None:
     ids: list[str] = []
-    threads = [threading.Thread(target=lambda: ids.append(engine._new_run_id(tmp_path))) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: ids.append(engine.rundir.new_run_id(tmp_path))) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -483,7 +485,7 @@ def _entry_lock(cwd: Path, pipeline: Path, data_root: Path) -> Path:
     """The lock file the engine takes for the pipeline's first (train) stage."""
     loaded = load_pipeline(pipeline, config_registry())
     ctx = Context(loaded, "probe", cwd, torch.device("cpu"), data_root, "test")
-    key = engine.stage_key(load_stages()["train"], loaded.stages[0], [], ctx)
+    key = engine.cache.stage_key(load_stages()["train"], loaded.stages[0], [], ctx)
     return cwd / "artifacts" / loaded.name / "cache" / f".train-{key[:16]}.lock"
 
 
@@ -548,10 +550,10 @@ def test_an_input_file_gone_missing_is_one_message_naming_it(tmp_path: Path) -> 
     variant = Variant("student", "torch", model, stage="distill")
     ctx = SimpleNamespace(artifacts={"student": {"onnx_json": gone}})
     with pytest.raises(ArtifactError) as error:
-        engine._variant_hashes(variant, ctx)
+        engine.cache.variant_hashes(variant, ctx)
     message = str(error.value)
     assert "onnx_json file of variant 'student' is missing" in message and str(gone) in message
     assert "--from distill" in message
     gone.parent.mkdir()
     gone.write_text("{}")
-    assert set(engine._variant_hashes(variant, ctx)) == {"model", "onnx_json"}
+    assert set(engine.cache.variant_hashes(variant, ctx)) == {"model", "onnx_json"}

@@ -1,0 +1,336 @@
+"""The engine: orders the stages, runs each one or reuses its cached result, and records it.
+
+The cache (``engine.cache``) decides whether a stage's result can be reused; the run directory
+(``engine.rundir``) records what happened. Under torchrun, rank 0 decides and commits while
+training stages run on every rank (``_run_on_ranks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from filelock import FileLock
+
+from compress import distributed
+from compress.config import Pipeline, StageConfig, did_you_mean
+from compress.context import Context
+from compress.data import resolve_root
+from compress.engine import cache, rundir
+from compress.engine.execute import execute
+from compress.engine.records import RunOptions, RunSummary, StageRecord
+from compress.engine.trials import trial_runner
+from compress.errors import ArtifactError, ConfigError, DataError
+from compress.fileio import write_json, write_text
+from compress.stages import StageDef, load_stages
+from compress.training import resolve_precision, training_configs
+from compress.tuning import with_settings
+from compress.variants import StageResult, Variant
+
+log = logging.getLogger("compress")
+
+
+def resolve_device(requested: str, where: str = "device") -> torch.device:
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{where}: 'cuda' was requested but no CUDA device is available; "
+                "use --device auto or --device cpu (or device: cpu in the pipeline)"
+            )
+        return torch.device("cuda")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cpu")
+
+
+def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
+    registry = load_stages()
+    labels = [s.label for s in pipeline.stages]
+    for flag, value in (("--from", options.from_stage), ("--only", options.only_stage)):
+        if value is not None and value not in labels:
+            raise ConfigError(
+                f"{flag} {value}: no stage of that name in {pipeline.path}"
+                f"{did_you_mean(value, labels)}; stages: {', '.join(labels)}"
+            )
+    if options.worker:
+        only = next((s for s in pipeline.stages if s.label == options.only_stage), None)
+        if only is None or not getattr(only, "supports_workers", False):
+            raise ConfigError(
+                "--worker needs --only STAGE naming a stage that can share its work with other "
+                "processes (a tune stage), e.g. --only tune --worker"
+            )
+    device = resolve_device(
+        options.device or pipeline.config.device, "--device" if options.device else f"{pipeline.path}: device"
+    )
+    device = distributed.local_device(device)  # cuda:LOCAL_RANK under torchrun
+    _check_precision(pipeline, device)
+    try:
+        data_root, data_source = resolve_root(
+            options.data_root, pipeline.config.data.root, pipeline.path.parent
+        )
+    except DataError as exc:
+        raise DataError(f"{pipeline.path}: {exc}") from None
+
+    base = Path(options.artifacts_dir) / pipeline.name
+    try:
+        run_id = distributed.on_main(lambda: rundir.make_run_dir(base))  # under torchrun rank 0 makes it
+        run_dir = base / run_id
+    except OSError as exc:
+        raise ArtifactError(
+            f"cannot create {exc.filename or base}: {exc.strerror}; make {base} writable (or use "
+            "--artifacts elsewhere) or free some disk space"
+        ) from None
+    # under torchrun only rank 0 writes the run directory, the manifest and reports/
+    main = distributed.is_main()
+    handler = rundir.attach_log_file(run_dir / "run.log") if main else logging.NullHandler()
+    try:
+        if main:
+            write_text(
+                run_dir / "config.yaml", yaml.safe_dump(rundir.resolved_config(pipeline), sort_keys=False)
+            )
+        ctx = Context(pipeline, run_id, run_dir, device, data_root, data_source)
+        summary = RunSummary(pipeline.name, run_id, run_dir, Path(options.reports_dir) / pipeline.name)
+        manifest = rundir.manifest_header(pipeline, run_id, device, data_root, data_source)
+        ctx.manifest, ctx.reports_dir = manifest, summary.reports_dir
+        ctx.worker, ctx.run_stage = options.worker, trial_runner(ctx, registry)
+        tuned: dict[str, dict[str, Any]] = {}  # stage label -> settings chosen by a tune stage
+        started = time.perf_counter()
+        rerun = options.force
+        for cfg in pipeline.stages:
+            definition = registry[cfg.stage]
+            cfg = _apply_tuned(cfg, tuned.get(cfg.label), pipeline)
+            if options.from_stage == cfg.label:
+                rerun = True
+            if options.only_stage is not None:
+                past_only = labels.index(cfg.label) > labels.index(options.only_stage)
+                if past_only:
+                    break
+                must_run = cfg.label == options.only_stage
+                record = _run_or_reuse(
+                    definition,
+                    cfg,
+                    ctx,
+                    base,
+                    force=must_run,
+                    cache_only=not must_run,
+                    worker=options.worker and must_run,
+                )
+            else:
+                record = _run_or_reuse(definition, cfg, ctx, base, force=rerun)
+            summary.records.append(record)
+            log.info(
+                "stage %s: %s in %.1fs%s",
+                record.label,
+                record.status,
+                record.seconds,
+                f" -> {', '.join(record.outputs)}" if record.outputs else "",
+            )
+            ctx.results[cfg.label] = record.result
+            for label, settings in record.result.overrides.items():
+                tuned.setdefault(label, {}).update(settings)
+            for variant in record.result.variants:
+                ctx.variants[variant.name] = variant
+            for name, files in record.result.artifacts.items():
+                ctx.artifacts.setdefault(name, {}).update(files)
+            if not main:
+                continue
+            rundir.link(run_dir / "stages" / cfg.label, record.directory)
+            rundir.publish(record, summary.reports_dir)
+            manifest["stages"].append(rundir.manifest_entry(record, ctx))
+            if cfg.label in tuned:
+                manifest["stages"][-1]["tuned_settings"] = tuned[cfg.label]
+            if definition.distributed and training_configs(cfg):
+                manifest["stages"][-1]["training"] = _training_entry(cfg, record, device)
+            manifest["variants"] = {
+                v.name: {
+                    "stage": v.stage,
+                    "parent": v.parent,
+                    "format": v.format,
+                    "file": str(v.file),
+                    "metrics": rundir.brief(v.metrics),
+                }
+                for v in ctx.variants.values()
+            }
+            write_json(run_dir / "manifest.json", manifest)
+        summary.variants = dict(ctx.variants)
+        summary.seconds = time.perf_counter() - started
+        manifest["seconds"] = round(summary.seconds, 2)
+        if main:
+            write_json(run_dir / "manifest.json", manifest)
+            rundir.link(base / "latest", run_dir)
+        return summary
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run_or_reuse(
+    definition: StageDef,
+    cfg: StageConfig,
+    ctx: Context,
+    base: Path,
+    force: bool,
+    cache_only: bool = False,
+    worker: bool = False,
+) -> StageRecord:
+    input_names = cfg.consumes(list(ctx.variants))
+    missing = [name for name in input_names if name not in ctx.variants]
+    if missing:
+        raise ArtifactError(
+            f"stage {cfg.label!r} needs variant(s) {', '.join(missing)}, which no earlier stage "
+            "produced in this run"
+        )
+    inputs = ctx.inputs(input_names)
+    key = cache.stage_key(definition, cfg, inputs, ctx)
+    entry = base / "cache" / f"{cfg.label}-{key[:16]}"
+    partial = base / "cache" / ".partial" / entry.name
+    tic = time.perf_counter()
+    if worker:
+        # Workers share the stage's work (a study in a shared database), so they run side by
+        # side, each in a directory of its own, and only take the lock to commit.
+        partial = partial.with_name(f"{entry.name}.worker-{os.getpid()}")
+        log.info("stage %s: running as a worker (%s)", cfg.label, entry.name)
+        result = execute(definition, cfg, inputs, ctx, partial)
+        with FileLock(str(cache.lock_file(base / "cache", entry.name))):
+            cache.commit(partial, entry, result)
+            result = cache.load_cached(entry, cfg.label, verify=False)
+        return StageRecord(
+            cfg.label, cfg.stage, "ran", time.perf_counter() - tic, key, entry, input_names,
+            [v.name for v in result.variants], result,
+        )  # fmt: skip
+    if distributed.initialized():  # launched by torchrun with several processes
+        status, result = _run_on_ranks(definition, cfg, inputs, ctx, base, entry, partial, force, cache_only)
+        return StageRecord(
+            cfg.label, cfg.stage, status, time.perf_counter() - tic, key, entry, input_names,
+            [v.name for v in result.variants], result,
+        )  # fmt: skip
+    with cache.entry_lock(cache.lock_file(base / "cache", entry.name), cfg.label):
+        cached = None if force else cache.load_cached(entry, cfg.label)
+        if cached is not None:
+            log.info("stage %s: cached (%s)", cfg.label, entry.name)
+            status, result = "cached", cached
+        elif cache_only:
+            raise cache.not_cached_error(cfg.label)
+        else:
+            log.info("stage %s: running (%s)", cfg.label, entry.name)
+            if definition.needs_results:
+                cache.sweep_abandoned(base / "cache", cfg.label, entry.name)
+            result = execute(definition, cfg, inputs, ctx, partial)
+            cache.commit(partial, entry, result)
+            result = cache.load_cached(entry, cfg.label, verify=False)
+            status = "ran"
+    return StageRecord(
+        label=cfg.label,
+        kind=cfg.stage,
+        status=status,
+        seconds=time.perf_counter() - tic,
+        key=key,
+        directory=entry,
+        inputs=input_names,
+        outputs=[v.name for v in result.variants],
+        result=result,
+    )
+
+
+def _run_on_ranks(
+    definition: StageDef,
+    cfg: StageConfig,
+    inputs: list[Variant],
+    ctx: Context,
+    base: Path,
+    entry: Path,
+    partial: Path,
+    force: bool,
+    cache_only: bool,
+) -> tuple[str, StageResult]:
+    """One stage under torchrun: rank 0 decides and commits, every rank ends with its result.
+
+    Rank 0 holds the entry's lock and decides (cached / run); the others follow. A stage
+    registered ``distributed=True`` runs on every rank (DDP inside ``training.fit``): rank 0
+    in the cache's work directory, the others in scratch copies of it that are then deleted.
+    Any other stage runs on rank 0 alone (``distributed.solo``) while the others wait. Either
+    way rank 0 commits the one cache entry, and every rank reads its result from there.
+    """
+    main = distributed.is_main()
+    with ExitStack() as held:
+
+        def decide() -> str:
+            held.enter_context(cache.entry_lock(cache.lock_file(base / "cache", entry.name), cfg.label))
+            if not force and cache.load_cached(entry, cfg.label) is not None:
+                return "cached"
+            if cache_only:
+                raise cache.not_cached_error(cfg.label)
+            return "run"
+
+        status = distributed.on_main(decide)
+        log.info("stage %s: %s (%s)", cfg.label, "cached" if status == "cached" else "running", entry.name)
+        if status == "run" and definition.distributed:
+            workdir = partial if main else distributed.scratch_copy(partial)
+            distributed.barrier()  # rank 0 touches its work directory only once the copies exist
+            try:
+                if definition.needs_data:
+                    with distributed.main_first():  # rank 0 unpacks (or downloads) the data first
+                        ctx.data()
+                error: BaseException | None = None
+                try:
+                    result = execute(definition, cfg, inputs, ctx, workdir)
+                except BaseException as exc:  # tell the other ranks before raising
+                    error = exc
+                distributed.check_peers(error)
+                if error is not None:
+                    raise error
+            finally:
+                if not main:
+                    distributed.discard(workdir)
+            distributed.on_main(lambda: cache.commit(partial, entry, result))
+        elif status == "run":
+
+            def alone() -> None:
+                with distributed.solo():
+                    result = execute(definition, cfg, inputs, ctx, partial)
+                cache.commit(partial, entry, result)
+
+            distributed.on_main(alone)
+        return ("cached" if status == "cached" else "ran"), cache.load_cached(entry, cfg.label, verify=False)
+
+
+def _check_precision(pipeline: Pipeline, device: torch.device) -> None:
+    """Every training stage's ``precision`` is possible on ``device`` and, under torchrun, its
+    ``batch_size`` (the global batch) splits evenly across the processes: before anything runs."""
+    for index, cfg in enumerate(pipeline.stages):
+        for prefix, training in training_configs(cfg).items():
+            try:
+                resolve_precision(training, device)
+                if distributed.initialized():
+                    distributed.per_rank_batch(training.batch_size or 128, "batch_size")
+            except ConfigError as exc:
+                raise ConfigError(f"{pipeline.path}: stages[{index}] ({cfg.label}).{prefix}{exc}") from None
+
+
+def _training_entry(cfg: StageConfig, record: StageRecord, device: torch.device) -> dict[str, Any]:
+    """How a training stage trains on this device (a cached one was trained by an earlier run
+    on the same device type; the world size is known only for a stage that ran now)."""
+    entry: dict[str, Any] = {
+        "precision": "/".join(sorted({resolve_precision(t, device) for t in training_configs(cfg).values()})),
+    }
+    if record.status == "ran":
+        entry["world_size"] = distributed.world_size()
+    return entry
+
+
+def _apply_tuned(cfg: StageConfig, settings: dict[str, Any] | None, pipeline: Pipeline) -> StageConfig:
+    """The stage's config with the settings a tune stage chose (so they are in its cache key)."""
+    if not settings:
+        return cfg
+    try:
+        tuned = with_settings(cfg, settings, pipeline.config)
+    except ValueError as exc:
+        raise ConfigError(f"{pipeline.path}: stage {cfg.label!r}: invalid tuned settings: {exc}") from None
+    log.info("stage %s: tuned settings %s", cfg.label, ", ".join(f"{k}={v!r}" for k, v in settings.items()))
+    return tuned
