@@ -54,6 +54,7 @@ def export_onnx(
             verbose=False,
         )
         proto = program.model_proto
+        strip_debug_metadata(proto.graph)
         if metadata:
             set_metadata(proto, metadata)
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
@@ -73,6 +74,19 @@ def _quiet_loggers(names: tuple[str, ...] = ("onnxscript", "onnx_ir", "torch.onn
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def strip_debug_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node debugging notes (stack traces with our source paths, FX node
+    text, module names): they are a quarter of a small model's file, make its size depend on
+    where the code was installed, and tell an edge team nothing about how to run it."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                strip_debug_metadata(attribute.g)
+            for sub in attribute.graphs:
+                strip_debug_metadata(sub)
 
 
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
