@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from compress.config import Pipeline
-from compress.data import DataBundle, load_data
+from compress.data import DataBundle, DataSource, load_data
 from compress.variants import StageResult, Variant
 
 # run_stage(target label, {YAML path inside that stage: value}, out_dir, on_epoch=None): runs a
@@ -31,7 +31,9 @@ class Context:
     run_dir: Path
     device: torch.device
     data_root: Path
-    data_source: str
+    data_source: str  # where the root came from: --data-root, COMPRESS_DATA_ROOT, data.root, ...
+    # the data found and checked before the run started (None when no stage reads data)
+    prepared: DataSource | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
     artifacts: dict[str, dict[str, Path]] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress"))
@@ -57,7 +59,9 @@ class Context:
     def data(self) -> DataBundle:
         """The dataset, loaded on first use so fully cached runs never touch it."""
         if self._data is None:
-            self._data = load_data(self.pipeline.config.data, self.data_root, self.data_source)
+            self._data = load_data(
+                self.pipeline.config.data, self.data_root, self.data_source, prepared=self.prepared
+            )
         return self._data
 
     def inputs(self, names: list[str]) -> list[Variant]:

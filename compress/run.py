@@ -119,6 +119,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         pipeline = load_pipeline(args.pipeline, config_registry(), args.overrides)
         if args.storage:
             pipeline = with_storage(pipeline, args.storage, config_registry())
+        # a root given on the command line, either way, beats COMPRESS_DATA_ROOT
+        set_root = _set_value(args.overrides, "data.root")
         if args.validate:
             print(
                 f"ok: {pipeline.path} is valid ({len(pipeline.stages)} stages: "
@@ -128,7 +130,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         summary = run_pipeline(
             pipeline,
             RunOptions(
-                data_root=args.data_root,
+                data_root=args.data_root or set_root,
+                data_root_from="--data-root" if args.data_root else "--set data.root",
                 device=args.device,
                 force=args.force,
                 from_stage=args.from_stage,
@@ -179,6 +182,15 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         )
         return EXIT_GATE_FAILED
     return 0
+
+
+def _set_value(overrides: list[str], key: str) -> str | None:
+    """The last ``--set KEY=VALUE`` value given for ``key`` (None if not given or null)."""
+    for override in reversed(overrides):
+        name, _, value = override.partition("=")
+        if name.strip() == key:
+            return value.strip() if value.strip().lower() not in ("", "null", "none", "~") else None
+    return None
 
 
 def format_gates(summary: RunSummary) -> tuple[str, int]:

@@ -25,9 +25,9 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private user cache, so tests neither see nor fill the real one."""
     cache = tmp_path / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    data._read_dataset.cache_clear()
+    data.clear_caches()
     yield cache / "compress" / "datasets"
-    data._read_dataset.cache_clear()
+    data.clear_caches()
 
 
 def _copy_gz(data_root: Path, target: Path) -> Path:

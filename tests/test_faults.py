@@ -32,7 +32,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from compress import engine, faults, run
+from compress import data, engine, faults, run
 from compress.config import load_pipeline
 from compress.context import Context
 from compress.errors import StorageError
@@ -484,7 +484,8 @@ def test_run_ids_are_unique_when_runs_start_in_the_same_second(tmp_path: Path) -
 def _entry_lock(cwd: Path, pipeline: Path, data_root: Path) -> Path:
     """The lock file the engine takes for the pipeline's first (train) stage."""
     loaded = load_pipeline(pipeline, config_registry())
-    ctx = Context(loaded, "probe", cwd, torch.device("cpu"), data_root, "test")
+    prepared = data.prepare(loaded.config.data, data_root, "test")  # the key holds the data's fingerprint
+    ctx = Context(loaded, "probe", cwd, torch.device("cpu"), data_root, "test", prepared=prepared)
     key = engine.cache.stage_key(load_stages()["train"], loaded.stages[0], [], ctx)
     return cwd / "artifacts" / loaded.name / "cache" / f".train-{key[:16]}.lock"
 

@@ -22,6 +22,7 @@ from filelock import FileLock, Timeout
 
 from compress import faults
 from compress.config import StageConfig
+from compress.config.data import LOADING_ONLY
 from compress.context import Context
 from compress.errors import ArtifactError
 from compress.fileio import hash_tree, read_json, sha256_file, sha256_json, write_json
@@ -32,7 +33,10 @@ log = logging.getLogger("compress")
 
 
 def stage_key(definition: StageDef, cfg: StageConfig, inputs: list[Variant], ctx: Context) -> str:
-    data_spec = ctx.pipeline.config.data.model_dump(exclude={"root", "download"})
+    data = None
+    if definition.needs_data:  # what the data is (its files' fingerprint), not where it lives
+        spec = ctx.pipeline.config.data.model_dump(mode="json", exclude=set(LOADING_ONLY))
+        data = {**spec, "fingerprint": ctx.prepared.fingerprint if ctx.prepared else None}
     return sha256_json(
         {
             "stage": definition.kind,
@@ -40,7 +44,7 @@ def stage_key(definition: StageDef, cfg: StageConfig, inputs: list[Variant], ctx
             "config": cfg.model_dump(mode="json", by_alias=True),
             "inputs": {v.name: variant_hashes(v, ctx) for v in inputs},
             "seed": ctx.seed,
-            "data": data_spec if definition.needs_data else None,
+            "data": data,
             "device": ctx.device.type,
             # a stage that reports on the run (run id, timings, other stages' results) is never reused
             **({"run_id": ctx.run_id} if definition.needs_results else {}),

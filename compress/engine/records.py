@@ -15,6 +15,7 @@ from compress.variants import StageResult, Variant
 @dataclass
 class RunOptions:
     data_root: str | None = None
+    data_root_from: str = "--data-root"  # or "--set data.root": both beat COMPRESS_DATA_ROOT
     device: str | None = None
     force: bool = False
     from_stage: str | None = None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from filelock import FileLock
 from compress import distributed
 from compress.config import Pipeline, StageConfig, did_you_mean
 from compress.context import Context
-from compress.data import resolve_root
+from compress.data import DataSource, prepare, resolve_root
 from compress.engine import cache, rundir
 from compress.engine.execute import execute
 from compress.engine.records import RunOptions, RunSummary, StageRecord
@@ -72,8 +73,11 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
     _check_precision(pipeline, device)
     try:
         data_root, data_source = resolve_root(
-            options.data_root, pipeline.config.data.root, pipeline.path.parent
+            options.data_root, pipeline.config.data.root, pipeline.path.parent, options.data_root_from
         )
+        # before anything is written: missing or bad data fails now, even if every stage is cached
+        with _kept_log_records() as data_notes:  # for run.log, which does not exist yet
+            prepared = _prepare_data(pipeline, registry, data_root, data_source)
     except DataError as exc:
         raise DataError(f"{pipeline.path}: {exc}") from None
 
@@ -94,7 +98,9 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
             write_text(
                 run_dir / "config.yaml", yaml.safe_dump(rundir.resolved_config(pipeline), sort_keys=False)
             )
-        ctx = Context(pipeline, run_id, run_dir, device, data_root, data_source)
+        for record in data_notes:
+            handler.handle(record)
+        ctx = Context(pipeline, run_id, run_dir, device, data_root, data_source, prepared=prepared)
         summary = RunSummary(pipeline.name, run_id, run_dir, Path(options.reports_dir) / pipeline.name)
         manifest = rundir.manifest_header(pipeline, run_id, device, data_root, data_source)
         ctx.manifest, ctx.reports_dir = manifest, summary.reports_dir
@@ -298,6 +304,35 @@ def _run_on_ranks(
 
             distributed.on_main(alone)
         return ("cached" if status == "cached" else "ran"), cache.load_cached(entry, cfg.label, verify=False)
+
+
+def _prepare_data(
+    pipeline: Pipeline, registry: dict[str, StageDef], root: Path, label: str
+) -> DataSource | None:
+    """The pipeline's data found and checked (rank 0 first under torchrun: it may decompress)."""
+    if not any(registry[s.stage].needs_data for s in pipeline.stages):
+        return None
+    with distributed.main_first():
+        source = prepare(pipeline.config.data, root, label)
+    log.info("data: %s", source.describe())
+    return source
+
+
+@contextmanager
+def _kept_log_records() -> Iterator[list[logging.LogRecord]]:
+    """The log records of the block, to be written to the run log once it exists."""
+    kept: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record)
+
+    keeper = Keep(logging.INFO)
+    log.addHandler(keeper)
+    try:
+        yield kept
+    finally:
+        log.removeHandler(keeper)
 
 
 def _check_precision(pipeline: Pipeline, device: torch.device) -> None:
