@@ -11,13 +11,15 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
+
+from compress import measure
 
 LAYER_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 
@@ -26,14 +28,11 @@ LAYER_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Con
 
 
 def prunable_layers(
-    model: nn.Module,
-    layer_types: list[str],
-    exclude: list[str] = (),
-    exclude_classifier: bool = False,
+    model: nn.Module, layer_types: list[str], exclude: Sequence[str] = ()
 ) -> dict[str, nn.Module]:
-    """Modules of the given types, by name, minus ``exclude`` (and ``classifier`` if asked)."""
+    """Modules of the given types, by name, minus ``exclude`` (layer names; their sublayers too)."""
     kinds = tuple(LAYER_TYPES[t] for t in layer_types)
-    skipped = set(exclude) | ({"classifier"} if exclude_classifier else set())
+    skipped = set(exclude)
     return {
         name: module
         for name, module in model.named_modules()
@@ -56,19 +55,6 @@ def layer_sparsity(layers: dict[str, nn.Module]) -> tuple[float, dict[str, float
         zeros += z
         total += w.numel()
     return zeros / max(total, 1), per_layer
-
-
-def nonzero_parameters(model: nn.Module) -> int:
-    return sum(int((p.detach() != 0).sum()) for p in model.parameters())
-
-
-def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """(MACs, parameters) for one input, as torch-pruning counts them."""
-    was_training = model.training
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model.eval(), example)
-    model.train(was_training)
-    return int(macs), int(params)
 
 
 # ------------------------------------------------------------------ unstructured masks
@@ -203,6 +189,10 @@ def make_importance(kind: str) -> tp.importance.Importance:
     return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="mean")
 
 
+class UntraceableModel(ValueError):
+    """torch-pruning's dependency graph cannot be built for the model."""
+
+
 @dataclass
 class ChannelPlan:
     importance: str
@@ -225,16 +215,22 @@ def structured_prune(model: nn.Module, example: torch.Tensor, ratio: float, plan
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruner = tp.pruner.BasePruner(
-            model,
-            example,
-            importance=make_importance(plan.importance),
-            global_pruning=plan.scope == "global",
-            pruning_ratio=min(ratio, 1.0),
-            max_pruning_ratio=plan.max_layer_amount,
-            ignored_layers=ignored,
-            round_to=plan.round_to,
-        )
+        try:
+            pruner = tp.pruner.BasePruner(
+                model,
+                example,
+                importance=make_importance(plan.importance),
+                global_pruning=plan.scope == "global",
+                pruning_ratio=min(ratio, 1.0),
+                max_pruning_ratio=plan.max_layer_amount,
+                ignored_layers=ignored,
+                round_to=plan.round_to,
+            )
+        except Exception as exc:  # torch-pruning cannot trace some ops (e.g. ShuffleNet's channel shuffle)
+            raise UntraceableModel(
+                f"torch-pruning cannot trace this model's channel dependencies ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); use method: magnitude for it, or exclude the layers involved"
+            ) from exc
         with torch.no_grad():
             pruner.step()
 
@@ -251,7 +247,7 @@ def ratio_for_macs(
     def macs_at(ratio: float) -> int:
         trial = copy.deepcopy(model)
         structured_prune(trial, example, ratio, plan)
-        return count_macs(trial, example)[0]
+        return measure.count_macs(trial, example).macs
 
     high = plan.max_layer_amount
     high_macs = macs_at(high)

@@ -48,8 +48,8 @@ EXPECTED: dict[str, list[str]] = {
     "misspelt_nested_key.yaml": ["stages[0] (train).optimizer.lrr: unknown key", "did you mean 'lr'?"],
     "wrong_type_epochs.yaml": ["stages[0] (train).epochs: Input should be a valid integer", "(got 'lots')"],
     "wrong_type_section.yaml": ["data: should be a mapping of keys and values, not str (got 'mnist')"],
-    "zero_epochs.yaml": ["stages[0] (train).epochs: Input should be greater than or equal to 1 (got 0)"],
-    "negative_epochs.yaml": ["stages[0] (train).epochs: Input should be greater than or equal to 1 (got -3)"],
+    "zero_epochs.yaml": ["stages[0] (train): epochs: 0 trains nothing; give init: a weights file"],
+    "negative_epochs.yaml": ["stages[0] (train).epochs: Input should be greater than or equal to 0 (got -3)"],
     "huge_epochs.yaml": [
         "stages[0] (train).epochs: Input should be less than or equal to 10000 (got 1000000000)",
         "the upper bound catches typos",
@@ -60,7 +60,10 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "negative_limit.yaml": ["data.limit_train: Input should be greater than 0 (got -1)"],
     "sparsity_one.yaml": ["stages[1] (prune).amount: Input should be less than 1 (got 1.0)", "a fraction"],
-    "unknown_dataset.yaml": ["data.dataset: Input should be 'mnist', 'fashion_mnist' or 'cifar10'"],
+    "unknown_dataset.yaml": [
+        "data.dataset: Input should be 'mnist', 'fashion_mnist', 'kmnist'",
+        "'imagefolder'",
+    ],
     "unknown_model.yaml": [
         "stages[0] (train).model.arch: unknown architecture 'lenet6'",
         "did you mean 'lenet5'?",
@@ -103,7 +106,14 @@ EXPECTED: dict[str, list[str]] = {
         "stages[0] (train).init:",
         "evil.pt: not a readable checkpoint (it holds Python objects other than tensors",
     ],
-    "init_not_a_model_file.yaml": ["stages[0] (train).init: plain-state.pt is not a compress model file"],
+    "init_state_does_not_fit.yaml": [
+        "stages[0] (train).init: plain-state.pt does not fit lenet5: 8 missing keys: classifier.bias",
+        "1 unexpected keys: weight",
+    ],
+    "init_without_state_dict.yaml": [
+        "stages[0] (train).init: no-state.pt holds no state dict (keys: epoch, note)",
+        "torch.save(model.state_dict(), path)",
+    ],
     "stage_name_path.yaml": ["stages[0] (../../../etc/cron.d/x).name: may hold only letters, digits"],
     "pipeline_name_path.yaml": ["name: may hold only letters, digits", "got '../../etc'"],
     "output_name_path.yaml": ["stages[0] (train).output: variant name may hold only", "'../../outside'"],
@@ -114,6 +124,13 @@ EXPECTED: dict[str, list[str]] = {
     "import_path_not_a_path.yaml": [
         "stages[0] (train).model.import_path:",
         "is not 'package.module:factory'",
+    ],
+    "torchvision_unknown_model.yaml": [
+        "stages[0] (train).model.torchvision: torchvision has no classification model 'resnet81'",
+        "did you mean 'resnet18'?",
+    ],
+    "torchvision_with_width.yaml": [
+        "stages[0] (train).model: width shape(s) zoo models only, not torchvision models"
     ],
     "import_path_and_arch.yaml": ["stages[0] (train).model: give either arch ('lenet5') or import_path"],
     "bad_set_syntax.yaml": ["--set epochs: expected KEY=VALUE"],
@@ -143,6 +160,7 @@ def _case_files(cwd: Path) -> Path:
     with open(cwd / "evil.pt", "wb") as handle:
         pickle.dump({"format": "compress.model/1", "state": Marker(marker)}, handle)
     torch.save({"weight": torch.zeros(3)}, cwd / "plain-state.pt")
+    torch.save({"epoch": 3, "note": "no weights here"}, cwd / "no-state.pt")
     return marker
 
 
@@ -369,7 +387,11 @@ ALLOWED_IMPORTS = {"compress/stages/__init__.py", "compress/config/safety.py"}
 # TorchScript and torch.export files are made by our own stages and read back from the
 # hash-checked cache only, never from a path a user gives (torch.export.load may unpickle).
 ALLOWED_PROGRAM_LOADS = {"compress/exporting.py", "compress/quantization.py", "compress/stages/benchmark.py"}
-ALLOWED_SAVES = {"compress/models.py", "compress/training.py"}  # plain dicts of tensors only
+ALLOWED_SAVES = {  # plain dicts of tensors only
+    "compress/models/files.py",
+    "compress/training.py",
+    "compress/data/source.py",
+}
 
 
 def unsafe_calls(rel: str, source: str) -> list[str]:
@@ -459,7 +481,7 @@ def test_pruned_models_are_spec_and_state_dict_and_reload_without_code(tmp_path:
     models.save_model(model, spec, tmp_path / "slim.pt")
 
     payload = torch.load(tmp_path / "slim.pt", weights_only=True)
-    assert set(payload) == {"format", "spec", "state"}
+    assert set(payload) == {"format", "spec", "state", "groups"}  # groups: grouped convolutions' counts
     assert all(isinstance(v, torch.Tensor) for v in payload["state"].values())
     reloaded, _ = models.load_model(tmp_path / "slim.pt")
     x = torch.randn(4, 1, 28, 28)

@@ -30,7 +30,8 @@ import torch
 from compress import distributed
 from compress.config import DataConfig, ModelConfig, OptimizerConfig, TrainingConfig
 from compress.data import load_data
-from compress.models import build_model, count_parameters
+from compress.measure import count_parameters
+from compress.models import build_model
 from compress.training import fit
 
 RESULT_PREFIX = "ddp-epoch-result: "

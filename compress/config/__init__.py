@@ -20,13 +20,14 @@ from compress.config.model import ModelConfig
 from compress.config.paths import apply_override, locate, split_path
 from compress.config.pipeline import Pipeline, PipelineConfig, StageConfig
 from compress.config.safety import import_factory, mask_secrets, project_file, safe_name
-from compress.config.sections import OptimizerConfig, SoftLabels, StrictModel, TrainingConfig
+from compress.config.sections import MAX_EPOCHS, OptimizerConfig, SoftLabels, StrictModel, TrainingConfig
 from compress.config.yaml_file import read_yaml
 
 # the tune stage's settings module still imports the old private name; removed when it moves
 _format_errors = format_errors
 
 __all__ = [
+    "MAX_EPOCHS",
     "DataConfig",
     "ModelConfig",
     "OptimizerConfig",

@@ -94,10 +94,10 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
         "T=%s alpha=%s, %d seed(s), control %s",
         cfg.label,
         source.name,
-        teacher_spec.get("arch"),
+        teacher_spec.get("torchvision") or teacher_spec.get("timm") or teacher_spec.get("arch"),
         teacher_size["parameters"],
         _shown(teacher_test),
-        cfg.student.arch,
+        cfg.student.label,
         student_size["parameters"],
         teacher_size["parameters"] / student_size["parameters"],
         cfg.temperature,
@@ -218,7 +218,7 @@ def _train_one(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train one student; distilled and scratch runs with the same seed start from the same weights."""
     torch.manual_seed(seed)
-    model = build_model(spec)
+    model = build_model(spec, pretrained=True)  # model.weights, if the student names pretrained ones
     workdir = out_dir / "work" / f"seed{seed}-{kind}"
     started, cpu_started = time.perf_counter(), time.process_time()
     result = fit(

@@ -17,12 +17,13 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from compress import pruning
+from compress import measure, pruning
 from compress.config import OptimizerConfig, SoftLabels, StageConfig, TrainingConfig
 from compress.context import Context
 from compress.errors import ConfigError
 from compress.fileio import read_json, write_json
-from compress.models import count_parameters, load_model, save_model
+from compress.measure import count_parameters
+from compress.models import inspect, load_model, save_model
 from compress.stages import stage
 from compress.training import Distillation, evaluate, fit, teacher_logits
 from compress.variants import StageResult, Variant
@@ -147,8 +148,8 @@ def run(cfg: PruneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
                     ctx,
                     cfg,
                     f"{key}",
-                    f"no layer named {name!r} in {spec.get('arch')}; layers: "
-                    + ", ".join(
+                    f"no layer named {name!r} in {_model_name(spec)}; layers: "
+                    + _listed(
                         n
                         for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
@@ -161,16 +162,26 @@ def run(cfg: PruneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
                 ctx,
                 cfg,
                 "layer_types",
-                f"{spec.get('arch')} has no {kind} layers; it has "
+                f"{_model_name(spec)} has no {kind} layers; it has "
                 + ", ".join(sorted(present & set(pruning.LAYER_TYPES))),
             )
     example = bundle.normalize(bundle.train.x[:1]).cpu()
+    classifier = inspect(model, example, bundle.num_classes).classifier
+    if classifier is None:
+        ctx.log.warning(
+            "%s: found no classifier layer (one output per class); no layer is kept whole", cfg.label
+        )
     started, cpu_started = time.perf_counter(), time.process_time()
     teacher = _teacher(cfg, model, bundle, ctx)
     if cfg.method == "magnitude":
-        result = _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher)
+        kept = [*cfg.exclude, *([classifier] if cfg.exclude_classifier and classifier else [])]
+        result = _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher, kept)
     else:
-        result = _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher)
+        kept = [*([classifier] if classifier else []), *cfg.exclude]
+        try:
+            result = _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher, kept)
+        except pruning.UntraceableModel as exc:
+            raise _fail(ctx, cfg, "method", f"structured pruning of {_model_name(spec)}: {exc}") from None
     variant = result.variants[0]
     variant.info["distill"] = cfg.distill.model_dump() if cfg.distill else None
     variant.metrics["prune_seconds"] = round(time.perf_counter() - started, 2)
@@ -178,6 +189,16 @@ def run(cfg: PruneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
     for key in ("prune_seconds", "prune_cpu_seconds"):
         result.metrics[key] = variant.metrics[key]
     return result
+
+
+def _model_name(spec: dict) -> str:
+    return str(spec.get("torchvision") or spec.get("timm") or spec.get("import_path") or spec.get("arch"))
+
+
+def _listed(names, limit: int = 20) -> str:  # noqa: ANN001 - any iterable of names
+    names = list(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _teacher(cfg: PruneConfig, model: torch.nn.Module, bundle, ctx: Context) -> Distillation | None:
@@ -206,8 +227,8 @@ def _measure(model, bundle, ctx) -> dict:
 # ------------------------------------------------------------------ magnitude
 
 
-def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher) -> StageResult:
-    layers = pruning.prunable_layers(model, cfg.layer_types, cfg.exclude, cfg.exclude_classifier)
+def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher, kept) -> StageResult:
+    layers = pruning.prunable_layers(model, cfg.layer_types, kept)
     if not layers:
         raise _fail(ctx, cfg, "layer_types", "no layer left to prune after exclude/exclude_classifier")
     limits = {n: cfg.max_layer_sparsity for n in layers} if cfg.max_layer_sparsity else {}
@@ -225,12 +246,12 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher) -> Stage
     if initial >= cfg.amount:
         raise _fail(ctx, cfg, "amount", f"the input {source.name!r} is already {initial:.4f} sparse")
     example = bundle.normalize(bundle.train.x[:1]).cpu()
-    macs, params = pruning.count_macs(model, example)
+    macs, params = measure.count_macs(model, example).macs, measure.count_parameters(model)
     before = _measure(model, bundle, ctx)
 
     # accuracy of one-shot pruning to the final sparsity, before any fine-tuning
     probe = copy.deepcopy(model)
-    probe_layers = pruning.prunable_layers(probe, cfg.layer_types, cfg.exclude, cfg.exclude_classifier)
+    probe_layers = pruning.prunable_layers(probe, cfg.layer_types, kept)
     pruning.magnitude_masks(probe_layers, cfg.amount, limits)
     just_pruned = _measure(probe.to(ctx.device), bundle, ctx)
     del probe
@@ -306,7 +327,7 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher) -> Stage
         out_dir / "per_layer_sparsity.json",
         {"variant": cfg.output_name, "overall": sparsity, "layers": per_layer},
     )
-    nonzero = pruning.nonzero_parameters(model)
+    nonzero = measure.count_nonzero_parameters(model)
     metrics = {
         **after,
         "parameters": count_parameters(model),
@@ -354,17 +375,17 @@ def _magnitude(cfg, model, spec, bundle, ctx, out_dir, source, teacher) -> Stage
 # ------------------------------------------------------------------ structured
 
 
-def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher) -> StageResult:
+def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher, kept) -> StageResult:
     plan = pruning.ChannelPlan(
         importance=cfg.importance,
         scope=cfg.scope,
         max_layer_amount=cfg.max_layer_amount,
-        ignored=["classifier", *cfg.exclude],
+        ignored=kept,
         layer_types=list(cfg.layer_types),
         round_to=cfg.round_to,
     )
     model = model.cpu()
-    macs0, params0 = pruning.count_macs(model, example)
+    macs0, params0 = measure.count_macs(model, example).macs, measure.count_parameters(model)
     steps = cfg.steps
     target = macs0 / cfg.target_macs_reduction if cfg.target_macs_reduction else None
     if target is not None:
@@ -374,7 +395,7 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher
                 ctx,
                 cfg,
                 "target_macs_reduction",
-                f"{cfg.target_macs_reduction}x is unreachable for {spec.get('arch')}: at most "
+                f"{cfg.target_macs_reduction}x is unreachable for {_model_name(spec)}: at most "
                 f"{macs0 / reached:.2f}x with max_layer_amount={cfg.max_layer_amount} "
                 "(the classifier and excluded layers stay whole)",
             )
@@ -412,7 +433,7 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher
             cumulative = cfg.amount * k / steps
             step_ratio = 1 - (1 - cumulative) / (1 - previous)
         pruning.structured_prune(model, example, step_ratio, plan)
-        macs_k, params_k = pruning.count_macs(model, example)
+        macs_k, params_k = measure.count_macs(model, example).macs, measure.count_parameters(model)
         record = {
             "step": k,
             "ratio": cumulative if cumulative is not None else step_ratio,
@@ -458,7 +479,7 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher
     model = model.cpu()
     save_model(model, spec, out_dir / "model.pt")
     model, _ = load_model(out_dir / "model.pt")
-    macs1, params1 = pruning.count_macs(model, example)
+    macs1, params1 = measure.count_macs(model, example).macs, measure.count_parameters(model)
     after = _measure(model.to(ctx.device), bundle, ctx)
     shapes = {
         n: list(m.weight.shape)
@@ -468,7 +489,7 @@ def _structured(cfg, model, spec, bundle, ctx, out_dir, source, example, teacher
     metrics = {
         **after,
         "parameters": params1,
-        "nonzero_parameters": pruning.nonzero_parameters(model),
+        "nonzero_parameters": measure.count_nonzero_parameters(model),
         "parameters_before": params0,
         "macs": macs1,
         "macs_before": macs0,

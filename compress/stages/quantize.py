@@ -29,7 +29,7 @@ from compress.context import Context
 from compress.data import DataBundle, calibration_images
 from compress.errors import ArtifactError
 from compress.fileio import write_json
-from compress.models import count_parameters
+from compress.measure import count_parameters
 from compress.stages import stage
 from compress.variants import StageResult, Variant
 

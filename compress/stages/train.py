@@ -1,4 +1,9 @@
-"""Stage ``train``: the baseline every compressed variant is compared against."""
+"""Stage ``train``: the baseline every compressed variant is compared against.
+
+It trains a model from scratch, fine-tunes one from weights the user brings (``init``: their
+own ``state_dict`` file, a checkpoint dict, or a compress ``model.pt``), or with ``epochs: 0``
+takes those weights as they are, so "compress my trained model" is one short YAML.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +12,46 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
+from torch import nn
 
-from compress.config import ModelConfig, StageConfig, TrainingConfig, project_file
+from compress.config import MAX_EPOCHS, ModelConfig, StageConfig, TrainingConfig, project_file
 from compress.context import Context
 from compress.errors import ArtifactError
 from compress.fileio import sha256_file
-from compress.models import (
-    apply_state,
-    build_model,
-    count_parameters,
-    is_model_payload,
-    load_checkpoint,
-    save_model,
-)
+from compress.measure import count_parameters
+from compress.models import apply_state, build_model, is_model_payload, load_checkpoint, save_model
+from compress.models.weights import load_exact, state_dict_in
 from compress.stages import stage
 from compress.training import evaluate, fit
 from compress.variants import StageResult, Variant
+
+# the data a model is built for when only its layer names matter (validation, before any data)
+PLACEHOLDER_DATA = {"in_channels": 3, "image_size": 32, "num_classes": 10}
 
 
 class TrainConfig(StageConfig, TrainingConfig):
     stage: Literal["train"]
     tunable: ClassVar[bool] = True
+    epochs: int = Field(10, ge=0, le=MAX_EPOCHS)  # 0: take ``init`` as it is (no training)
     model: ModelConfig = ModelConfig()
     output: str = "baseline"
-    # start from the weights of a compress model file (model.pt of any run) instead of random
-    # ones; a path inside the project, relative to the working directory
+    # start from these weights instead of random ones: a state dict file (what
+    # ``torch.save(model.state_dict(), path)`` writes), a checkpoint dict holding one
+    # (``model_state_dict``, ``state_dict``), or a model.pt of any compress run; a path inside
+    # the project, relative to the working directory
     init: str | None = Field(None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _zero_epochs_need_weights(self) -> TrainConfig:
+        if self.epochs == 0 and self.init is None:
+            raise ValueError(
+                "epochs: 0 trains nothing; give init: a weights file to compress a model as it is, "
+                "or epochs >= 1"
+            )
+        if self.init is not None and self.model.weights is not None:
+            raise ValueError("give init (your weights) or model.weights (pretrained), not both")
+        return self
 
     def consumes(self, available: list[str]) -> list[str]:
         if self.from_:
@@ -45,15 +63,20 @@ class TrainConfig(StageConfig, TrainingConfig):
             init_state(self)  # a missing, foreign or mismatched file fails before anything runs
 
     def cache_extras(self, pipeline: object) -> dict[str, str]:
-        """The init file's content is part of what this stage makes."""
-        return {"init_sha256": sha256_file(project_file(self.init, "init"))} if self.init else {}
+        """The init file's content (or pretrained weights file's) is part of what this stage makes."""
+        extras = {"init_sha256": sha256_file(project_file(self.init, "init"))} if self.init else {}
+        weights = self.model.weights
+        if weights is not None and (project_file(weights, "weights")).is_file():
+            extras["weights_sha256"] = sha256_file(project_file(weights, "weights"))
+        return extras
 
     def produces(self, inputs: list[str]) -> list[str]:
         return [self.output]
 
 
-def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The state dict in ``cfg.init``, loaded with weights_only; ValueError('init: ...') if unusable."""
+def init_state(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict | None, bool]:
+    """(state dict, conv groups, is a compress model file) from ``cfg.init``, read with
+    weights_only; ValueError('init: ...') if the file is unusable or its layers have other names."""
     path = project_file(cfg.init or "", "init")
     if not path.is_file():
         raise ValueError(f"init: {cfg.init}: file not found (looked in {path.parent})")
@@ -61,17 +84,64 @@ def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
         payload = load_checkpoint(path)
     except ArtifactError as exc:
         raise ValueError(f"init: {exc}") from None
-    if not is_model_payload(payload):
+    if is_model_payload(payload):
+        spec = payload["spec"]
+        if spec.get("arch") != cfg.model.arch:
+            raise ValueError(
+                f"init: {cfg.init} holds a {spec.get('arch')!r} model, but model.arch is {cfg.model.arch!r}"
+            )
+        return payload["state"], payload.get("groups"), True
+    found = state_dict_in(payload)
+    if found is None:
+        keys = ", ".join(list(payload)[:6])
         raise ValueError(
-            f"init: {cfg.init} is not a compress model file (a model.pt written by a train, prune or "
-            "distill stage)"
+            f"init: {cfg.init} holds no state dict (keys: {keys}); save one with "
+            "torch.save(model.state_dict(), path) or give a checkpoint with 'model_state_dict'"
         )
-    spec, state = payload["spec"], payload["state"]
-    if spec.get("arch") != cfg.model.arch:
+    state, _ = found
+    try:
+        model = build_model({**cfg.model.spec(), **PLACEHOLDER_DATA})
+    except ArtifactError as exc:
+        raise ValueError(f"model: {exc}") from None
+    names = set(model.state_dict())
+    missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+    if missing or unexpected:
+        shown = [f"{len(missing)} missing keys: {', '.join(missing[:5])}" if missing else ""]
+        shown.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:5])}" if unexpected else "")
         raise ValueError(
-            f"init: {cfg.init} holds a {spec.get('arch')!r} model, but model.arch is {cfg.model.arch!r}"
+            f"init: {cfg.init} does not fit {cfg.model.label}: {'; '.join(s for s in shown if s)}"
         )
-    return state
+    return state, None, False
+
+
+def _initialise(cfg: TrainConfig, model: nn.Module) -> None:
+    """Load ``cfg.init`` into ``model``: a compress file may hold channel-pruned layers (they are
+    resized); a user's state dict must fit the model exactly."""
+    try:
+        state, groups, ours = init_state(cfg)
+    except ValueError as exc:  # the file changed since the pipeline was validated
+        raise ArtifactError(f"stage {cfg.label!r}: {exc}") from None
+    try:
+        if ours:
+            apply_state(model, state, groups)
+        else:
+            load_exact(model, state)
+    except ValueError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:600]
+        raise ArtifactError(
+            f"stage {cfg.label!r}: init: the weights in {cfg.init} do not fit the model: {first}"
+        ) from None
+
+
+def _check_outputs(cfg: TrainConfig, model: nn.Module, bundle) -> None:
+    """The model must give one logit per class of the data (a user's factory or weights may not)."""
+    with torch.no_grad():
+        out = model.eval()(bundle.normalize(bundle.train.x[:2]))
+    if out.dim() != 2 or out.shape[1] != bundle.num_classes:
+        raise ArtifactError(
+            f"stage {cfg.label!r}: {cfg.model.label} outputs shape {tuple(out.shape)} for 2 images, but the "
+            f"data has {bundle.num_classes} classes; it must output (batch, {bundle.num_classes}) logits"
+        )
 
 
 @stage("train", TrainConfig, version=2, distributed=True)
@@ -79,34 +149,31 @@ def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
     bundle = ctx.data()
     spec = {**cfg.model.spec(), **bundle.model_fields()}
     torch.manual_seed(ctx.seed)  # the initial weights depend on the seed alone, not on what ran before
-    model = build_model(spec)
+    model = build_model(spec, pretrained=True)
     if cfg.init is not None:
-        try:
-            state = init_state(cfg)
-        except ValueError as exc:  # the file changed since the pipeline was validated
-            raise ArtifactError(f"stage {cfg.label!r}: {exc}") from None
-        try:
-            apply_state(model, state)  # resizes e.g. a channel-pruned model's narrower layers
-        except ValueError as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ArtifactError(
-                f"stage {cfg.label!r}: init: the weights in {cfg.init} do not fit the model: {first}"
-            ) from None
+        _initialise(cfg, model)
         ctx.log.info("train: initial weights from %s", cfg.init)
+    _check_outputs(cfg, model, bundle)
     ctx.log.info(
-        "train: %s (width %s), %d parameters, %d training / %d validation images, device %s",
-        cfg.model.arch,
-        cfg.model.width,
+        "train: %s%s, %d parameters, %d training / %d validation images, device %s",
+        cfg.model.label,
+        f" (width {cfg.model.width})" if cfg.model.arch in ("lenet300", "lenet5", "resnet20", "mlp") else "",
         count_parameters(model),
         len(bundle.train),
         len(bundle.val),
         ctx.device,
     )
     started = time.perf_counter()
-    result = fit(
-        model, bundle, cfg, ctx.device, ctx.seed, out_dir / "work", desc=cfg.label, on_epoch=ctx.on_epoch
-    )
+    history, resumed = [], 0
+    if cfg.epochs:
+        result = fit(
+            model, bundle, cfg, ctx.device, ctx.seed, out_dir / "work", desc=cfg.label, on_epoch=ctx.on_epoch
+        )
+        history, resumed = result.history, result.resumed_from_epoch
+    else:
+        ctx.log.info("train: epochs 0: the weights in %s are taken as they are", cfg.init)
     wall = time.perf_counter() - started
+    model.to(ctx.device)
     # a tuning trial is scored on validation data only: there the test split is off limits
     empty = {"accuracy": None, "correct": None, "count": None, "per_class_accuracy": None}
     test = empty if ctx.tuning else evaluate(model, bundle, bundle.test, ctx.device)
@@ -121,7 +188,7 @@ def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
         "parameters": count_parameters(model),
         "epochs": cfg.epochs,
         "train_seconds": round(wall, 2),
-        "resumed_from_epoch": result.resumed_from_epoch,
+        "resumed_from_epoch": resumed,
     }
     variant = Variant(
         name=cfg.output,
@@ -129,6 +196,6 @@ def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
         file=out_dir / "model.pt",
         stage=cfg.label,
         metrics=metrics,
-        info={"arch": cfg.model.arch, "spec": spec, "curves": "work/history.json"},
+        info={"arch": cfg.model.arch, "model": cfg.model.label, "spec": spec, "curves": "work/history.json"},
     )
-    return StageResult(variants=[variant], metrics={"history": result.history, **metrics})
+    return StageResult(variants=[variant], metrics={"history": history, **metrics})
