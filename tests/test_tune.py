@@ -26,7 +26,9 @@ import sqlalchemy
 from compress.config import load_pipeline
 from compress.errors import ConfigError
 from compress.stages import REGISTRY, StageDef, config_registry
-from compress.tuning import TuningTestReadError, driver_url, mask_secrets, with_storage
+from compress.tuning import mask_secrets, with_storage
+from compress.tuning.guard import TuningTestReadError
+from compress.tuning.storage import driver_url
 from tests.conftest import run_cli, write_pipeline
 from tests.pg import PASSWORD, postgres_url  # noqa: F401  (a fixture)
 

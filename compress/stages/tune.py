@@ -39,7 +39,9 @@ from compress.context import Context
 from compress.errors import ArtifactError, CompressError, ConfigError
 from compress.fileio import sha256_file, sha256_json, write_json
 from compress.stages import stage
-from compress.tuning import StudyLock, check_storage_url, driver_url, mask_secrets, value_at, with_settings
+from compress.tuning import mask_secrets, with_settings
+from compress.tuning.settings import value_at
+from compress.tuning.storage import StudyLock, check_storage_url, driver_url
 from compress.variants import StageResult, Variant
 
 DERIVED_METRICS = ("file_bytes", "gzip_bytes", "latency_ms")
