@@ -1,5 +1,5 @@
-"""The tuning mechanics below the ``tune`` stage: settings by YAML path, the test-split guard,
-the study's storage and cross-process lock, one module each.
+"""The tuning mechanics below the ``tune`` stage: the search space, the study on its storage,
+the objective, full-budget confirmation, selection and summaries, one module each.
 
 It never imports the stages or the engine, so both may import it; the names below are the
 ones they use.

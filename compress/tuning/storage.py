@@ -49,6 +49,15 @@ def driver_url(url: str) -> str:
     return url
 
 
+def study_url(storage: str | None, out_dir: Path) -> tuple[str, str]:
+    """The URL to open and the one to show: ``storage`` with its driver, or by default an
+    SQLite file in the stage directory. The default database moves with that directory, so
+    it is shown relative to it; any other URL is shown with its password masked."""
+    url = driver_url(storage or f"sqlite:///{(out_dir / 'study.db').resolve()}")
+    shown = "sqlite:///study.db (in the tune stage's directory)" if storage is None else mask_secrets(url)
+    return url, shown
+
+
 def with_storage(pipeline: Any, url: str, registry: dict[str, type[StageConfig]]) -> Any:
     """The pipeline with ``storage: url`` set on every tune stage (the ``--storage`` option)."""
     from compress.config import validate_pipeline
