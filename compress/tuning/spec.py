@@ -1,6 +1,6 @@
 """What the study machinery reads of a tune stage's config, written down as a Protocol: the
 stage's ``TuneConfig`` (above this package) satisfies it, so the machinery needs no import of
-the stage, and this list says exactly which settings each search depends on.
+the stage, and this list says exactly which settings a search depends on.
 """
 
 from __future__ import annotations
@@ -15,24 +15,31 @@ from compress.tuning.space import SpaceEntry
 class SearchSpec(Protocol):
     """One search: what to vary in which stage, how to score and choose, and its budget."""
 
-    @property
-    def label(self) -> str: ...  # the tune stage's own name, for messages
-
     # what is searched
+    target: str
+    variant: str | None
+    space: dict[str, SpaceEntry]
+    trial_overrides: dict[str, Any]
+    enqueue_default: bool
+    # how trials are scored and one is chosen
+    constraint: ConstraintConfig | None
+    confirm: int
+    # how the study runs
+    seed: int | None
+    startup_trials: int | None
+    population_size: int | None
+    n_trials: int
+    timeout: float | None
+    heartbeat_interval: int
+    grace_period: int | None
+    max_retry: int
+    keep_trials: bool
+
+    # read-only below: derived from the config, or narrowed there to a few literal values
     @property
-    def target(self) -> str: ...
+    def label(self) -> str: ...
     @property
     def target_config(self) -> StageConfig | None: ...
-    @property
-    def variant(self) -> str | None: ...
-    @property
-    def space(self) -> dict[str, SpaceEntry]: ...
-    @property
-    def trial_overrides(self) -> dict[str, Any]: ...
-    @property
-    def enqueue_default(self) -> bool: ...
-
-    # how trials are scored and one is chosen
     @property
     def metrics(self) -> list[str]: ...
     @property
@@ -40,34 +47,10 @@ class SearchSpec(Protocol):
     @property
     def primary(self) -> int: ...
     @property
-    def constraint(self) -> ConstraintConfig | None: ...
-    @property
     def selection(self) -> str: ...
-    @property
-    def confirm(self) -> int: ...
-    def against(self) -> str | None: ...
-    def selection_rule(self) -> str: ...
-
-    # how the study runs
     @property
     def sampler(self) -> str: ...
     @property
     def pruner(self) -> str: ...
-    @property
-    def seed(self) -> int | None: ...
-    @property
-    def startup_trials(self) -> int | None: ...
-    @property
-    def population_size(self) -> int | None: ...
-    @property
-    def n_trials(self) -> int: ...
-    @property
-    def timeout(self) -> float | None: ...
-    @property
-    def heartbeat_interval(self) -> int: ...
-    @property
-    def grace_period(self) -> int | None: ...
-    @property
-    def max_retry(self) -> int: ...
-    @property
-    def keep_trials(self) -> bool: ...
+    def against(self) -> str | None: ...
+    def selection_rule(self) -> str: ...
