@@ -66,7 +66,7 @@ def confirm(
         metrics = variant_metrics(variant, cfg, ctx)
         value = number(metrics, cfg.constraint.metric, cfg, variant)
         drop = drop_pp(reference, value, cfg.constraint)
-        meets = round(drop - cfg.constraint.max_drop_pp, 9) <= 0
+        meets = cfg.constraint.excess(drop) <= 0
         runs.append(
             {
                 "number": trial.number,

@@ -27,6 +27,11 @@ class ConstraintConfig(StrictModel):
     # candidate; ``confirm`` then re-checks candidates against max_drop_pp at full budget.
     trial_slack_pp: float = Field(0.0, ge=0, le=100)
 
+    def excess(self, drop: float, slack: float = 0.0) -> float:
+        """How far ``drop`` is past the tolerance (plus ``slack``); <= 0 meets it (Optuna's
+        convention for constraints). Rounded like ``drop_pp``."""
+        return round(drop - self.max_drop_pp - slack, 9)
+
 
 def drop_pp(reference: float, value: float, constraint: ConstraintConfig) -> float:
     """How far ``value`` is below ``reference``: percentage points, or percent of it when relative.

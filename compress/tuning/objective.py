@@ -70,7 +70,7 @@ class Objective:
         if cfg.constraint is not None:
             value = number(metrics, cfg.constraint.metric, cfg, variant)
             drop = drop_pp(self.reference, value, cfg.constraint)
-            excess = round(drop - cfg.constraint.max_drop_pp - cfg.constraint.trial_slack_pp, 9)
+            excess = cfg.constraint.excess(drop, slack=cfg.constraint.trial_slack_pp)
             feasible = excess <= 0
             trial.set_constraint("accuracy_drop", excess)  # Optuna's convention: <= 0 is feasible
             trial.set_user_attr("constraint", [excess])

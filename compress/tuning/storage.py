@@ -80,6 +80,13 @@ def with_storage(pipeline: Any, url: str, registry: dict[str, type[StageConfig]]
     return validate_pipeline(raw, pipeline.path, registry)
 
 
+# the statements that take and give back a database lock, by kind
+_DATABASE_LOCKS = {
+    "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
+    "mysql": ("SELECT GET_LOCK(:n, -1)", "SELECT RELEASE_LOCK(:n)"),
+}
+
+
 class StudyLock:
     """Serialises "count the study's trials, then start one" across processes.
 
@@ -92,24 +99,31 @@ class StudyLock:
     def __init__(self, url: str, study_name: str):
         self.kind = "thread"
         self.held = False
-        self._thread = threading.Lock()
-        self._file = None
         self._conn = None
-        key = int.from_bytes(hashlib.sha256(f"compress.tune:{study_name}".encode()).digest()[:8], "big")
-        self._key = key - (1 << 64) if key >= 1 << 63 else key  # a signed bigint
-        self._name = f"compress.tune.{hashlib.sha256(study_name.encode()).hexdigest()[:40]}"
+        thread = threading.Lock()
+        self._take, self._give = thread.acquire, thread.release
         if url.startswith("sqlite"):
             path = _sqlite_path(url)
             if path is not None:
                 from filelock import FileLock
 
-                self.kind, self._file = "file", FileLock(str(path) + ".lock")
+                file = FileLock(str(path) + ".lock")
+                self.kind, self._take, self._give = "file", file.acquire, file.release
         elif url.startswith(("postgresql", "postgres", "mysql", "mariadb")):
             import sqlalchemy
 
             self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
             self._conn = self._engine.connect()
             self.kind = "postgresql" if url.startswith("postgres") else "mysql"
+            if self.kind == "postgresql":
+                digest = hashlib.sha256(f"compress.tune:{study_name}".encode()).digest()
+                key = int.from_bytes(digest[:8], "big")
+                params: dict[str, Any] = {"k": key - (1 << 64) if key >= 1 << 63 else key}  # a signed bigint
+            else:
+                params = {"n": f"compress.tune.{hashlib.sha256(study_name.encode()).hexdigest()[:40]}"}
+            take, give = _DATABASE_LOCKS[self.kind]
+            self._take = lambda: self._execute(take, params)
+            self._give = lambda: self._execute(give, params)
         else:
             self.kind = "none"
 
@@ -118,36 +132,20 @@ class StudyLock:
         return self.kind in ("file", "postgresql", "mysql")
 
     def acquire(self) -> None:
-        import sqlalchemy
-
-        if self.kind == "file":
-            self._file.acquire()
-        elif self.kind == "postgresql":
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-            self._conn.commit()
-        elif self.kind == "mysql":
-            self._conn.execute(sqlalchemy.text("SELECT GET_LOCK(:n, -1)"), {"n": self._name})
-            self._conn.commit()
-        else:
-            self._thread.acquire()
+        self._take()
         self.held = True
 
     def release(self) -> None:
         if not self.held:
             return
+        self.held = False
+        self._give()
+
+    def _execute(self, statement: str, params: dict[str, Any]) -> None:
         import sqlalchemy
 
-        self.held = False
-        if self.kind == "file":
-            self._file.release()
-        elif self.kind == "postgresql":
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
-            self._conn.commit()
-        elif self.kind == "mysql":
-            self._conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:n)"), {"n": self._name})
-            self._conn.commit()
-        else:
-            self._thread.release()
+        self._conn.execute(sqlalchemy.text(statement), params)
+        self._conn.commit()
 
     def close(self) -> None:
         self.release()

@@ -32,6 +32,15 @@ POLL_SECONDS = 1.0
 
 
 @contextmanager
+def _experimental_ok() -> Iterator[None]:
+    """Heartbeats, metric names and constrained samplers are experimental in Optuna; we use
+    them on purpose, so their warnings would only be noise in the log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+@contextmanager
 def opened_study(
     url: str, shown_url: str, study_name: str, cfg: SearchSpec, ctx: Context, private: bool
 ) -> Iterator[tuple[optuna.Study, StudyLock]]:
@@ -57,8 +66,7 @@ def opened_study(
                     load_if_exists=True,
                 )
                 if study.metric_names is None:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    with _experimental_ok():
                         study.set_metric_names(cfg.metrics)  # labels for optuna-dashboard
                 if cfg.enqueue_default and not study.trials:
                     _enqueue_default(study, cfg, ctx)
@@ -110,8 +118,7 @@ def _open_storage(url: str, cfg: SearchSpec) -> RDBStorage:
     engine_kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _experimental_ok():
         return RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
@@ -139,8 +146,7 @@ def _recover_orphans(study: optuna.Study, storage: RDBStorage, cfg: SearchSpec, 
     """Trials left RUNNING in this stage's own database belong to a killed run of this stage
     (the engine lets only one process run it): fail them and queue a retry, without waiting
     for their heartbeats to go stale."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _experimental_ok():
         retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
@@ -152,8 +158,7 @@ def _recover_orphans(study: optuna.Study, storage: RDBStorage, cfg: SearchSpec, 
 def _sampler(cfg: SearchSpec, seed: int) -> optuna.samplers.BaseSampler:
     """Constrained samplers read each trial's ``trial.set_constraint`` values (Optuna 5)."""
     kind = cfg.sampler if cfg.sampler != "auto" else ("nsga2" if len(cfg.directions) > 1 else "tpe")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with _experimental_ok():
         if kind == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if kind == "nsga2":
@@ -202,8 +207,7 @@ def optimize(
         while True:
             lock.acquire()
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                with _experimental_ok():
                     optuna.storages.fail_stale_trials(study)
                 counts = state_counts(study)
                 done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
