@@ -26,7 +26,9 @@ import sqlalchemy
 from compress.config import load_pipeline
 from compress.errors import ConfigError
 from compress.stages import REGISTRY, StageDef, config_registry
-from compress.tuning import TuningTestReadError, driver_url, mask_secrets, with_storage
+from compress.tuning import mask_secrets, with_storage
+from compress.tuning.guard import TuningTestReadError
+from compress.tuning.storage import driver_url
 from tests.conftest import run_cli, write_pipeline
 from tests.pg import PASSWORD, postgres_url  # noqa: F401  (a fixture)
 
@@ -214,7 +216,8 @@ def test_a_target_that_reads_the_test_split_during_a_trial_fails(tmp_path, data_
 def test_choice_is_the_stated_rule_on_the_feasible_pareto_front(tmp_path):
     """[maximize val_accuracy, minimize parameters] under a constraint on val_accuracy:
     smallest_within_tolerance picks the smallest feasible Pareto point, best the most accurate."""
-    from compress.stages.tune import TuneConfig, choose
+    from compress.stages.tune import TuneConfig
+    from compress.tuning.selection import choose
 
     def trial(number, acc, params, feasible):
         t = optuna.trial.create_trial(
@@ -515,7 +518,8 @@ def test_confirmation_runs_skip_candidates_no_more_promising_than_a_miss(tmp_pat
     import logging
     from types import SimpleNamespace
 
-    from compress.stages.tune import TuneConfig, _confirm
+    from compress.stages.tune import TuneConfig
+    from compress.tuning.confirm import confirm as _confirm
     from compress.variants import StageResult, Variant
 
     cfg = TuneConfig(
@@ -566,7 +570,7 @@ def test_slack_without_confirmation_is_a_config_error(tmp_path):
 
 def test_a_drop_of_exactly_the_tolerance_meets_it():
     """99.22% -> 99.12% is 0.1 pp (0.10000000000000009 in floating point): it meets 0.1 pp."""
-    from compress.stages.tune import ConstraintConfig, drop_pp
+    from compress.tuning.constraint import ConstraintConfig, drop_pp
 
     constraint = ConstraintConfig(max_drop_pp=0.1)
     assert (0.9922 - 0.9912) * 100 > 0.1  # the float noise this guards against

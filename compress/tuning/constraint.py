@@ -1,0 +1,45 @@
+"""The tolerable loss (Intel Neural Compressor's accuracy criterion): how far a metric fell
+below the reference, and whether that is within the tolerance. One rounding for both, so a
+drop of exactly the tolerance meets it wherever it is checked.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import Field
+
+from compress.config import StrictModel
+
+
+class ConstraintConfig(StrictModel):
+    """The tolerable loss: ``metric`` may drop at most ``max_drop_pp`` below ``against``'s.
+
+    Absolute: percentage points of a 0..1 metric (0.1 means 99.20% -> 99.10% is the limit).
+    Relative: percent of the reference value (0.1 means 0.1% of it).
+    """
+
+    metric: str = "val_accuracy"
+    max_drop_pp: float = Field(ge=0, le=100)
+    relative: bool = False
+    against: str | None = None
+    # Short trials under-rate a setting, so a trial may drop this much more and still be a
+    # candidate; ``confirm`` then re-checks candidates against max_drop_pp at full budget.
+    trial_slack_pp: float = Field(0.0, ge=0, le=100)
+
+    def excess(self, drop: float, slack: float = 0.0) -> float:
+        """How far ``drop`` is past the tolerance (plus ``slack``); <= 0 meets it (Optuna's
+        convention for constraints). Rounded like ``drop_pp``."""
+        return round(drop - self.max_drop_pp - slack, 9)
+
+
+def drop_pp(reference: float, value: float, constraint: ConstraintConfig) -> float:
+    """How far ``value`` is below ``reference``: percentage points, or percent of it when relative.
+
+    Rounded to 1e-9 so a drop of exactly the tolerance (99.22% -> 99.12% is 0.1 pp, but
+    0.100000000000000009 in binary floating point) meets it.
+    """
+    drop = (reference - value) * 100
+    if constraint.relative:
+        drop = drop / reference if reference else math.inf
+    return round(drop, 9)
