@@ -9,6 +9,7 @@ Relative numbers are always taken between two rows of the same runtime:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -61,14 +62,17 @@ def latency_column(batch_size: int) -> str:
 
 
 def latency_batch_sizes(rows: Iterable[Row]) -> list[int]:
-    """Batch sizes that have a median-latency column in the rows, ascending."""
+    """Batch sizes that have a median-latency column in the rows, ascending.
+
+    The report's table, warnings and comparisons use it too, so the gates and the page agree
+    on which batch sizes were timed.
+    """
     found: set[int] = set()
     for row in rows:
         for key in row:
-            if key.startswith("latency_b") and key.endswith("_p50_ms"):
-                digits = key[len("latency_b") : -len("_p50_ms")]
-                if digits.isdigit():
-                    found.add(int(digits))
+            match = re.fullmatch(r"latency_b(\d+)_p50_ms", key)
+            if match:
+                found.add(int(match.group(1)))
     return sorted(found)
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from compress.gating.numbers import latency_batch_sizes
 from compress.report.formatting import SPEED_NOISE, fmt_ms, fmt_pct, is_number, runtime_label, threads_text
 from compress.report.inputs import ReportInputs
-from compress.report.table import batch_sizes, ok_rows
+from compress.report.table import ok_rows
 
 # an int8 variant more than SPEED_NOISE (2 %) slower than its parent is a warning; any other
 # variant more than 10 % slower
@@ -26,7 +27,7 @@ def is_int8(row: dict[str, Any], variants: dict[str, Any]) -> bool:
 def collect_warnings(rows: list[dict[str, Any]], inputs: ReportInputs) -> list[str]:
     warnings: list[str] = []
     by_key = {(r.get("variant"), r.get("runtime")): r for r in ok_rows(rows)}
-    batches = batch_sizes(rows)
+    batches = latency_batch_sizes(rows)
     slow_variants: set[str] = set()
     for row in ok_rows(rows):
         parent = by_key.get((row.get("parent"), row.get("runtime")))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from compress.gating.numbers import latency_batch_sizes
 from compress.report.alerts import collect_warnings
 from compress.report.charts import history_chart, scatter_chart, sensitivity_chart, size_bars, sparsity_chart
 from compress.report.distillation import distillation_rows
@@ -21,12 +22,12 @@ from compress.report.previous import compare_previous
 from compress.report.provenance import provenance
 from compress.report.study import study_charts, study_from, study_summary
 from compress.report.summary import summarize
-from compress.report.table import batch_sizes, table_columns, table_rows
+from compress.report.table import table_columns, table_rows
 
 
 def build_page(inputs: ReportInputs) -> dict[str, Any]:
     rows = [dict(r) for r in inputs.results]
-    batches = batch_sizes(rows)
+    batches = latency_batch_sizes(rows)
     batch = inputs.latency_batch if inputs.latency_batch in batches else (batches[-1] if batches else None)
     columns = table_columns(batches)
     charts: list[dict[str, str]] = []

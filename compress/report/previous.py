@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from compress.gating.numbers import latency_batch_sizes
 from compress.report.formatting import FORMATTERS, fmt_pp, is_number, runtime_label
-from compress.report.table import batch_sizes
 
 COMPARED = (
     ("accuracy", "accuracy", "pct", 0.0),
@@ -26,7 +26,8 @@ def compare_previous(rows: list[dict[str, Any]], previous: dict[str, Any] | None
     before = {(r.get("variant"), r.get("runtime")): r for r in previous["results"] if isinstance(r, dict)}
     now = {(r.get("variant"), r.get("runtime")): r for r in rows}
     compared = list(COMPARED) + [
-        (f"latency_b{b}_p50_ms", f"p50 latency b{b} (ms)", "ms", LATENCY_NOISE) for b in batch_sizes(rows)
+        (f"latency_b{b}_p50_ms", f"p50 latency b{b} (ms)", "ms", LATENCY_NOISE)
+        for b in latency_batch_sizes(rows)
     ]
     changes = []
     for key, row in now.items():

@@ -9,8 +9,8 @@ from typing import Any
 import jinja2
 import markupsafe
 
+from compress.gating.numbers import latency_batch_sizes
 from compress.report.formatting import FORMATTERS
-from compress.report.table import batch_sizes
 
 TEMPLATES = Path(__file__).parent.parent / "templates"
 
@@ -53,7 +53,7 @@ def render_markdown(page: dict[str, Any]) -> str:
         lines.append("")
     if page["warnings"]:
         lines += ["## Warnings", ""] + [f"- ⚠ {w}" for w in page["warnings"]] + [""]
-    batches = batch_sizes(page["results"])
+    batches = latency_batch_sizes(page["results"])
     keys = list(MARKDOWN_COLUMNS)
     for b in batches:
         keys += [f"latency_b{b}_p50_ms", f"latency_ratio_b{b}"]

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from compress.report.formatting import FORMATTERS, SPEED_NOISE, is_number
 
 # ratio columns where lower is better (size, latency, counts); accuracy delta: higher is better
 LOWER_IS_BETTER = ("size_ratio", "gzip_ratio", "parameters_ratio", "macs_ratio", "latency_ratio_b")
-
-
-def batch_sizes(rows: list[dict[str, Any]]) -> list[int]:
-    found = set()
-    for row in rows:
-        for key in row:
-            match = re.fullmatch(r"latency_b(\d+)_p50_ms", key)
-            if match:
-                found.add(int(match.group(1)))
-    return sorted(found)
 
 
 def table_columns(batches: list[int]) -> list[dict[str, str]]:
