@@ -6,9 +6,8 @@ stored reference) compare numbers the same way, print the same table and write t
 JUnit XML. Both work on rows of the benchmark stage's ``results.json`` (one row per variant
 and runtime; see ``compress/stages/benchmark.py`` for its columns).
 
-``numbers`` reads and prints the numbers, ``rules`` is the rule schema, ``outcome`` judges one
-number, ``evaluation`` runs rules over a table, ``comparison`` compares two tables, ``output``
-prints and writes JUnit XML. This face hands on what the stages and the CLIs use.
+Modules: ``numbers``, ``rules`` (the YAML schema), ``outcome`` (judging one number),
+``evaluation`` (rules over a table), ``comparison`` (two tables), ``output`` (table, JUnit).
 """
 
 from compress.gating.comparison import Thresholds, compare
