@@ -15,8 +15,6 @@ COMPARED = (
     ("parameters", "parameters", "int", 0.0),
     ("nonzero_parameters", "non-zero parameters", "int", 0.0),
 )
-
-
 LATENCY_NOISE = 0.10  # latency changes below 10 % are timing noise on a shared machine
 
 
