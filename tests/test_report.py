@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from compress import reporting
-from compress.reporting import ReportInputs, build_page, render_html, render_markdown
+from compress.report import ReportInputs, build_page, render_html, render_markdown
+from compress.report.formatting import fmt_bytes, fmt_ms
 from compress.variants import Variant
 from tests.browser import BrowserUnavailable, visit
 from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
@@ -127,8 +127,8 @@ def test_page_lists_every_variant_with_the_numbers_of_results_json(report_run):
             else:
                 assert raw == str(value)
         assert cells["accuracy"][1] == f"{100 * row['accuracy']:.2f} %"
-        assert cells["size_bytes"][1] == reporting.fmt_bytes(row["size_bytes"])
-        assert cells["latency_b8_p50_ms"][1] == reporting.fmt_ms(row["latency_b8_p50_ms"])
+        assert cells["size_bytes"][1] == fmt_bytes(row["size_bytes"])
+        assert cells["latency_b8_p50_ms"][1] == fmt_ms(row["latency_b8_p50_ms"])
     assert compared >= 15 * len(results)
 
     text = (reports / "latest.html").read_text(encoding="utf-8")

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from compress import reporting
+from compress import report as reporting
 from compress.variants import Variant
 from tests.conftest import run_cli
 

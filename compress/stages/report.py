@@ -26,7 +26,8 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import Field
 
-from compress import faults, reporting
+from compress import faults
+from compress import report as reporting
 from compress.config import StageConfig
 from compress.context import Context
 from compress.fileio import read_json, write_json, write_text

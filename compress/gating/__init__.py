@@ -1,0 +1,39 @@
+"""Quality gates over the benchmark table, and the comparison of two results files.
+
+One package decides whether a number is good enough, so the ``gates`` stage (rules in the
+pipeline YAML, checked after the benchmark) and ``python -m compress.check`` (a run against a
+stored reference) compare numbers the same way, print the same table and write the same
+JUnit XML. Both work on rows of the benchmark stage's ``results.json`` (one row per variant
+and runtime; see ``compress/stages/benchmark.py`` for its columns).
+
+Modules: ``numbers``, ``rules`` (the YAML schema), ``outcome`` (judging one number),
+``evaluation`` (rules over a table), ``comparison`` (two tables), ``output`` (table, JUnit).
+"""
+
+from compress.gating.comparison import Thresholds, compare
+from compress.gating.evaluation import evaluate
+from compress.gating.numbers import number
+from compress.gating.outcome import FAILED, PASSED, SKIPPED, Outcome, counts, judge
+from compress.gating.output import format_table, junit_xml
+from compress.gating.rules import EXPORT_RUNTIMES, RUNTIME_NAMES, SCRATCH_SUFFIX, GateRule, rule_ids, shipped
+
+__all__ = [
+    "EXPORT_RUNTIMES",
+    "FAILED",
+    "PASSED",
+    "RUNTIME_NAMES",
+    "SCRATCH_SUFFIX",
+    "SKIPPED",
+    "GateRule",
+    "Outcome",
+    "Thresholds",
+    "compare",
+    "counts",
+    "evaluate",
+    "format_table",
+    "judge",
+    "junit_xml",
+    "number",
+    "rule_ids",
+    "shipped",
+]

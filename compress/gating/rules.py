@@ -1,0 +1,178 @@
+"""What a gate rule is: the metrics it can check and the ``rules:`` schema of the gates stage.
+
+Each rule names exactly one metric (``max_accuracy_drop: 1.0``) plus where it applies:
+``variants`` (default ``all``: every shipped variant, see :func:`shipped`), ``runtime`` and, for
+relative metrics, the ``against`` variant of the same runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from compress.config import StrictModel
+from compress.gating.numbers import pct, pp, times
+
+SCRATCH_SUFFIX = ".scratch"  # from-scratch controls (distill stage): not shipped, not gated by 'all'
+EXPORT_RUNTIMES = ("torchscript", "onnxruntime")
+RUNTIME_NAMES = ("pytorch", "torchscript", "onnxruntime")
+
+
+def shipped(name: str) -> bool:
+    """False for a from-scratch control: it measures what distillation bought and is no deliverable."""
+    return not name.endswith(SCRATCH_SUFFIX)
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    key: str
+    op: str  # '<=' for max_*, '>=' for min_*
+    relative: bool  # compared with the 'against' variant (same runtime)
+    what: str  # the measured quantity, as printed
+    fmt: Callable[[float, int], str]
+    help: str
+
+
+METRICS: dict[str, MetricDef] = {
+    m.key: m
+    for m in (
+        MetricDef(
+            "max_accuracy_drop",
+            "<=",
+            True,
+            "accuracy drop",
+            pp,
+            "percentage points of test accuracy lost against 'against' (same runtime)",
+        ),
+        MetricDef("min_accuracy", ">=", False, "accuracy", pct, "test accuracy as a fraction, e.g. 0.97"),
+        MetricDef(
+            "max_size_ratio",
+            "<=",
+            True,
+            "size ratio",
+            times,
+            "file bytes / bytes of 'against' (0.25 = 4x smaller)",
+        ),
+        MetricDef(
+            "max_gzip_ratio", "<=", True, "gzip size ratio", times, "gzip bytes / gzip bytes of 'against'"
+        ),
+        MetricDef(
+            "max_latency_ratio",
+            "<=",
+            True,
+            "latency ratio",
+            times,
+            "median latency / latency of 'against', same runtime and batch size",
+        ),
+        MetricDef("min_sparsity", ">=", False, "sparsity", pct, "fraction of zero parameters, e.g. 0.5"),
+        MetricDef(
+            "require_parity", "==", False, "export parity", pct, "the export stage's parity check passed"
+        ),
+    )
+}
+
+
+# ---------------------------------------------------------------- the rule schema (YAML)
+
+
+class GateRule(StrictModel):
+    """One gate: exactly one metric key (``max_accuracy_drop: 1.0``) plus where it applies."""
+
+    name: str | None = Field(None, min_length=1, max_length=100)
+    variants: Literal["all"] | list[str] = "all"
+    against: str | None = None
+    runtime: Literal["all", "pytorch", "torchscript", "onnxruntime"] = "all"
+    batch_size: int | None = Field(None, ge=1, le=65536)
+    max_accuracy_drop: float | None = Field(None, ge=-100, le=100)
+    min_accuracy: float | None = None
+    max_size_ratio: float | None = Field(None, gt=0)
+    max_gzip_ratio: float | None = Field(None, gt=0)
+    max_latency_ratio: float | None = Field(None, gt=0)
+    min_sparsity: float | None = Field(None, ge=0, le=1)
+    require_parity: bool | None = None
+
+    @field_validator("min_accuracy")
+    @classmethod
+    def _fraction(cls, value: float | None) -> float | None:
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(
+                f"is a fraction of the test set between 0 and 1 (e.g. 0.97 for 97%), not {value}"
+            )
+        return value
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) and value != "all" else value
+
+    @field_validator("variants")
+    @classmethod
+    def _names(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("list each variant once, at least one; or write 'all'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_metric(self) -> GateRule:
+        given = [key for key in METRICS if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"each rule has exactly one gate ({', '.join(METRICS)}); "
+                + (f"this one has {len(given)}: {', '.join(given)}" if given else "this one has none")
+            )
+        metric = METRICS[given[0]]
+        if self.require_parity is False:
+            raise ValueError("require_parity: false gates nothing; remove the rule instead")
+        if self.against is not None and not metric.relative:
+            relative = ", ".join(k for k, m in METRICS.items() if m.relative)
+            raise ValueError(f"against: only {relative} compare with another variant")
+        if self.batch_size is not None and metric.key != "max_latency_ratio":
+            raise ValueError("batch_size: only max_latency_ratio is measured per batch size")
+        if metric.key == "min_sparsity" and self.variants == "all":
+            raise ValueError(
+                "variants: min_sparsity needs the pruned variants listed "
+                "(baseline and quantized models are dense)"
+            )
+        if metric.key == "require_parity" and self.runtime == "pytorch":
+            raise ValueError(
+                "runtime: parity is checked for exported files (torchscript, onnxruntime), not pytorch"
+            )
+        return self
+
+    @property
+    def metric(self) -> MetricDef:
+        return next(METRICS[key] for key in METRICS if getattr(self, key) is not None)
+
+    @property
+    def threshold(self) -> float:
+        value = getattr(self, self.metric.key)
+        return 1.0 if value is True else float(value)
+
+    @property
+    def reference(self) -> str:
+        return self.against or "baseline"
+
+    def named_variants(self) -> list[str]:
+        names = [] if self.variants == "all" else list(self.variants)
+        return names + ([self.reference] if self.metric.relative else [])
+
+    def describe(self) -> str:
+        metric = self.metric
+        if metric.key == "require_parity":
+            text = "export parity must pass"
+        else:
+            text = f"{metric.key} {self.threshold:g}"
+        if metric.relative:
+            text += f" vs {self.reference}"
+        if metric.key == "max_latency_ratio" and self.batch_size:
+            text += f" (batch {self.batch_size})"
+        return text
+
+
+def rule_ids(rules: list[GateRule]) -> list[str]:
+    """A stable id per rule: its name, else its metric (numbered when a metric repeats)."""
+    base = [r.name or r.metric.key for r in rules]
+    return [b if base.count(b) == 1 else f"{b}#{i}" for i, b in enumerate(base)]

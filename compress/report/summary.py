@@ -1,0 +1,158 @@
+"""The page's summary: the one-line headline for the edge team and one recommendation per objective.
+
+Candidates are the baseline and the shipped variants within the accuracy tolerance; a
+from-scratch control is never recommended.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from compress import gating
+from compress.report.formatting import (
+    SPEED_NOISE,
+    file_name,
+    fmt_bytes,
+    fmt_ms,
+    fmt_pct,
+    is_number,
+    runtime_label,
+    threads_text,
+    times,
+)
+from compress.report.inputs import ReportInputs
+from compress.report.table import ok_rows
+
+
+def baseline_rows(rows: list[dict[str, Any]], baseline: str) -> dict[str, dict[str, Any]]:
+    """runtime -> the baseline's row in that runtime."""
+    return {r["runtime"]: r for r in ok_rows(rows) if r.get("variant") == baseline}
+
+
+def pick(candidates: list[dict[str, Any]], objective: str, batch: int | None) -> dict[str, Any] | None:
+    key_latency = f"latency_b{batch}_p50_ms"
+    if objective == "smallest":
+        usable = [r for r in candidates if is_number(r.get("size_bytes"))]
+        return min(usable, key=lambda r: (float(r["size_bytes"]), -float(r["accuracy"])), default=None)
+    if objective == "fastest":
+        usable = [r for r in candidates if is_number(r.get(key_latency))]
+        return min(usable, key=lambda r: (float(r[key_latency]), -float(r["accuracy"])), default=None)
+    usable = [r for r in candidates if is_number(r.get("accuracy"))]
+    size = lambda r: float(r["size_bytes"]) if is_number(r.get("size_bytes")) else math.inf  # noqa: E731
+    return max(usable, key=lambda r: (float(r["accuracy"]), -size(r)), default=None)
+
+
+OBJECTIVES = {
+    "smallest": "the smallest file",
+    "fastest": "the lowest latency",
+    "most_accurate": "the highest accuracy",
+}
+
+
+def recommendation_sentence(
+    objective: str, row: dict[str, Any], base: dict[str, Any] | None, batch: int | None, baseline: str
+) -> str:
+    runtime = runtime_label(row.get("runtime"))
+    where = f"{runtime}{threads_text(row)}"
+    if row.get("variant") == baseline:
+        return (
+            f"For {OBJECTIVES[objective]}, ship the baseline itself, `{file_name(row)}` ({where}): "
+            "no compressed variant within the tolerance does better."
+        )
+    parts = []
+    if is_number(row.get("size_ratio")):
+        parts.append(times(float(row["size_ratio"]), "smaller", "larger", "the same size"))
+    if is_number(row.get("accuracy_delta_pp")):
+        parts.append(f"{float(row['accuracy_delta_pp']):+.2f} pp accuracy ({fmt_pct(row['accuracy'])})")
+    ratio = row.get(f"latency_ratio_b{batch}")
+    if batch is not None and is_number(ratio):
+        parts.append(times(float(ratio), "faster", "slower", "as fast") + f" at batch {batch}")
+    against = (
+        f"than the baseline in {runtime}{threads_text(row)}" if base is not None else "(no baseline row)"
+    )
+    return (
+        f"Ship `{file_name(row)}` (variant `{row['variant']}`) for {OBJECTIVES[objective]}: "
+        + ", ".join(parts)
+        + f" {against}."
+    )
+
+
+def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | None) -> dict[str, Any]:
+    good = ok_rows(rows)
+    bases = baseline_rows(rows, inputs.baseline)
+    summary: dict[str, Any] = {"tolerance_pp": inputs.tolerance_pp, "batch": batch, "recommendations": []}
+    if not good:
+        summary["headline"] = "No variant was measured successfully, so there is nothing to recommend."
+        return summary
+    reference = bases.get("pytorch") or next(iter(bases.values()), None)
+    if reference is not None:
+        latency = reference.get("latency_b1_p50_ms")
+        summary["baseline"] = (
+            f"The baseline `{inputs.baseline}` scores {fmt_pct(reference['accuracy'])} on the test split "
+            f"and takes {fmt_bytes(reference.get('size_bytes'))} in {runtime_label(reference['runtime'])}"
+            + (f", {fmt_ms(latency)} ms per image at batch 1" if is_number(latency) else "")
+            + "."
+        )
+    else:
+        summary["baseline"] = (
+            f"No baseline named `{inputs.baseline}` was measured, so deltas and ratios are missing; "
+            "set `baseline:` in the benchmark stage."
+        )
+    within = [  # candidates to recommend: never a from-scratch control
+        r
+        for r in good
+        if r.get("variant") == inputs.baseline
+        or (
+            gating.shipped(str(r.get("variant")))
+            and is_number(r.get("accuracy_delta_pp"))
+            and float(r["accuracy_delta_pp"]) >= -inputs.tolerance_pp
+        )
+    ]
+    for objective in OBJECTIVES:
+        row = pick(within, objective, batch)
+        if row is None:
+            continue
+        summary["recommendations"].append(
+            {
+                "objective": objective,
+                "variant": row["variant"],
+                "runtime": row["runtime"],
+                "file": file_name(row),
+                "path": row.get("file"),
+                "sentence": recommendation_sentence(
+                    objective, row, bases.get(row["runtime"]), batch, inputs.baseline
+                ),
+            }
+        )
+    # the one line for a newcomer: the smallest file within tolerance, preferably ONNX (what edge
+    # runtimes load), with what it costs
+    onnx = [r for r in within if r.get("runtime") == "onnxruntime"]
+    edge = pick(onnx or within, "smallest", batch)
+    if edge is None or edge.get("variant") == inputs.baseline:
+        summary["headline"] = (
+            f"No compressed variant stays within {inputs.tolerance_pp:g} pp of the baseline's accuracy "
+            "while being smaller: hand the edge team the baseline"
+            + (f", `{file_name(edge)}`." if edge is not None else ".")
+        )
+    else:
+        delta = edge.get("accuracy_delta_pp")
+        cost = (
+            f"it costs {-float(delta):.2f} pp of test accuracy"
+            if float(delta) < 0
+            else "it loses no test accuracy"
+        )
+        summary["headline"] = (
+            f"Hand the edge team `{file_name(edge)}` ({runtime_label(edge['runtime'])}): "
+            f"{times(float(edge['size_ratio']), 'smaller', 'larger', 'as large')} than the baseline "
+            f"and {cost} "
+            f"({fmt_pct(edge['accuracy'])} vs {fmt_pct(bases[edge['runtime']]['accuracy'])})"
+            if edge["runtime"] in bases and is_number(edge.get("size_ratio")) and is_number(delta)
+            else f"Hand the edge team `{file_name(edge)}` ({runtime_label(edge['runtime'])})"
+        )
+        ratio = edge.get(f"latency_ratio_b{batch}")
+        if is_number(ratio) and float(ratio) > 1 + SPEED_NOISE:
+            summary["headline"] += f"; but it is {float(ratio):.1f}x slower at batch {batch} on this CPU"
+        summary["headline"] += "."
+        summary["edge"] = {"variant": edge["variant"], "runtime": edge["runtime"], "file": file_name(edge)}
+    return summary
