@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 from compress import distributed
-from compress.config import load_pipeline
+from compress.config import load_pipeline, mask_secrets
 from compress.engine import RunOptions, RunSummary, StageFailed, run_pipeline
 from compress.errors import CompressError, StorageError
 from compress.fileio import write_text
 from compress.gating import Outcome, format_table
 from compress.stages import config_registry
-from compress.tuning import mask_secrets, with_storage
+from compress.tuning import with_storage
 
 EXIT_GATE_FAILED = 1
 EXIT_STAGE_FAILED = 3

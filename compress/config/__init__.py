@@ -23,9 +23,6 @@ from compress.config.safety import import_factory, mask_secrets, project_file, s
 from compress.config.sections import MAX_EPOCHS, OptimizerConfig, SoftLabels, StrictModel, TrainingConfig
 from compress.config.yaml_file import read_yaml
 
-# the tune stage's settings module still imports the old private name; removed when it moves
-_format_errors = format_errors
-
 __all__ = [
     "MAX_EPOCHS",
     "DataConfig",

@@ -83,44 +83,50 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor], groups: dict[st
     """Give each Linear/Conv2d/norm layer the shape its saved weights have.
 
     Channel pruning changes layer widths; rebuilding those layers from tensor shapes is what
-    lets a pruned model reload from a plain state dict instead of a pickled module. A
-    convolution's group count comes from the file; without it (older files) a depthwise
-    convolution (groups == channels) stays depthwise at its new width and others keep theirs.
+    lets a pruned model reload from a plain state dict instead of a pickled module. Each layer
+    is a resized copy of itself, so subclasses keep their own forward (timm's BatchNormAct2d,
+    torchvision's LayerNorm2d). A convolution's group count comes from the file; without it
+    (older files) a depthwise convolution (groups == channels) stays depthwise at its new width
+    and others keep theirs.
     """
     for name, module in list(model.named_modules()):
         weight = state.get(f"{name}.weight" if name else "weight")
-        if weight is None or getattr(module, "weight", None) is None:
+        if weight is None or not isinstance(module, RESIZABLE) or getattr(module, "weight", None) is None:
             continue
-        if tuple(module.weight.shape) == tuple(weight.shape) and name not in groups:
-            continue
-        has_bias = f"{name}.bias" in state
-        if isinstance(module, nn.Linear):
-            new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
-        elif isinstance(module, nn.Conv2d):
+        count = None
+        if isinstance(module, nn.Conv2d):
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             count = groups.get(name, weight.shape[0] if depthwise else module.groups)
-            new = nn.Conv2d(
-                weight.shape[1] * count,
-                weight.shape[0],
-                module.kernel_size,
-                module.stride,
-                module.padding,
-                module.dilation,
-                count,
-                bias=has_bias,
-                padding_mode=module.padding_mode,
-            )
-        elif isinstance(module, nn.BatchNorm2d):
-            new = nn.BatchNorm2d(weight.shape[0], module.eps, module.momentum, module.affine)
-        elif isinstance(module, nn.LayerNorm):  # a copy keeps a subclass's forward (e.g. LayerNorm2d)
-            new = copy.deepcopy(module)
-            new.normalized_shape = tuple(weight.shape)
-            new.weight = nn.Parameter(torch.empty_like(weight))
-            if module.bias is not None:
-                new.bias = nn.Parameter(torch.empty_like(weight))
-        else:
+        if tuple(module.weight.shape) == tuple(weight.shape) and (count is None or count == module.groups):
             continue
-        if tuple(module.weight.shape) != tuple(weight.shape) or getattr(new, "groups", None) != getattr(
-            module, "groups", None
-        ):
-            replace_module(model, name, new)
+        replace_module(model, name, _resized(module, name, state, weight, count))
+
+
+RESIZABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+def _resized(
+    module: nn.Module, name: str, state: dict[str, torch.Tensor], weight: torch.Tensor, groups: int | None
+) -> nn.Module:
+    """A copy of ``module`` with the saved tensors' shapes (values are loaded afterwards)."""
+    new = copy.deepcopy(module)
+    for attr, _ in list(module.named_parameters(recurse=False)):
+        saved = state.get(f"{name}.{attr}")
+        if saved is not None:
+            setattr(new, attr, nn.Parameter(torch.empty_like(saved)))
+    for attr, buffer in list(module.named_buffers(recurse=False)):
+        saved = state.get(f"{name}.{attr}")
+        if saved is not None and buffer is not None:
+            new._buffers[attr] = torch.empty_like(saved)
+    if isinstance(new, nn.Conv2d):
+        new.out_channels, new.groups = weight.shape[0], groups or 1
+        new.in_channels = weight.shape[1] * new.groups
+    elif isinstance(new, nn.Linear):
+        new.out_features, new.in_features = weight.shape
+    elif isinstance(new, nn.BatchNorm2d):
+        new.num_features = weight.shape[0]
+    elif isinstance(new, nn.LayerNorm):
+        new.normalized_shape = tuple(weight.shape)
+    elif isinstance(new, nn.GroupNorm):
+        new.num_channels = weight.shape[0]
+    return new

@@ -4,7 +4,7 @@ It runs after the benchmark and reads, through the run context (never another st
 directory): every variant, every earlier stage's ``StageResult`` (``ctx.results``), the files
 those stages published under ``reports/<pipeline>/`` (``ctx.reports_dir``; e.g. the
 benchmark's ``results.json``, the quantize stage's sensitivity tables) and the run manifest
-(``ctx.manifest``). The content is built in ``compress.reporting``.
+(``ctx.manifest``). The content is built in ``compress.report``.
 
 Writes (published under ``reports/<pipeline>/``): ``latest.html`` and ``<run-id>.html``,
 ``summary.md`` (summary + table in Markdown, for CI job summaries), and ``report.json`` (the

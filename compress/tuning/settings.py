@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from compress.config import StageConfig, _format_errors, split_path
+from compress.config import StageConfig, format_errors, split_path
 
 
 def stage_path(path: str, label: str) -> list[str | int]:
@@ -60,7 +60,7 @@ def with_settings(
     try:
         new = type(cfg).model_validate(given)
     except ValidationError as exc:
-        text = _format_errors(None, exc, type(cfg), prefix="")
+        text = format_errors(None, exc, type(cfg), prefix="")
         raise ValueError(f"{where}{_paths_text(settings)} -> {text}") from None
     if pipeline is not None:
         try:
