@@ -16,7 +16,7 @@ import os
 import platform
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,7 +82,6 @@ def count_macs(model: nn.Module, sample: torch.Tensor) -> MacCount:
     batch = sample.shape[0]
     layers: dict[str, int] = {}
     nonzero = 0
-    handles = []
 
     def hook(name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
         def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -103,9 +102,15 @@ def count_macs(model: nn.Module, sample: torch.Tensor) -> MacCount:
 
         return record
 
-    for name, module in model.named_modules():
-        if isinstance(module, (*_CONV, nn.Linear)):
-            handles.append(module.register_forward_hook(hook(name)))
+    hooked = {m: hook(n) for n, m in model.named_modules() if isinstance(m, (*_CONV, nn.Linear))}
+    run_hooked(model, sample, hooked)
+    return MacCount(macs=sum(layers.values()), nonzero_macs=nonzero, layers=layers)
+
+
+def run_hooked(model: nn.Module, sample: torch.Tensor, hooks: dict[nn.Module, Callable[..., None]]) -> None:
+    """One eval-mode, no-grad forward pass of ``sample`` with forward ``hooks`` on some layers
+    (removed afterwards, the model's train/eval mode restored): how layers are observed here."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks.items()]
     was_training = model.training
     try:
         model.eval()
@@ -115,7 +120,6 @@ def count_macs(model: nn.Module, sample: torch.Tensor) -> MacCount:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return MacCount(macs=sum(layers.values()), nonzero_macs=nonzero, layers=layers)
 
 
 def onnx_initializer_counts(path: Path) -> tuple[int, int]:
@@ -199,22 +203,52 @@ def time_latency(
     Timed calls continue until ``repeats`` calls AND ``min_seconds`` have passed, or
     ``max_seconds`` has passed (but never fewer than 5 calls).
     """
-    for _ in range(max(1, warmup)):
-        fn()
-    samples: list[int] = []
+    (latency,) = time_interleaved(
+        [fn], batch, warmup=warmup, repeats=repeats, min_seconds=min_seconds, max_seconds=max_seconds
+    )
+    return latency
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], object]],
+    batch: int,
+    *,
+    warmup: int = 10,
+    repeats: int = 50,
+    min_seconds: float = 1.0,
+    max_seconds: float = 30.0,
+) -> list[Latency]:
+    """Time several calls in interleaved rounds (A, B, C, A, B, C, ...), each as ``time_latency``.
+
+    On a shared machine the load changes from second to second; timing the candidates one after
+    the other would put that change into their ratios. Interleaved, a burst of load hits every
+    candidate alike, so "B is 1.3x faster than A" holds up. Each call gets at least ``repeats``
+    timed calls and about ``min_seconds`` of timing (the whole loop stops after ``max_seconds``
+    per call, but never before 5 calls each).
+    """
+    for fn in fns:
+        for _ in range(max(1, warmup)):
+            fn()
+    samples: list[list[int]] = [[] for _ in fns]
     clock = time.perf_counter_ns
     started = clock()
-    min_ns, max_ns = int(min_seconds * 1e9), int(max_seconds * 1e9)
+    count = max(1, len(fns))
+    min_ns, max_ns = int(min_seconds * 1e9) * count, int(max_seconds * 1e9) * count
     while True:
-        tic = clock()
-        fn()
-        toc = clock()
-        samples.append(toc - tic)
-        elapsed = toc - started
-        if len(samples) >= repeats and elapsed >= min_ns:
+        for fn, taken in zip(fns, samples, strict=True):
+            tic = clock()
+            fn()
+            taken.append(clock() - tic)
+        elapsed = clock() - started
+        fewest = min(len(s) for s in samples)
+        if fewest >= repeats and elapsed >= min_ns:
             break
-        if elapsed >= max_ns and len(samples) >= 5:
+        if elapsed >= max_ns and fewest >= 5:
             break
+    return [_latency(taken, batch) for taken in samples]
+
+
+def _latency(samples: list[int], batch: int) -> Latency:
     ms = np.asarray(samples, dtype=np.float64) / 1e6
     p25, p50, p75, p95 = np.percentile(ms, [25, 50, 75, 95])
     return Latency(

@@ -56,6 +56,18 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private user cache (decompressed idx files, decoded images, file hashes, statistics),
+    so a test neither sees nor fills the real one; yields compress's folder in it."""
+    from compress import data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    data.clear_caches()
+    yield tmp_path / "xdg-cache" / "compress"
+    data.clear_caches()
+
+
 @dataclass
 class CliResult:
     returncode: int

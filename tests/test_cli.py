@@ -126,3 +126,16 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path: Path, data_root: Path) -> N
     assert result.returncode == 2
     assert "no CUDA device is available" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_data_root_without_the_data_fails_even_when_every_stage_is_cached(
+    tiny_run: TinyRun, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    result = run_cli(tiny_run.pipeline, "--data-root", empty, cwd=tiny_run.cwd, env=env)
+    assert result.returncode == 2, result.output
+    assert "dataset 'mnist' not found" in result.stderr and str(empty / "MNIST" / "raw") in result.stderr
+    again = run_cli(tiny_run.pipeline, cwd=tiny_run.cwd, data_root=None)  # the real root: all cached
+    assert again.returncode == 0 and "(0 ran, 1 cached)" in again.stdout, again.output

@@ -20,16 +20,6 @@ from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
 
 
-@pytest.fixture
-def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private user cache, so tests neither see nor fill the real one."""
-    cache = tmp_path / "xdg-cache"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    data.clear_caches()
-    yield cache / "compress" / "datasets"
-    data.clear_caches()
-
-
 def _copy_gz(data_root: Path, target: Path) -> Path:
     raw = target / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -44,7 +34,7 @@ def test_gzipped_idx_files_are_decompressed_beside_them(
     raw = _copy_gz(data_root, tmp_path / "root")
     bundle = data.load_data(DataConfig(val_size=5000), tmp_path / "root")
     assert all((raw / name).is_file() for name in data.IDX_FILES)
-    assert not isolated_cache.exists()
+    assert not (isolated_cache / "datasets").exists()
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (55000, 5000, 10000)
     assert bundle.train.x.dtype == torch.uint8 and bundle.input_shape == (1, 28, 28)
     # The README's first test labels: 7 2 1 0 4 1 4 9 5 9.
@@ -63,8 +53,19 @@ def test_read_only_root_decompresses_into_the_user_cache(
         for folder in (raw.parent.parent, raw.parent, raw):
             folder.chmod(stat.S_IRWXU)
     assert sorted(p.name for p in raw.iterdir()) == sorted(f"{n}.gz" for n in data.IDX_FILES)
-    assert all((isolated_cache / "MNIST" / "raw" / n).is_file() for n in data.IDX_FILES)
+    (copy,) = (isolated_cache / "datasets").glob("gunzipped-*")  # named by the .gz files' content
+    assert all((copy / "MNIST" / "raw" / n).is_file() for n in data.IDX_FILES)
     assert len(bundle.test) == 10000
+
+
+def test_a_root_without_the_data_is_an_error_even_when_a_copy_was_decompressed(
+    tmp_path: Path, data_root: Path, isolated_cache: Path
+) -> None:
+    data.load_data(DataConfig(val_size=100), data_root)  # decompressed into the cache (read-only root)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="dataset 'mnist' not found"):
+        data.prepare(DataConfig(download=False), empty)
 
 
 def test_split_is_seeded_disjoint_and_limited(data_root: Path) -> None:

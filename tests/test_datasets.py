@@ -17,14 +17,6 @@ from tests.dataset_files import write_cifar100, write_emnist, write_kmnist, writ
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
 
 
-@pytest.fixture
-def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    data.clear_caches()
-    yield tmp_path / "xdg-cache"
-    data.clear_caches()
-
-
 CASES = [
     ("kmnist", {}, write_kmnist, (1, 28, 28), 10, "o"),
     ("emnist", {"emnist_split": "digits"}, lambda r: write_emnist(r, "digits"), (1, 28, 28), 10, "0"),

@@ -52,15 +52,6 @@ stages:
 """
 
 
-@pytest.fixture
-def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private user cache (decoded images, file hashes, statistics) for this test."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    data.clear_caches()
-    yield tmp_path / "xdg-cache"
-    data.clear_caches()
-
-
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory: pytest.TempPathFactory):
     """The pipeline above on a generated three-class tree (with OS clutter and nested folders)."""
@@ -151,7 +142,7 @@ def test_decoded_images_are_cached_for_the_next_run(tmp_path, isolated_cache) ->
     tree = write_image_folder(tmp_path / "images", per_class=(6, 2))
     spec = DataConfig(dataset="imagefolder", image_size=16)
     first = data.load_data(spec, tree)
-    cached = list((isolated_cache / "compress" / "images").glob("*.pt"))
+    cached = list((isolated_cache / "images").glob("*.pt"))
     assert len(cached) == 1
     data.clear_caches()
     again = data.load_data(spec, tree)

@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = []
     for model in args.models:
-        name = f"imagefolder-{model}"
+        artifacts, reports = args.artifacts / model, args.reports / model  # one pipeline, a folder per model
         command = [
             sys.executable, "-m", "compress.run", str(PIPELINE), "--data-root", str(args.tree), "-q",
-            "--artifacts", str(args.artifacts), "--reports", str(args.reports),
-            "--set", f"name={name}", "--set", f"train.model.torchvision={model}",
+            "--artifacts", str(artifacts), "--reports", str(reports),
+            "--set", f"train.model.torchvision={model}",
             *[item for override in args.overrides for item in ("--set", override)],
         ]  # fmt: skip
         print(f"== {model}: {' '.join(command[2:])}", flush=True)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode not in (0, 1):  # 1: a gate failed, the figures are still there
             print(f"{model}: the pipeline failed with exit code {done.returncode}", file=sys.stderr)
             continue
-        figures = summarize(args.reports / name, args.artifacts / name, model)
+        figures = summarize(reports / PIPELINE.stem, artifacts / PIPELINE.stem, model)
         results.append(figures)
         print(json.dumps(figures, indent=1), flush=True)
     print("imagefolder-models-result: " + json.dumps(results))

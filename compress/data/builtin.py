@@ -28,6 +28,7 @@ import torch
 
 from compress.config import DataConfig
 from compress.data.bundle import Split
+from compress.data.fingerprint import fingerprint
 from compress.data.root import default_root, missing_message
 from compress.errors import DataError
 from compress.fileio import atomic_path
@@ -116,34 +117,42 @@ class Located:
 
 
 def locate(spec: DataConfig, root: Path, source: str) -> Located:
-    """The dataset's files, decompressed or downloaded if need be; DataError if they are not there."""
+    """The dataset's files, decompressed or downloaded if need be; DataError if they are not there.
+
+    Only the root is searched: the user cache holds decompressed copies of a read-only root's
+    ``.gz`` files (keyed by their content), never a dataset of its own, so a root without the
+    data is an error even if another root's data was decompressed before.
+    """
     info = BUILTINS[spec.dataset]
     names = info.files_needed(spec)
-    cache = default_root()
-    roots = [root] + ([cache] if cache != root and info.kind == "idx" else [])
-    usable = next((r for r in roots if _has_all(r / info.folder, names)), None)
+    folder = root / info.folder
+    usable = root if _has_all(folder, names) else None
     if usable is None and info.kind == "idx":
-        usable = _gunzip(root, cache, info.folder, names)
+        usable = _gunzip(root, info.folder, names)
     if usable is None and spec.download:
         _try_download(info, spec, root)
-        usable = root if _has_all(root / info.folder, names) else None
+        usable = root if _has_all(folder, names) else None
     if usable is None:
-        searched = [r / info.folder for r in roots]
-        raise DataError(missing_message(spec.dataset, searched, source, spec.download, info.layout))
-    folder = usable / info.folder
-    return Located(usable, tuple((f"{info.folder}/{n}".lstrip("/"), folder / n) for n in names))
+        raise DataError(missing_message(spec.dataset, [folder], source, spec.download, info.layout))
+    found = usable / info.folder
+    return Located(usable, tuple((f"{info.folder}/{n}".lstrip("/"), found / n) for n in names))
 
 
 def _has_all(folder: Path, names: tuple[str, ...]) -> bool:
     return all((folder / name).is_file() for name in names)
 
 
-def _gunzip(root: Path, cache: Path, folder: str, names: tuple[str, ...]) -> Path | None:
-    """Decompress ``*.gz`` idx files once: beside them if we may write there, else in the cache."""
+def _gunzip(root: Path, folder: str, names: tuple[str, ...]) -> Path | None:
+    """Decompress ``*.gz`` idx files once: beside them if we may write there, else into the user
+    cache, in a folder named by the compressed files' content (so it always matches them)."""
     raw = root / folder
     if not all((raw / f"{name}.gz").is_file() for name in names):
         return None
-    target_root = root if _writable(raw) else cache
+    if _writable(raw):
+        target_root = root
+    else:
+        digest = fingerprint([(f"{name}.gz", raw / f"{name}.gz") for name in names])
+        target_root = default_root() / f"gunzipped-{digest[:16]}"
     target = target_root / folder
     target.mkdir(parents=True, exist_ok=True)
     for name in names:

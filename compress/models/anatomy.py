@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress.measure import run_hooked
+
 WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
@@ -31,30 +33,18 @@ def inspect(model: nn.Module, example: torch.Tensor, num_classes: int | None = N
     modules = dict(model.named_modules())
     order: list[str] = []
     outputs: dict[str, int | None] = {}
-    handles = []
 
     def hook(name: str):  # noqa: ANN202 - a forward hook
         def record(module: nn.Module, args: object, output: object) -> None:
             if name not in outputs:
                 order.append(name)
-                outputs[name] = (
-                    output.shape[1] if isinstance(output, torch.Tensor) and output.dim() > 1 else None
-                )
+                shaped = isinstance(output, torch.Tensor) and output.dim() > 1
+                outputs[name] = output.shape[1] if shaped else None
 
         return record
 
-    for name, module in modules.items():
-        if name and not any(True for _ in module.children()):
-            handles.append(module.register_forward_hook(hook(name)))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    leaves = {m: hook(n) for n, m in modules.items() if n and not any(True for _ in m.children())}
+    run_hooked(model, example, leaves)
     convs = [n for n in order if isinstance(modules[n], nn.Conv2d)]
     stem = convs[0] if convs else None
     stem_pool = None

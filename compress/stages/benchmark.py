@@ -140,16 +140,16 @@ def columns(batch_sizes: list[int]) -> list[str]:
     return cols
 
 
-@stage("benchmark", BenchmarkConfig, version=1)
+@stage("benchmark", BenchmarkConfig, version=2)
 def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     bundle = ctx.data()
     test = bundle.test
-    images = bundle.normalize(test.x).float().contiguous()
     labels = test.y.numpy()
     threads = measure.resolve_threads(cfg.threads)
-    timing_inputs = {b: measure.fixed_inputs(images, b) for b in cfg.batch_sizes}
+    first = bundle.normalize(test.x[: max(cfg.batch_sizes)]).float().contiguous()
+    timing_inputs = {b: measure.fixed_inputs(first, b) for b in cfg.batch_sizes}
     env = {
         "threads": threads,
         "cpu_model": measure.cpu_model(),
@@ -166,10 +166,11 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
     )
     rows: list[dict[str, Any]] = []
     pytorch_predictions: dict[str, np.ndarray] = {}
+    timed: list[tuple[dict[str, Any], Callable[[torch.Tensor], np.ndarray]]] = []
     with measure.torch_threads(threads):
         for variant in inputs:
             try:
-                counts = _counts(variant, ctx, images[:1])
+                counts = _counts(variant, ctx, first[:1])
             except Exception as exc:  # counts are one column group; the timings still matter
                 ctx.log.exception("benchmark: cannot count parameters/MACs of %s", variant.name)
                 counts = {"counts_from": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
@@ -196,7 +197,7 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
                 row["file"] = _shown(Path(target["path"]), ctx)
                 try:
                     predict = _runner(runtime, variant, Path(target["path"]), threads)
-                    row.update(_measure(cfg, predict, images, labels, timing_inputs, bundle.classes))
+                    row.update(_accuracy(cfg, predict, bundle, labels))
                 except Exception as exc:  # one runtime failing must not hide the other rows
                     ctx.log.exception("benchmark: %s in %s failed", variant.name, runtime)
                     row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -213,7 +214,10 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
                 row.update(status="ok", error=None, size_bytes=measure.file_size(target["path"]))
                 row["gzip_bytes"] = measure.gzip_size(target["path"])
                 rows.append(row)
-                ctx.log.info("benchmark: %s", _summary_line(row, cfg.batch_sizes))
+                timed.append((row, predict))
+        _time_all(cfg, timed, timing_inputs)
+        for row, _ in timed:
+            ctx.log.info("benchmark: %s", _summary_line(row, cfg.batch_sizes))
 
     frame = _with_deltas(pd.DataFrame(rows), cfg)
     frame = frame.reindex(columns=columns(cfg.batch_sizes))
@@ -306,21 +310,20 @@ def _runner(runtime: str, variant: Variant, path: Path, threads: int) -> Callabl
     return run_torch
 
 
-def _measure(
+def _accuracy(
     cfg: BenchmarkConfig,
     predict: Callable[[torch.Tensor], np.ndarray],
-    images: torch.Tensor,
+    bundle: Any,
     labels: np.ndarray,
-    timing_inputs: dict[int, torch.Tensor],
-    classes: list[str],
 ) -> dict[str, Any]:
-    step = cfg.eval_batch_size
+    """Top-1 and per-class accuracy over the test split, normalised one batch at a time."""
+    step, test = cfg.eval_batch_size, bundle.test
     predictions = np.concatenate(
-        [predict(images[i : i + step]).argmax(1) for i in range(0, len(images), step)]
+        [predict(bundle.normalize(test.x[i : i + step]).float()).argmax(1) for i in range(0, len(test), step)]
     )
-    accuracy, correct, per_class = measure.accuracy_from_predictions(predictions, labels, classes)
+    accuracy, correct, per_class = measure.accuracy_from_predictions(predictions, labels, bundle.classes)
     present = [v for v in per_class.values() if v is not None]
-    row: dict[str, Any] = {
+    return {
         "_predictions": predictions,
         "accuracy": accuracy,
         "correct": correct,
@@ -328,21 +331,30 @@ def _measure(
         "per_class_accuracy": per_class,
         "per_class_min_accuracy": min(present) if present else None,
     }
+
+
+def _time_all(
+    cfg: BenchmarkConfig,
+    timed: list[tuple[dict[str, Any], Callable[[torch.Tensor], np.ndarray]]],
+    timing_inputs: dict[int, torch.Tensor],
+) -> None:
+    """Latency of every measured row at each batch size, all rows timed in interleaved rounds,
+    so their ratios are not skewed by a change of load on a shared machine."""
     for batch, x in timing_inputs.items():
-        latency = measure.time_latency(
-            lambda x=x: predict(x),
+        latencies = measure.time_interleaved(
+            [lambda predict=predict, x=x: predict(x) for _, predict in timed],
             batch,
             warmup=cfg.warmup,
             repeats=cfg.repeats,
             min_seconds=cfg.min_seconds,
             max_seconds=cfg.max_seconds,
         )
-        row[f"latency_b{batch}_p50_ms"] = latency.p50_ms
-        row[f"latency_b{batch}_p95_ms"] = latency.p95_ms
-        row[f"latency_b{batch}_spread_pct"] = latency.spread_pct
-        row[f"latency_b{batch}_repeats"] = latency.repeats
-        row[f"throughput_b{batch}"] = latency.throughput
-    return row
+        for (row, _), latency in zip(timed, latencies, strict=True):
+            row[f"latency_b{batch}_p50_ms"] = latency.p50_ms
+            row[f"latency_b{batch}_p95_ms"] = latency.p95_ms
+            row[f"latency_b{batch}_spread_pct"] = latency.spread_pct
+            row[f"latency_b{batch}_repeats"] = latency.repeats
+            row[f"throughput_b{batch}"] = latency.throughput
 
 
 def _counts(variant: Variant, ctx: Context, sample: torch.Tensor) -> dict[str, Any]:
