@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from compress.config.messages import did_you_mean
+from compress.config.pipeline import PipelineConfig
 from compress.errors import ConfigError
 
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -43,15 +44,18 @@ def _stage_index(stages: list[Any], key: str) -> int | None:
     return typed[0] if len(typed) == 1 else None
 
 
-def locate(raw: dict[str, Any], path: str) -> tuple[Any, str | int]:
+def locate(raw: dict[str, Any], path: str, create: bool = False) -> tuple[Any, str | int]:
     """Find the container and key that ``path`` names in raw YAML data.
 
     Accepts ``stages[0].epochs``, ``stages.train.epochs`` and the short ``train.epochs``
-    (a stage by its name). Used by ``--set`` and by the tune stage's search space.
+    (a stage by its name). Used by ``--set`` and by the tune stage's search space. With
+    ``create`` (``--set``), mappings the YAML leaves out are made on the way
+    (``--set quantize.latency.rounds=5``, ``--set name=x``); the schema then checks every key.
     """
     parts = split_path(path)
     stages = raw.get("stages")
-    if isinstance(parts[0], str) and parts[0] not in raw and isinstance(stages, list):
+    top_level = create and parts[0] in PipelineConfig.model_fields
+    if isinstance(parts[0], str) and parts[0] not in raw and isinstance(stages, list) and not top_level:
         if _stage_index(stages, parts[0]) is not None:
             parts = ["stages", *parts]
         else:
@@ -68,6 +72,8 @@ def locate(raw: dict[str, Any], path: str) -> tuple[Any, str | int]:
             if index is None:
                 raise KeyError(f"no stage named {part!r}")
             part = index
+        if create and isinstance(node, dict) and isinstance(part, str) and part not in node:
+            node[part] = {}
         try:
             node = node[part]
         except (KeyError, IndexError, TypeError):
@@ -102,7 +108,7 @@ def apply_override(raw: dict[str, Any], override: str, where: str) -> None:
         raise ConfigError(f"{where}: expected KEY=VALUE, e.g. --set data.limit_train=2000")
     key, value = override.split("=", 1)
     try:
-        node, last = locate(raw, key.strip())
+        node, last = locate(raw, key.strip(), create=True)
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc.args[0]}") from None
     if isinstance(node, list) and isinstance(last, int) and last >= len(node):
