@@ -386,7 +386,11 @@ def _calls(tree: ast.AST) -> list[tuple[str, ast.Call]]:
 ALLOWED_IMPORTS = {"compress/stages/__init__.py", "compress/config/safety.py"}
 # TorchScript and torch.export files are made by our own stages and read back from the
 # hash-checked cache only, never from a path a user gives (torch.export.load may unpickle).
-ALLOWED_PROGRAM_LOADS = {"compress/exporting.py", "compress/quantization.py", "compress/stages/benchmark.py"}
+ALLOWED_PROGRAM_LOADS = {
+    "compress/exporting.py",
+    "compress/quantization/torchao.py",
+    "compress/stages/benchmark.py",
+}
 ALLOWED_SAVES = {  # plain dicts of tensors only
     "compress/models/files.py",
     "compress/training.py",

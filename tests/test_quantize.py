@@ -85,7 +85,7 @@ def qrun(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Run:
     cwd = tmp_path_factory.mktemp("quant")
     pipeline = write_pipeline(cwd, PIPELINE, name="quant")
     fed: list[np.ndarray] = []
-    real = quantization.quantize_static
+    real = quantization.ort.quantize_static
 
     def spy(model_input, model_output, reader, *args, **kwargs):
         inner = reader.get_next
@@ -100,7 +100,7 @@ def qrun(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Run:
         return real(model_input, model_output, reader, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quantization, "quantize_static", spy)
+        mp.setattr(quantization.ort, "quantize_static", spy)  # where quantize_onnx_static looks it up
         mp.setenv("COMPRESS_DATA_ROOT", str(data_root))
         mp.chdir(cwd)
         code = main([str(pipeline), "-q"])

@@ -1,0 +1,157 @@
+"""The searches over what to leave in fp32, written against plain callables so either backend
+can use them: the accuracy-aware fallback (most sensitive layers first, until the tolerance is
+met) and the latency-aware search (drop from quantization what measurably slows it down)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from compress.quantization.evaluate import compare_latency
+
+log = logging.getLogger("compress.quantization")
+
+
+@dataclass
+class Try:
+    excluded: list[str]
+    val_accuracy: float
+    drop_pp: float
+    meets: bool
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fp32_layers": self.excluded,
+            "val_accuracy": self.val_accuracy,
+            "drop_pp": round(self.drop_pp, 4),
+            "meets_tolerance": self.meets,
+            "note": self.note,
+        }
+
+
+def drop_pp(parent: float, accuracy: float) -> float:
+    """Accuracy lost, in percentage points (negative when int8 is better)."""
+    return (parent - accuracy) * 100
+
+
+def meets(parent: float, accuracy: float, tolerance: float | None) -> bool:
+    return tolerance is None or drop_pp(parent, accuracy) <= tolerance + 1e-9
+
+
+def accuracy_fallback(
+    candidates: Sequence[str],
+    val_accuracy: Callable[[list[str]], float],
+    parent_val: float,
+    tolerance: float | None,
+    log_: logging.Logger = log,
+) -> tuple[list[str], list[Try], list[dict[str, Any]]]:
+    """Keep the most sensitive layers in fp32 until the tolerance is met or none is left.
+
+    ``val_accuracy(excluded)`` quantizes with ``excluded`` left in fp32 and returns the
+    validation accuracy. Sensitivity is measured by leaving one layer at a time in fp32:
+    the layer whose exclusion recovers the most accuracy is the most sensitive.
+    Returns (layers kept in fp32, the tries in order, the sensitivity table).
+    """
+    memo: dict[tuple[str, ...], float] = {}
+
+    def measure(excluded: list[str]) -> float:
+        key = tuple(sorted(excluded))
+        if key not in memo:
+            memo[key] = val_accuracy(excluded)
+        return memo[key]
+
+    first = measure([])
+    tries = [Try([], first, drop_pp(parent_val, first), meets(parent_val, first, tolerance), "all quantized")]
+    if tries[0].meets or not candidates:
+        return [], tries, []
+    sensitivity = []
+    for name in candidates:
+        acc = measure([name])
+        gain = round((acc - first) * 100, 4)
+        sensitivity.append({"layer": name, "val_accuracy_if_fp32": acc, "recovers_pp": gain})
+    ranked = [row["layer"] for row in sorted(sensitivity, key=lambda r: -r["recovers_pp"])]
+    log_.info("quantize: sensitivity ranking (most sensitive first): %s", ", ".join(ranked))
+    for k in range(1, len(ranked) + 1):
+        excluded = ranked[:k]
+        acc = measure(excluded)
+        ok = meets(parent_val, acc, tolerance)
+        tries.append(Try(excluded, acc, drop_pp(parent_val, acc), ok, f"{k} most sensitive in fp32"))
+        log_.info("quantize: fp32 layers %s -> val %.4f (drop %.3f pp)", excluded, acc, tries[-1].drop_pp)
+        if ok:
+            return excluded, tries, sensitivity
+    return ranked, tries, sensitivity
+
+
+def latency_search(
+    start: list[str],
+    groups: dict[str, list[str]],
+    weight_nodes: Sequence[str],
+    build: Callable[[list[str]], Callable[[], Any]],
+    parent: Callable[[], Any],
+    accept: Callable[[list[str]], bool],
+    margin: float = 0.05,
+    rounds: int = 15,
+    runs: int = 3,
+    max_nodes: int = 16,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Greedily leave in fp32 the op types, then single layers, that make int8 slower.
+
+    ``build(excluded)`` returns a timed runner of that mix; ``parent`` runs the fp32 model.
+    Each step times every candidate beside the current mix and the parent (interleaved)
+    and compares the fastest round of each (the least disturbed by other processes); the
+    fastest candidate is kept only if it beats the current mix by ``margin`` and
+    ``accept(excluded)`` (the accuracy tolerance) still holds and a second, independent
+    comparison agrees. At least one weight layer
+    stays quantized: an int8 variant with none would just be its parent. Returns the final
+    exclusions and a record of every measurement.
+    """
+    current = list(start)
+    record: list[dict[str, Any]] = []
+    remaining = [n for n in weight_nodes if n not in current]
+    layers = {n: [n] for n in remaining} if len(remaining) <= max_nodes else {}
+    for level, options in (("op_type", dict(groups)), ("layer", layers)):
+        while True:
+            moves = {
+                label: sorted(set(current) | set(names))
+                for label, names in options.items()
+                if not set(names) <= set(current)
+                and any(n not in set(current) | set(names) for n in weight_nodes)
+            }
+            if not moves:
+                break
+            runners = [parent, build(current)] + [build(ex) for ex in moves.values()]
+            timings = compare_latency(runners, rounds=rounds, runs=runs)
+            current_ms = timings[1]["min_ms"]
+            step: dict[str, Any] = {
+                "level": level,
+                "fp32": timings[0],
+                "current": {"fp32_layers": current, **timings[1]},
+                "candidates": [
+                    {"exclude": label, "fp32_layers": ex, **t}
+                    for (label, ex), t in zip(moves.items(), timings[2:], strict=True)
+                ],
+            }
+            record.append(step)
+            best_label, best = min(zip(moves, timings[2:], strict=True), key=lambda pair: pair[1]["min_ms"])
+            if best["min_ms"] >= current_ms * (1 - margin):
+                step["chosen"] = None
+                break
+            if not accept(moves[best_label]):
+                step["chosen"] = None
+                step["rejected"] = f"{best_label}: misses the accuracy tolerance"
+                options = {k: v for k, v in options.items() if k != best_label}
+                continue
+            # confirm in a fresh interleaved comparison, so one lucky round cannot decide
+            confirm = compare_latency([build(current), build(moves[best_label])], rounds=rounds, runs=runs)
+            step["confirm"] = {"current": confirm[0], "candidate": confirm[1]}
+            if confirm[1]["min_ms"] >= confirm[0]["min_ms"] * (1 - margin):
+                step["chosen"] = None
+                step["rejected"] = f"{best_label}: not faster when measured again"
+                options = {k: v for k, v in options.items() if k != best_label}
+                continue
+            step["chosen"] = best_label
+            current = moves[best_label]
+    return current, record
