@@ -129,7 +129,7 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path: Path, data_root: Path) -> N
 
 
 def test_a_data_root_without_the_data_fails_even_when_every_stage_is_cached(
-    tiny_run: TinyRun, tmp_path: Path
+    tiny_run: TinyRun, tmp_path: Path, data_root: Path
 ) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -137,5 +137,5 @@ def test_a_data_root_without_the_data_fails_even_when_every_stage_is_cached(
     result = run_cli(tiny_run.pipeline, "--data-root", empty, cwd=tiny_run.cwd, env=env)
     assert result.returncode == 2, result.output
     assert "dataset 'mnist' not found" in result.stderr and str(empty / "MNIST" / "raw") in result.stderr
-    again = run_cli(tiny_run.pipeline, cwd=tiny_run.cwd, data_root=None)  # the real root: all cached
+    again = run_cli(tiny_run.pipeline, cwd=tiny_run.cwd, data_root=data_root)  # the real root: all cached
     assert again.returncode == 0 and "(0 ran, 1 cached)" in again.stdout, again.output

@@ -79,7 +79,7 @@ def test_accuracy(job: Job, accuracy: Callable[[Any], dict[str, Any]]) -> dict[s
     return accuracy(job.bundle.test)
 
 
-def variantvariant_metrics(
+def variant_metrics(
     job: Job,
     mode: str,
     val: float | None,
