@@ -80,6 +80,38 @@ class CliResult:
         return self.stdout + self.stderr
 
 
+def start_cli(
+    *args: str | Path,
+    cwd: Path,
+    data_root: Path | None = None,
+    module: str = "compress.run",
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """Start ``python -m <module> args...`` in ``cwd`` (see ``run_cli``) without waiting for it:
+    two CLIs started together overlap their seconds of importing torch and exporting ONNX."""
+    full_env = {**os.environ, **(env or {})}
+    if data_root is not None:
+        full_env["COMPRESS_DATA_ROOT"] = str(data_root)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_cli(proc: subprocess.Popen, cwd: Path, timeout: float = 600) -> CliResult:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return CliResult(proc.returncode, stdout, stderr, cwd)
+
+
 def run_cli(
     *args: str | Path,
     cwd: Path,
@@ -89,19 +121,7 @@ def run_cli(
     env: dict[str, str] | None = None,
 ) -> CliResult:
     """Run ``python -m <module> args...`` in ``cwd`` with the data root in the environment."""
-    full_env = {**os.environ, **(env or {})}
-    if data_root is not None:
-        full_env["COMPRESS_DATA_ROOT"] = str(data_root)
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr, cwd)
+    return finish_cli(start_cli(*args, cwd=cwd, data_root=data_root, module=module, env=env), cwd, timeout)
 
 
 def write_pipeline(directory: Path, text: str, name: str = "tiny") -> Path:

@@ -108,6 +108,26 @@ def graph_nodes(path: Path) -> list[tuple[str, str]]:
     return [(n.name, n.op_type) for n in model.graph.node]
 
 
+def node_kinds(path: Path) -> dict[str, str]:
+    """Each node's kind for the latency search: its op type, with convolutions told apart as
+    ``Conv/depthwise`` (group > 1) and ``Conv/1x1`` (pointwise), since int8 kernels differ most
+    between those on a CPU (depthwise int8 is often slower than fp32), the rest as ``Conv``."""
+    model = onnx.load(str(path), load_external_data=False)
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    kinds: dict[str, str] = {}
+    for node in model.graph.node:
+        kind = node.op_type
+        if kind == "Conv":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            weight = shapes.get(node.input[1], ()) if len(node.input) > 1 else ()
+            if int(attrs.get("group", 1)) > 1:
+                kind = "Conv/depthwise"
+            elif len(weight) == 4 and tuple(weight[2:]) == (1, 1):
+                kind = "Conv/1x1"
+        kinds[node.name] = kind
+    return kinds
+
+
 def quantize_onnx_dynamic(
     pre_path: Path, out_path: Path, s: OrtSettings, exclude: Sequence[str] = ()
 ) -> Path:

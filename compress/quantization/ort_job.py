@@ -64,8 +64,9 @@ def quantize_with_onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, 
         )
         search: list[dict[str, Any]] = []
         if cfg.prefer == "latency":
-            types = {t for n, t in nodes if n in quantizable}
-            groups = {t: [n for n, tt in nodes if tt == t and n in quantizable] for t in sorted(types)}
+            kinds = ort.node_kinds(pre)
+            types = {kinds[n] for n, _ in nodes if n in quantizable}
+            groups = {k: [n for n, _ in nodes if kinds[n] == k and n in quantizable] for k in sorted(types)}
 
             def build(ex: list[str], make=make, work=work, counter=counter) -> Callable[[], Any]:
                 path = make(ex, work / f"try-{next(counter)}.onnx")

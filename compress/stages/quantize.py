@@ -143,7 +143,7 @@ class QuantizeConfig(StageConfig):
         )
 
 
-@stage("quantize", QuantizeConfig, version=1)
+@stage("quantize", QuantizeConfig, version=2)
 def run(cfg: QuantizeConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     for parent in inputs:
         if parent.format != "torch":
