@@ -68,8 +68,11 @@ def recommendation_sentence(
     ratio = row.get(f"latency_ratio_b{batch}")
     if batch is not None and is_number(ratio):
         parts.append(times(float(ratio), "faster", "slower", "as fast") + f" at batch {batch}")
+    word = (
+        "as" if parts and parts[-1].startswith(("as ", "the same")) else "than"
+    )  # "as fast as the baseline"
     against = (
-        f"than the baseline in {runtime}{threads_text(row)}" if base is not None else "(no baseline row)"
+        f"{word} the baseline in {runtime}{threads_text(row)}" if base is not None else "(no baseline row)"
     )
     return (
         f"Ship `{file_name(row)}` (variant `{row['variant']}`) for {OBJECTIVES[objective]}: "
@@ -144,7 +147,7 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
         )
         summary["headline"] = (
             f"Hand the edge team `{file_name(edge)}` ({runtime_label(edge['runtime'])}): "
-            f"{times(float(edge['size_ratio']), 'smaller', 'larger', 'as large')} than the baseline "
+            f"{_compared(times(float(edge['size_ratio']), 'smaller', 'larger', 'as large'))} the baseline "
             f"and {cost} "
             f"({fmt_pct(edge['accuracy'])} vs {fmt_pct(bases[edge['runtime']]['accuracy'])})"
             if edge["runtime"] in bases and is_number(edge.get("size_ratio")) and is_number(delta)
@@ -156,3 +159,8 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
         summary["headline"] += "."
         summary["edge"] = {"variant": edge["variant"], "runtime": edge["runtime"], "file": file_name(edge)}
     return summary
+
+
+def _compared(phrase: str) -> str:
+    """'4.0x smaller' -> '4.0x smaller than'; 'as large' -> 'as large as'."""
+    return f"{phrase} {'as' if phrase.startswith('as ') else 'than'}"
