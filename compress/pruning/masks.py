@@ -1,25 +1,19 @@
-"""Pruning mechanics, apart from the stage wiring: masks, schedules, channel removal, counts.
+"""Unstructured pruning mechanics: which layers, how sparse, global L1 masks and their schedule.
 
-Unstructured pruning uses ``torch.nn.utils.prune`` to choose global L1 masks and removes the
-re-parametrisation at once, so a model's state dict always holds plain weights with real
-zeros; the masks live beside it and are re-applied after every optimizer step. Structured
-pruning uses torch-pruning's dependency graph to cut whole channels and neurons.
+``torch.nn.utils.prune`` chooses the global L1 masks and its re-parametrisation is removed at
+once, so a model's state dict always holds plain weights with real zeros; the masks live beside
+it and are re-applied after every optimizer step (``GradualPruner``).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
-
-from compress import measure
 
 LAYER_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 
@@ -174,91 +168,3 @@ def event_schedule(
     for k in range(1, steps):  # strictly increasing even for tiny runs
         iters[k] = max(iters[k], iters[k - 1] + 1)
     return sparsities, iters
-
-
-# ------------------------------------------------------------------ structured pruning
-
-
-def make_importance(kind: str) -> tp.importance.Importance:
-    """l1/l2: the norm of each channel's own weights; group_norm: the L2 norm over every
-    coupled parameter of the dependency group (DepGraph's group importance)."""
-    if kind == "l1":
-        return tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer="mean")
-    if kind == "l2":
-        return tp.importance.MagnitudeImportance(p=2, group_reduction="first", normalizer="mean")
-    return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="mean")
-
-
-class UntraceableModel(ValueError):
-    """torch-pruning's dependency graph cannot be built for the model."""
-
-
-@dataclass
-class ChannelPlan:
-    importance: str
-    scope: str  # "global" | "uniform"
-    max_layer_amount: float
-    ignored: list[str]  # module names torch-pruning must not use as group roots
-    layer_types: list[str]
-    round_to: int | None = None
-
-
-def structured_prune(model: nn.Module, example: torch.Tensor, ratio: float, plan: ChannelPlan) -> None:
-    """Remove ``ratio`` of the prunable channels/neurons of ``model`` in place."""
-    if ratio <= 0:
-        return
-    modules = dict(model.named_modules())
-    kinds = tuple(LAYER_TYPES[t] for t in plan.layer_types)
-    ignored = [modules[n] for n in plan.ignored if n in modules]
-    ignored += [
-        m for m in modules.values() if isinstance(m, nn.Linear | nn.Conv2d) and not isinstance(m, kinds)
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            pruner = tp.pruner.BasePruner(
-                model,
-                example,
-                importance=make_importance(plan.importance),
-                global_pruning=plan.scope == "global",
-                pruning_ratio=min(ratio, 1.0),
-                max_pruning_ratio=plan.max_layer_amount,
-                ignored_layers=ignored,
-                round_to=plan.round_to,
-            )
-        except Exception as exc:  # torch-pruning cannot trace some ops (e.g. ShuffleNet's channel shuffle)
-            raise UntraceableModel(
-                f"torch-pruning cannot trace this model's channel dependencies ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); use method: magnitude for it, or exclude the layers involved"
-            ) from exc
-        with torch.no_grad():
-            pruner.step()
-
-
-def ratio_for_macs(
-    model: nn.Module, example: torch.Tensor, target_macs: float, plan: ChannelPlan, iters: int = 10
-) -> tuple[float, int]:
-    """The smallest channel ratio whose pruned copy of ``model`` has at most ``target_macs``.
-
-    Returns (ratio, MACs at that ratio); if even the largest allowed ratio misses the target,
-    returns that ratio and its MACs so the caller can report what is reachable.
-    """
-
-    def macs_at(ratio: float) -> int:
-        trial = copy.deepcopy(model)
-        structured_prune(trial, example, ratio, plan)
-        return measure.count_macs(trial, example).macs
-
-    high = plan.max_layer_amount
-    high_macs = macs_at(high)
-    if high_macs > target_macs:
-        return high, high_macs
-    low = 0.0
-    for _ in range(iters):
-        mid = (low + high) / 2
-        mid_macs = macs_at(mid)
-        if mid_macs <= target_macs:
-            high, high_macs = mid, mid_macs
-        else:
-            low = mid
-    return high, high_macs

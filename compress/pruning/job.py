@@ -1,0 +1,82 @@
+"""What the two pruning jobs share: the model and data they work on, the accuracies they record,
+and how they report a setting the model cannot satisfy.
+
+The stage's config reaches this package as the ``PruneSpec`` protocol, so the jobs never import
+the stages; a ``PruneProblem`` names the YAML key, and the stage turns it into the one-line
+config error that names the pipeline file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from compress.context import Context
+from compress.data import DataBundle
+from compress.training import Distillation, evaluate
+from compress.variants import Variant
+
+
+class PruneSpec(Protocol):
+    """What the prune stage's config offers the jobs (``stages.prune.PruneConfig``)."""
+
+    label: str
+    output_name: str
+    amount: float | None
+    target_macs_reduction: float | None
+    schedule: str
+    steps: int
+    ramp: float
+    layer_types: list[str]
+    max_layer_sparsity: float | None
+    layer_sparsity_limits: dict[str, float]
+    importance: str
+    scope: str
+    max_layer_amount: float
+    round_to: int | None
+    finetune: Any  # TrainingConfig | None
+    final_finetune: int
+
+
+class PruneProblem(ValueError):
+    """A setting this model cannot satisfy; ``key`` is the stage's YAML key to fix."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass
+class PruneJob:
+    """One input variant to prune: its model and spec, the data, and the layers kept whole."""
+
+    cfg: PruneSpec
+    source: Variant
+    model: nn.Module
+    spec: dict
+    bundle: DataBundle
+    example: torch.Tensor  # one normalised training image, on the CPU, for tracing and MACs
+    kept: list[str]  # layer names never pruned (the classifier, ``exclude``)
+    teacher: Distillation | None
+    ctx: Context
+    out_dir: Path
+
+
+def model_name(spec: dict) -> str:
+    """The name the user gave the architecture, for messages."""
+    return str(spec.get("torchvision") or spec.get("timm") or spec.get("import_path") or spec.get("arch"))
+
+
+def accuracies(model: nn.Module, job: PruneJob) -> dict:
+    """Test and validation accuracy; a tuning trial (``ctx.tuning``) is scored on validation only."""
+    bundle, ctx = job.bundle, job.ctx
+    test = None if ctx.tuning else evaluate(model, bundle, bundle.test, ctx.device)
+    val = evaluate(model, bundle, bundle.val, ctx.device) if len(bundle.val) else None
+    return {
+        "test_accuracy": test["accuracy"] if test else None,
+        "val_accuracy": val["accuracy"] if val else None,
+    }

@@ -1,0 +1,178 @@
+"""The structured (channel) pruning job: torch-pruning removes whole channels, then fine-tuning.
+
+The model is physically smaller (fewer MACs and parameters), and reloads from its spec and
+state dict with the new channel counts.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from compress import measure
+from compress.fileio import read_json, write_json
+from compress.models import load_model, save_model
+from compress.pruning import channels
+from compress.pruning.job import PruneJob, PruneProblem, accuracies, model_name
+from compress.training import fit
+from compress.variants import StageResult, Variant
+
+
+def run_structured(job: PruneJob) -> StageResult:
+    """Cut channels to the MACs target (or ``amount``), in ``steps`` each followed by fine-tuning.
+
+    Finished steps are saved with their record, so a killed run resumes after the last one.
+    """
+    cfg, model, spec, bundle, ctx, out_dir = job.cfg, job.model, job.spec, job.bundle, job.ctx, job.out_dir
+    source, teacher, kept, example = job.source, job.teacher, job.kept, job.example
+    plan = channels.ChannelPlan(
+        importance=cfg.importance,
+        scope=cfg.scope,
+        max_layer_amount=cfg.max_layer_amount,
+        ignored=kept,
+        layer_types=list(cfg.layer_types),
+        round_to=cfg.round_to,
+    )
+    model = model.cpu()
+    macs0, params0 = measure.count_macs(model, example).macs, measure.count_parameters(model)
+    steps = cfg.steps
+    target = macs0 / cfg.target_macs_reduction if cfg.target_macs_reduction else None
+    if target is not None:
+        ratio, reached = channels.ratio_for_macs(model, example, target, plan)
+        if reached > target:
+            raise PruneProblem(
+                "target_macs_reduction",
+                f"{cfg.target_macs_reduction}x is unreachable for {model_name(spec)}: at most "
+                f"{macs0 / reached:.2f}x with max_layer_amount={cfg.max_layer_amount} "
+                "(the classifier and excluded layers stay whole)",
+            )
+    else:
+        ratio = cfg.amount
+    before = accuracies(model.to(ctx.device), job)
+    probe = copy.deepcopy(model).cpu()
+    channels.structured_prune(probe, example, ratio, plan)
+    just_pruned = accuracies(probe.to(ctx.device), job)
+    del probe
+
+    work = out_dir / "work"
+    done_file = work / "steps.json"
+    done: list[dict] = read_json(done_file) if done_file.is_file() else []
+    ft = cfg.finetune
+    per_step = [0] * steps
+    if ft is not None:
+        per_step = [ft.epochs // steps + (1 if k >= steps - ft.epochs % steps else 0) for k in range(steps)]
+    history: list[dict] = []
+    previous = 0.0
+    for k in range(1, steps + 1):
+        step_dir = work / f"step{k}"
+        if k <= len(done):
+            model, _ = load_model(step_dir / "model.pt")
+            previous = done[k - 1]["ratio"]
+            continue
+        model = model.cpu()
+        if target is not None and steps == 1:
+            step_ratio, cumulative = ratio, None
+        elif target is not None:
+            goal = macs0 * (1 - (1 - 1 / cfg.target_macs_reduction) * k / steps)
+            step_ratio, _ = channels.ratio_for_macs(model, example, goal, plan)
+            cumulative = None
+        else:
+            cumulative = cfg.amount * k / steps
+            step_ratio = 1 - (1 - cumulative) / (1 - previous)
+        channels.structured_prune(model, example, step_ratio, plan)
+        macs_k, params_k = measure.count_macs(model, example).macs, measure.count_parameters(model)
+        record = {
+            "step": k,
+            "ratio": cumulative if cumulative is not None else step_ratio,
+            "step_ratio": step_ratio,
+            "macs": macs_k,
+            "parameters": params_k,
+        }
+        if ft is not None and per_step[k - 1]:
+            step_cfg = ft.model_copy(update={"epochs": per_step[k - 1]})
+            result = fit(
+                model,
+                bundle,
+                step_cfg,
+                ctx.device,
+                ctx.seed,
+                step_dir,
+                desc=f"{cfg.label} step {k}",
+                distill=teacher,
+                on_epoch=ctx.on_epoch,
+            )
+            history += result.history
+            record["val_accuracy"] = result.history[-1]["val_accuracy"] if result.history else None
+        save_model(model.cpu(), spec, step_dir / "model.pt")
+        done.append(record)
+        write_json(done_file, done)
+        previous = record["ratio"]
+        ctx.log.info("%s: step %d/%d: %d MACs, %d parameters", cfg.label, k, steps, macs_k, params_k)
+    if cfg.final_finetune and ft is not None:
+        final = ft.model_copy(update={"epochs": cfg.final_finetune})
+        result = fit(
+            model,
+            bundle,
+            final,
+            ctx.device,
+            ctx.seed,
+            work / "final",
+            desc=f"{cfg.label} final",
+            distill=teacher,
+            on_epoch=ctx.on_epoch,
+        )
+        history += result.history
+
+    model = model.cpu()
+    save_model(model, spec, out_dir / "model.pt")
+    model, _ = load_model(out_dir / "model.pt")
+    macs1, params1 = measure.count_macs(model, example).macs, measure.count_parameters(model)
+    after = accuracies(model.to(ctx.device), job)
+    shapes = {
+        n: list(m.weight.shape)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+    }
+    metrics = {
+        **after,
+        "parameters": params1,
+        "nonzero_parameters": measure.count_nonzero_parameters(model),
+        "parameters_before": params0,
+        "macs": macs1,
+        "macs_before": macs0,
+        "macs_reduction": macs0 / max(1, macs1),
+        "parameter_reduction": params0 / max(1, params1),
+        "input_test_accuracy": before["test_accuracy"],
+        "test_accuracy_before_finetune": just_pruned["test_accuracy"],
+        "val_accuracy_before_finetune": just_pruned["val_accuracy"],
+        "steps": steps,
+    }
+    ctx.log.info(
+        "%s: MACs %d -> %d (%.2fx), parameters %d -> %d, test %.4f (input %.4f)",
+        cfg.label,
+        macs0,
+        macs1,
+        macs0 / max(1, macs1),
+        params0,
+        params1,
+        after["test_accuracy"],
+        before["test_accuracy"],
+    )
+    variant = Variant(
+        name=cfg.output_name,
+        format="torch",
+        file=out_dir / "model.pt",
+        stage=cfg.label,
+        parent=source.name,
+        metrics=metrics,
+        info={
+            "method": "structured",
+            "spec": spec,
+            "importance": cfg.importance,
+            "scope": cfg.scope,
+            "layer_shapes": shapes,
+            "steps": done,
+        },
+    )
+    return StageResult(variants=[variant], metrics={**metrics, "history": history, "steps": done})
