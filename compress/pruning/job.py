@@ -65,6 +65,18 @@ class PruneJob:
     ctx: Context
     out_dir: Path
 
+    def variant(self, method: str, metrics: dict, info: dict) -> Variant:
+        """The pruned variant: the model the job saved as ``model.pt``, with its metrics."""
+        return Variant(
+            name=self.cfg.output_name,
+            format="torch",
+            file=self.out_dir / "model.pt",
+            stage=self.cfg.label,
+            parent=self.source.name,
+            metrics=metrics,
+            info={"method": method, "spec": self.spec, **info},
+        )
+
 
 def model_name(spec: dict) -> str:
     """The name the user gave the architecture, for messages."""

@@ -16,7 +16,7 @@ from compress.models import load_model, save_model
 from compress.pruning import masks
 from compress.pruning.job import PruneJob, PruneProblem, accuracies
 from compress.training import fit
-from compress.variants import StageResult, Variant
+from compress.variants import StageResult
 
 
 def run_magnitude(job: PruneJob) -> StageResult:
@@ -146,16 +146,10 @@ def run_magnitude(job: PruneJob) -> StageResult:
         after["test_accuracy"],
         before["test_accuracy"],
     )
-    variant = Variant(
-        name=cfg.output_name,
-        format="torch",
-        file=out_dir / "model.pt",
-        stage=cfg.label,
-        parent=source.name,
-        metrics=metrics,
-        info={
-            "method": "magnitude",
-            "spec": spec,
+    variant = job.variant(
+        "magnitude",
+        metrics,
+        {
             "per_layer_sparsity": per_layer,
             "schedule": cfg.schedule,
             "events": len(events),

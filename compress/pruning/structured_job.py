@@ -16,7 +16,7 @@ from compress.models import load_model, save_model
 from compress.pruning import channels
 from compress.pruning.job import PruneJob, PruneProblem, accuracies, model_name
 from compress.training import fit
-from compress.variants import StageResult, Variant
+from compress.variants import StageResult
 
 
 def run_structured(job: PruneJob) -> StageResult:
@@ -25,7 +25,7 @@ def run_structured(job: PruneJob) -> StageResult:
     Finished steps are saved with their record, so a killed run resumes after the last one.
     """
     cfg, model, spec, bundle, ctx, out_dir = job.cfg, job.model, job.spec, job.bundle, job.ctx, job.out_dir
-    source, teacher, kept, example = job.source, job.teacher, job.kept, job.example
+    teacher, kept, example = job.teacher, job.kept, job.example
     plan = channels.ChannelPlan(
         importance=cfg.importance,
         scope=cfg.scope,
@@ -159,16 +159,10 @@ def run_structured(job: PruneJob) -> StageResult:
         after["test_accuracy"],
         before["test_accuracy"],
     )
-    variant = Variant(
-        name=cfg.output_name,
-        format="torch",
-        file=out_dir / "model.pt",
-        stage=cfg.label,
-        parent=source.name,
-        metrics=metrics,
-        info={
-            "method": "structured",
-            "spec": spec,
+    variant = job.variant(
+        "structured",
+        metrics,
+        {
             "importance": cfg.importance,
             "scope": cfg.scope,
             "layer_shapes": shapes,
