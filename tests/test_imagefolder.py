@@ -138,6 +138,19 @@ def test_a_val_folder_is_the_validation_split(tmp_path, isolated_cache) -> None:
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (30, 9, 12)
 
 
+def test_limits_take_a_seeded_subset_of_every_class(tmp_path, isolated_cache) -> None:
+    # a folder lists its images class by class: the first N would be the first classes only
+    tree = write_image_folder(tmp_path / "images", per_class=(10, 8), val=3)
+    spec = DataConfig(dataset="imagefolder", image_size=16, limit_train=12, limit_test=12)
+    bundle = data.load_data(spec, tree)
+    assert (len(bundle.train), len(bundle.test)) == (12, 12)
+    classes = set(range(len(FOLDER_CLASSES)))
+    assert set(bundle.train.y.tolist()) == classes and set(bundle.test.y.tolist()) == classes
+    data.clear_caches()
+    again = data.load_data(spec, tree)  # the same seed chooses the same images
+    assert torch.equal(bundle.test.x, again.test.x) and torch.equal(bundle.train.y, again.train.y)
+
+
 def test_decoded_images_are_cached_for_the_next_run(tmp_path, isolated_cache) -> None:
     tree = write_image_folder(tmp_path / "images", per_class=(6, 2))
     spec = DataConfig(dataset="imagefolder", image_size=16)

@@ -47,9 +47,14 @@ def load_data(
         count = _val_size(spec, len(train_all))
         order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(spec.split_seed))
         val, train_all = train_all.rows(order[:count]), train_all.rows(order[count:])
-    elif spec.val_size is not None:
-        log.info("data: %s/val/ is the validation split; data.val_size is not used", prepared.root)
+    else:
+        if spec.val_size is not None:
+            log.info("data: %s/val/ is the validation split; data.val_size is not used", prepared.root)
+        if spec.limit_train is not None:  # train/ as listed, class by class: take a seeded subset
+            train_all = _seeded_subset(train_all, spec.limit_train, spec.split_seed)
     train = train_all.head(spec.limit_train)
+    if prepared.scan is not None and spec.limit_test is not None:
+        test = _seeded_subset(test, spec.limit_test, spec.split_seed)  # folders list class by class
     mean, std = _statistics(spec, prepared, train, train.x.shape[1])
     return DataBundle(
         dataset=spec.dataset,
@@ -73,6 +78,15 @@ def _val_size(spec: DataConfig, available: int) -> int:
     if count >= available:
         raise DataError(f"data.val_size={count} leaves no training images ({available} available); lower it")
     return count
+
+
+def _seeded_subset(split: Split, n: int, seed: int) -> Split:
+    """``n`` rows chosen with ``seed``, in their original order: an image folder lists its images
+    class by class, so its first ``n`` would leave out the last classes."""
+    if n >= len(split):
+        return split
+    chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+    return split.rows(chosen.sort().values)
 
 
 def _splits(prepared: DataSource) -> tuple[Split, Split | None, Split, list[str], dict]:

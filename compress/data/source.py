@@ -65,7 +65,9 @@ def prepare(spec: DataConfig, root: Path, label: str = "") -> DataSource:
             "--set data.root=DIR, COMPRESS_DATA_ROOT=DIR or data.root in the pipeline YAML"
         )
     scanned = folder.scan(root)
-    print_ = fingerprint(scanned.files(), {"classes": scanned.classes})
+    # "limits": how limit_train/limit_test choose images (seeded subsets since they stopped taking
+    # the first N, which left out whole classes); a change re-runs what read the old choice
+    print_ = fingerprint(scanned.files(), {"classes": scanned.classes, "limits": "seeded"})
     shape = ImageShape(spec.image_size, spec.channels or 3)
     key = sha256_json({"fingerprint": print_, "size": shape.size, "channels": shape.channels})
     source = DataSource(spec, root, label, print_, scan=scanned, shape=shape)
