@@ -8,6 +8,7 @@ config error that names the pipeline file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ from torch import nn
 
 from compress.context import Context
 from compress.data import DataBundle
-from compress.training import Distillation, evaluate
+from compress.training import Distillation, FitResult, evaluate, fit
 from compress.variants import Variant
 
 
@@ -64,6 +65,29 @@ class PruneJob:
     teacher: Distillation | None
     ctx: Context
     out_dir: Path
+
+    def finetune(
+        self,
+        model: nn.Module,
+        settings: Any,
+        workdir: Path,
+        desc: str,
+        after_step: Callable[[], None] | None = None,
+    ) -> FitResult:
+        """Fine-tune ``model`` in place with the stage's settings, teacher and progress callback."""
+        ctx = self.ctx
+        return fit(
+            model,
+            self.bundle,
+            settings,
+            ctx.device,
+            ctx.seed,
+            workdir,
+            desc=desc,
+            after_step=after_step,
+            distill=self.teacher,
+            on_epoch=ctx.on_epoch,
+        )
 
     def variant(self, method: str, metrics: dict, info: dict) -> Variant:
         """The pruned variant: the model the job saved as ``model.pt``, with its metrics."""

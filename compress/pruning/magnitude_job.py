@@ -15,7 +15,6 @@ from compress.fileio import write_json
 from compress.models import load_model, save_model
 from compress.pruning import masks
 from compress.pruning.job import PruneJob, PruneProblem, accuracies
-from compress.training import fit
 from compress.variants import StageResult
 
 
@@ -26,7 +25,7 @@ def run_magnitude(job: PruneJob) -> StageResult:
     what the fine-tuning bought back.
     """
     cfg, model, spec, bundle, ctx, out_dir = job.cfg, job.model, job.spec, job.bundle, job.ctx, job.out_dir
-    source, teacher, kept, example = job.source, job.teacher, job.kept, job.example
+    source, kept, example = job.source, job.kept, job.example
     layers = masks.prunable_layers(model, cfg.layer_types, kept)
     if not layers:
         raise PruneProblem("layer_types", "no layer left to prune after exclude/exclude_classifier")
@@ -82,34 +81,18 @@ def run_magnitude(job: PruneJob) -> StageResult:
             state = torch.load(workdir / "checkpoint.pt", map_location="cpu", weights_only=True)
             hook.resume(state["model"], int(state["epoch"]) * steps_per_epoch)
         write_json(out_dir / "work" / "schedule.json", {"sparsity": sparsities, "after_step": iters})
-        result = fit(
-            model,
-            bundle,
-            ft,
-            ctx.device,
-            ctx.seed,
-            workdir,
-            desc=f"{cfg.label} prune",
-            after_step=hook,
-            distill=teacher,
-            on_epoch=ctx.on_epoch,
-        )
+        result = job.finetune(model, ft, workdir, f"{cfg.label} prune", after_step=hook)
         history += result.history
         masks.apply_masks(layers, hook.masks)
         if cfg.final_finetune:
             final = ft.model_copy(update={"epochs": cfg.final_finetune})
             zeros_kept = {n: m.weight.detach() != 0 for n, m in layers.items()}
-            result = fit(
+            result = job.finetune(
                 model,
-                bundle,
                 final,
-                ctx.device,
-                ctx.seed,
                 out_dir / "work" / "final",
-                desc=f"{cfg.label} final",
+                f"{cfg.label} final",
                 after_step=lambda: masks.apply_masks(layers, zeros_kept),
-                distill=teacher,
-                on_epoch=ctx.on_epoch,
             )
             history += result.history
             masks.apply_masks(layers, zeros_kept)

@@ -15,7 +15,6 @@ from compress.fileio import read_json, write_json
 from compress.models import load_model, save_model
 from compress.pruning import channels
 from compress.pruning.job import PruneJob, PruneProblem, accuracies, model_name
-from compress.training import fit
 from compress.variants import StageResult
 
 
@@ -24,8 +23,8 @@ def run_structured(job: PruneJob) -> StageResult:
 
     Finished steps are saved with their record, so a killed run resumes after the last one.
     """
-    cfg, model, spec, bundle, ctx, out_dir = job.cfg, job.model, job.spec, job.bundle, job.ctx, job.out_dir
-    teacher, kept, example = job.teacher, job.kept, job.example
+    cfg, model, spec, ctx, out_dir = job.cfg, job.model, job.spec, job.ctx, job.out_dir
+    kept, example = job.kept, job.example
     plan = channels.ChannelPlan(
         importance=cfg.importance,
         scope=cfg.scope,
@@ -91,17 +90,7 @@ def run_structured(job: PruneJob) -> StageResult:
         }
         if ft is not None and per_step[k - 1]:
             step_cfg = ft.model_copy(update={"epochs": per_step[k - 1]})
-            result = fit(
-                model,
-                bundle,
-                step_cfg,
-                ctx.device,
-                ctx.seed,
-                step_dir,
-                desc=f"{cfg.label} step {k}",
-                distill=teacher,
-                on_epoch=ctx.on_epoch,
-            )
+            result = job.finetune(model, step_cfg, step_dir, f"{cfg.label} step {k}")
             history += result.history
             record["val_accuracy"] = result.history[-1]["val_accuracy"] if result.history else None
         save_model(model.cpu(), spec, step_dir / "model.pt")
@@ -111,17 +100,7 @@ def run_structured(job: PruneJob) -> StageResult:
         ctx.log.info("%s: step %d/%d: %d MACs, %d parameters", cfg.label, k, steps, macs_k, params_k)
     if cfg.final_finetune and ft is not None:
         final = ft.model_copy(update={"epochs": cfg.final_finetune})
-        result = fit(
-            model,
-            bundle,
-            final,
-            ctx.device,
-            ctx.seed,
-            work / "final",
-            desc=f"{cfg.label} final",
-            distill=teacher,
-            on_epoch=ctx.on_epoch,
-        )
+        result = job.finetune(model, final, work / "final", f"{cfg.label} final")
         history += result.history
 
     model = model.cpu()
