@@ -26,6 +26,8 @@ import onnx
 from compress.exporting import INPUT_NAME, OUTPUT_NAME
 from compress.fileio import sha256_file, write_json, write_text
 from compress.measure import file_size, gzip_size
+from compress.targets.registry import TARGETS
+from compress.targets.ship import tolerance as quantized_tolerance
 from compress.verify import BUNDLE_FORMAT, INDEX, SUMS
 
 SAMPLE_INPUT = "sample_input.npy"
@@ -44,7 +46,18 @@ QUANTIZED_OPS = {
     "QLinearAdd",
     "DynamicQuantizeMatMul",
 }
-QUANTIZED_RTOL = 0.01  # of the largest |logit|: int8 kernels may round differently across CPUs
+
+
+@dataclass
+class TargetFiles:
+    """One variant's files for one edge target (``compress.targets``), checked in its runtime."""
+
+    variant: str
+    target: str
+    files: list[Path]  # the file the runtime loads first (OpenVINO: .xml, then its .bin)
+    expected: np.ndarray  # the source model's logits for sample_input.npy
+    parity: dict[str, Any]
+    test_accuracy: float | None
 
 
 @dataclass
@@ -74,9 +87,7 @@ def is_quantized(path: Path) -> bool:
 
 
 def tolerance(model: ShippedModel) -> float:
-    if not model.quantized:
-        return model.atol
-    return max(model.atol, QUANTIZED_RTOL * float(np.max(np.abs(model.expected))))
+    return quantized_tolerance(model.expected, model.quantized, model.atol)
 
 
 def write_bundle(
@@ -88,6 +99,8 @@ def write_bundle(
     labels: np.ndarray,
     classes: list[str],
     facts: dict[str, Any],
+    targets: list[TargetFiles] | None = None,
+    bundle_files: list[Path] | None = None,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     np.save(directory / SAMPLE_INPUT, np.ascontiguousarray(images, dtype=np.float32))
@@ -115,8 +128,14 @@ def write_bundle(
                 "sha256": sha256_file(model.file),
                 "stage": info.get("stage"),
                 "parent": info.get("parent"),
+                "target": "onnx",
+                "runtime": TARGETS["onnx"].runtime,
+                "files": [model.file.name],
             }
         )
+    by_variant = {m.variant: m for m in models}
+    for shipped in targets or []:
+        entries.append(_target_entry(directory, shipped, by_variant.get(shipped.variant)))
     index = {
         "format": BUNDLE_FORMAT,
         **{k: facts.get(k) for k in ("pipeline", "run_id", "compress_version")},
@@ -128,10 +147,38 @@ def write_bundle(
         "sample_pixels": SAMPLE_PIXELS,
         "sample_labels": SAMPLE_LABELS,
         "models": entries,
+        "extra_files": [p.name for p in bundle_files or []],
     }
     write_json(directory / INDEX, index)
     write_text(directory / "README.md", readme(index, classes))
     write_sums(directory)
+
+
+def _target_entry(directory: Path, shipped: TargetFiles, onnx: ShippedModel | None) -> dict[str, Any]:
+    """The index entry of one edge-target file; its expected logits are the source model's."""
+    expected = directory / f"{shipped.files[0].stem}.reference.npy"
+    if not expected.exists():
+        np.save(expected, np.ascontiguousarray(shipped.expected, dtype=np.float32))
+    info = onnx.metadata if onnx is not None else {}
+    return {
+        "variant": shipped.variant,
+        "target": shipped.target,
+        "runtime": TARGETS[shipped.target].runtime,
+        "file": shipped.files[0].name,
+        "files": [p.name for p in shipped.files],
+        "expected": expected.name,
+        "atol": shipped.parity["atol"],
+        "quantized": bool(onnx.quantized) if onnx is not None else False,
+        "test_accuracy": shipped.test_accuracy,
+        "size_bytes": sum(file_size(p) for p in shipped.files),
+        "gzip_bytes": sum(gzip_size(p) for p in shipped.files),
+        "sha256": sha256_file(shipped.files[0]),
+        "stage": info.get("stage"),
+        "parent": info.get("parent"),
+        "parity": {
+            k: shipped.parity.get(k) for k in ("max_abs_diff", "top1_agreement", "samples", "runtime_version")
+        },
+    }
 
 
 def write_sums(directory: Path) -> None:

@@ -2,13 +2,17 @@
 
 1. Every file listed in ``SHA256SUMS`` exists and has that checksum (a tampered or truncated
    file fails, named in the table).
-2. Every model listed in ``bundle.json`` is run in a fresh Python process that can import only
-   numpy and onnxruntime (torch, onnx and compress are blocked there), on ``sample_input.npy``;
-   its logits must match ``<variant>.expected.npy`` within the bundle's tolerance and give the
-   same top-1 class.
+2. Every model file listed in ``bundle.json`` (ONNX, and each edge target: ``.ort``, OpenVINO
+   ``.xml``, LiteRT ``.tflite``, ExecuTorch ``.pte``) is run in a fresh Python process that can
+   import only numpy and that file's runtime (torch, onnx and compress are blocked there;
+   ExecuTorch's Python binding needs torch, so its child may import torch), on
+   ``sample_input.npy``; its logits must match the entry's expected file within the bundle's
+   tolerance and give the same top-1 class. ``--targets`` limits the check to some runtimes
+   (a runtime that is not installed here is an error, with the pip command, unless left out).
 
 Exit codes: 0 everything matches; 1 a check failed (a per-file table says which);
-2 the folder is not a deploy bundle, or a model whose checksum matches is not ONNX at all.
+2 the folder is not a deploy bundle, or a model whose checksum matches cannot be loaded by its
+runtime at all.
 
 This module imports only the standard library so it starts fast and never drags in torch.
 """
@@ -19,77 +23,19 @@ import argparse
 import hashlib
 import json
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compress.targets import child
+from compress.targets.registry import TARGETS, install_hint, missing_packages
+
 BUNDLE_FORMAT = "compress.deploy/1"
 INDEX = "bundle.json"
 SUMS = "SHA256SUMS"
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
-CHILD_TIMEOUT_S = 300
-
-# Runs in the child with ``python -I -c``. It may import only the standard library, numpy and
-# onnxruntime; an import hook refuses torch, onnx and compress so a hidden dependency on them
-# fails loudly instead of passing on a machine that happens to have them installed.
-CHILD_SOURCE = r"""
-import sys
-
-BLOCKED = {"torch", "torchvision", "onnx", "compress"}
-
-
-class _Refuse:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError("the verify child may not import " + name)
-        return None
-
-
-sys.meta_path.insert(0, _Refuse())
-
-import json
-
-import numpy as np
-import onnxruntime as ort
-
-
-def first_line(exc):
-    text = str(exc).strip()
-    return type(exc).__name__ + ": " + (text.splitlines()[0][:300] if text else "")
-
-
-def check(model, sample, expected, atol):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        return {"ok": False, "kind": "not_onnx", "error": first_line(exc)}
-    try:
-        x = np.load(sample, allow_pickle=False)
-        want = np.load(expected, allow_pickle=False)
-        got = session.run(None, {session.get_inputs()[0].name: x})[0]
-    except Exception as exc:
-        return {"ok": False, "kind": "run_failed", "error": first_line(exc)}
-    if got.shape != want.shape:
-        error = "output shape %s, expected %s" % (got.shape, want.shape)
-        return {"ok": False, "kind": "mismatch", "error": error}
-    diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if got.size else 0.0
-    same = int(np.sum(got.argmax(1) == want.argmax(1)))
-    ok = bool(np.isfinite(diff) and diff <= atol and same == len(want))
-    error = None if ok else "max |diff| %.3g (tolerance %.3g), top-1 %d/%d" % (diff, atol, same, len(want))
-    return {"ok": ok, "kind": None if ok else "mismatch", "error": error,
-            "max_abs_diff": diff, "top1_same": same, "count": int(len(want))}
-
-
-result = check(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))
-result["modules"] = sorted({name.split(".")[0] for name in sys.modules})
-result["onnxruntime"] = ort.__version__
-print(json.dumps(result))
-"""
+CHILD_TIMEOUT_S = child.TIMEOUT_S
 
 
 class NotABundle(Exception):
@@ -100,14 +46,14 @@ class NotABundle(Exception):
 class Row:
     file: str
     checksum: str  # ok | MISMATCH | MISSING | unlisted | -
-    outputs: str = "-"  # ok | MISMATCH | ERROR | NOT ONNX | -
+    outputs: str = "-"  # ok | MISMATCH | ERROR | NOT LOADABLE | SKIPPED | -
     max_abs_diff: float | None = None
     top1: str = ""
     detail: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.checksum in ("ok", "-") and self.outputs in ("ok", "-")
+        return self.checksum in ("ok", "-") and self.outputs in ("ok", "-", "SKIPPED")
 
 
 def sha256(path: Path) -> str:
@@ -151,6 +97,13 @@ def load_index(directory: Path) -> dict[str, Any]:
             raise NotABundle(f"{directory / INDEX}: models[{number}] is not a mapping")
         for key in ("file", "expected"):
             _plain_name(model.get(key), directory, f"models[{number}].{key}")
+        for extra in model.get("files", []):
+            _plain_name(extra, directory, f"models[{number}].files")
+        if model.get("target", "onnx") not in TARGETS:
+            raise NotABundle(
+                f"{directory / INDEX}: models[{number}].target: {model.get('target')!r} is not a known "
+                f"runtime ({', '.join(TARGETS)}); this bundle may be newer than this compress"
+            )
         atol = model.get("atol", 1e-4)
         if isinstance(atol, bool) or not isinstance(atol, int | float) or not 0 <= atol < float("inf"):
             raise NotABundle(f"{directory / INDEX}: models[{number}].atol: {atol!r} is not a tolerance")
@@ -166,25 +119,13 @@ def _plain_name(value: Any, directory: Path, key: str) -> None:
         )
 
 
-def run_child(
-    model: Path, sample: Path, expected: Path, atol: float, timeout: float = CHILD_TIMEOUT_S
-) -> dict[str, Any]:
-    """Run one model in a fresh isolated interpreter (``-I``: no user site, no PYTHONPATH)."""
-    command = [sys.executable, "-I", "-c", CHILD_SOURCE, str(model), str(sample), str(expected), repr(atol)]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=model.parent)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "kind": "run_failed", "error": f"timed out after {timeout:.0f}s"}
-    lines = proc.stdout.strip().splitlines()
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"ok": False, "kind": "run_failed", "error": f"child exited {proc.returncode}: {tail[:300]}"}
+def verify(
+    directory: Path, timeout: float = CHILD_TIMEOUT_S, targets: list[str] | None = None
+) -> tuple[int, list[Row], list[str]]:
+    """(exit code, per-file rows, messages). Raises NotABundle for exit-2 situations.
 
-
-def verify(directory: Path, timeout: float = CHILD_TIMEOUT_S) -> tuple[int, list[Row], list[str]]:
-    """(exit code, per-file rows, messages). Raises NotABundle for exit-2 situations."""
+    ``targets``: check only files for these runtimes (None: every file the index lists).
+    """
     directory = Path(directory)
     if not directory.exists():
         raise NotABundle(f"{directory}: does not exist; give the deploy folder written by the export stage")
@@ -217,42 +158,59 @@ def verify(directory: Path, timeout: float = CHILD_TIMEOUT_S) -> tuple[int, list
     if INDEX not in sums:
         messages.append(f"{INDEX} is not listed in {SUMS}")
     sample = directory / str(index.get("sample_input", "sample_input.npy"))
-    not_onnx: list[str] = []
+    unloadable: list[str] = []
     for model in index["models"]:
         name = str(model.get("file", ""))
+        target = TARGETS[model.get("target", "onnx")]
         row = rows.setdefault(name, Row(name, "unlisted", detail=f"not listed in {SUMS}"))
+        if targets is not None and target.name not in targets:
+            row.outputs, row.detail = "SKIPPED", f"{target.name} not among --targets"
+            continue
+        absent = missing_packages(target, running_only=True)
+        if absent:
+            row.outputs = "ERROR"
+            row.detail = (
+                f"{target.label} is not installed here ({', '.join(absent)}): {install_hint(target)}, "
+                f"or leave it out with --targets"
+            )
+            continue
         expected = directory / str(model.get("expected", ""))
         if not (directory / name).is_file() or not expected.is_file() or not sample.is_file():
             row.outputs = "ERROR"
             row.detail = row.detail or "model, expected output or sample input is missing"
             continue
-        result = run_child(
-            (directory / name).resolve(),
-            sample.resolve(),
-            expected.resolve(),
-            float(model.get("atol", 1e-4)),
-            timeout,
+        result = child.compare(
+            target, (directory / name).resolve(), sample.resolve(), expected.resolve(), 1, timeout
         )
-        forbidden = {"torch", "torchvision", "onnx", "compress"} & set(result.get("modules", []))
-        if forbidden:
-            result = {**result, "ok": False, "kind": "run_failed", "error": f"child imported {forbidden}"}
-        row.max_abs_diff = result.get("max_abs_diff")
-        if "count" in result:
-            row.top1 = f"{result['top1_same']}/{result['count']}"
-        if result.get("ok"):
-            row.outputs = "ok"
-            continue
-        kind = result.get("kind")
-        row.outputs = {"not_onnx": "NOT ONNX", "mismatch": "MISMATCH"}.get(kind, "ERROR")
-        row.detail = "; ".join(d for d in (row.detail, str(result.get("error") or "")) if d)
-        if kind == "not_onnx" and row.checksum == "ok":
-            not_onnx.append(f"{name}: not an ONNX model onnxruntime can load ({result.get('error')})")
+        _judge(row, result, float(model.get("atol", 1e-4)))
+        if result.get("kind") == "not_loadable" and row.checksum == "ok":
+            unloadable.append(f"{name}: not a model {target.label} can load ({result.get('error')})")
 
     table = list(rows.values())
-    if not_onnx:
-        raise NotABundle("; ".join(not_onnx))
+    if unloadable:
+        raise NotABundle("; ".join(unloadable))
     failed = bool(malformed) or any(not r.ok for r in table) or INDEX not in sums
     return (EXIT_MISMATCH if failed else EXIT_OK), table, messages
+
+
+def _judge(row: Row, result: dict[str, Any], atol: float) -> None:
+    """Fill the row's outputs column from one child comparison."""
+    row.max_abs_diff = result.get("max_abs_diff")
+    if "count" in result:
+        row.top1 = f"{result['top1_same']}/{result['count']}"
+    if result.get("ok"):
+        diff, same, count = result["max_abs_diff"], result["top1_same"], result["count"]
+        if result.get("finite", True) and diff <= atol and same == count:
+            row.outputs = "ok"
+            return
+        result = {
+            **result,
+            "kind": "mismatch",
+            "error": f"max |diff| {diff:.3g} (tolerance {atol:.3g}), top-1 {same}/{count}",
+        }
+    kind = result.get("kind")
+    row.outputs = {"not_loadable": "NOT LOADABLE", "mismatch": "MISMATCH"}.get(kind, "ERROR")
+    row.detail = "; ".join(d for d in (row.detail, str(result.get("error") or "")) if d)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -269,23 +227,34 @@ def format_table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m compress.verify",
-        description="Check a deploy bundle: checksums, then each model in a fresh numpy+onnxruntime process.",
+        description="Check a deploy bundle: checksums, then each model file in a fresh process that "
+        "has only numpy and that file's runtime (onnxruntime, OpenVINO, LiteRT, ExecuTorch).",
         epilog="Exit codes: 0 all match, 1 a file failed (see the table), 2 not a deploy bundle.",
     )
     parser.add_argument("deploy_dir", type=Path, help="the deploy folder (…/stages/export/deploy)")
     parser.add_argument(
         "--timeout", type=float, default=CHILD_TIMEOUT_S, help="seconds allowed per model (default 300)"
     )
+    parser.add_argument(
+        "--targets",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        default=None,
+        help=f"comma-separated runtimes to check (default: all listed; known: {', '.join(TARGETS)})",
+    )
     args = parser.parse_args(argv)
+    unknown = [t for t in args.targets or [] if t not in TARGETS]
+    if unknown:
+        print(f"error: --targets: unknown {', '.join(unknown)}; known: {', '.join(TARGETS)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
-        code, rows, messages = verify(args.deploy_dir, args.timeout)
+        code, rows, messages = verify(args.deploy_dir, args.timeout, args.targets)
     except NotABundle as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(format_table(rows))
     for message in messages:
         print(message)
-    models = sum(r.outputs != "-" for r in rows)
+    models = sum(r.outputs not in ("-", "SKIPPED") for r in rows)
     if code == EXIT_OK:
         print(f"verify: OK: {len(rows)} files match {SUMS}, {models} models reproduce their expected outputs")
     else:

@@ -29,6 +29,7 @@ from compress.config import load_pipeline
 from compress.errors import ArtifactError
 from compress.run import main
 from compress.stages import config_registry
+from compress.targets import TARGETS, child
 from tests.conftest import REPO, TINY_PIPELINE, write_pipeline
 
 CORPUS = Path(__file__).parent / "bad_inputs"
@@ -334,7 +335,7 @@ def test_verify_refuses_what_is_not_a_bundle_or_not_onnx(
     _reseal(bundle)
     assert verify.main([str(bundle)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: model.onnx: not an ONNX model onnxruntime can load"), err
+    assert err.startswith("error: model.onnx: not a model ONNX (onnxruntime) can load"), err
     assert "Traceback" not in err
 
     # an index entry that points out of the bundle is refused before anything is opened
@@ -439,7 +440,8 @@ def test_source_loads_nothing_unsafely() -> None:
     for path in files:
         rel = path.relative_to(REPO).as_posix()
         problems += unsafe_calls(rel, path.read_text(encoding="utf-8"))
-    problems += unsafe_calls("compress/verify.py CHILD_SOURCE", verify.CHILD_SOURCE)
+    for target in TARGETS.values():
+        problems += unsafe_calls(f"verify child for {target.name}", child.program(target))
     assert not problems, "\n".join(problems)
 
 

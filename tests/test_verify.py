@@ -25,6 +25,7 @@ from compress.context import Context
 from compress.models import build_model, save_model
 from compress.stages import config_registry
 from compress.stages import export as export_stage
+from compress.targets import TARGETS, child
 from compress.variants import Variant
 from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
 
@@ -88,7 +89,7 @@ def test_truncated_model_fails(bundle):
     path.write_bytes(path.read_bytes()[:1000])
     code, rows, _ = verify.verify(bundle)
     row = next(r for r in rows if r.file == "baseline.onnx")
-    assert code == 1 and row.checksum == "MISMATCH" and row.outputs == "NOT ONNX"
+    assert code == 1 and row.checksum == "MISMATCH" and row.outputs == "NOT LOADABLE"
 
 
 def test_tampered_sample_input_fails(bundle):
@@ -125,30 +126,31 @@ def test_not_a_bundle_and_not_onnx_exit_2_without_traceback(bundle, tmp_path):
     reseal(bundle)
     result = run_cli(bundle, cwd=tmp_path, module="compress.verify")
     assert result.returncode == 2, result.output
-    assert "baseline.onnx: not an ONNX model" in result.stderr
+    assert "baseline.onnx: not a model ONNX (onnxruntime) can load" in result.stderr
     assert "Traceback" not in result.output
 
 
 def test_child_imports_only_numpy_and_onnxruntime(bundle):
-    tree = ast.parse(verify.CHILD_SOURCE)
+    tree = ast.parse(child.program(TARGETS["onnx"]))
     imports = [node for node in ast.walk(tree) if isinstance(node, ast.Import)]
     imported = {alias.name.split(".")[0] for node in imports for alias in node.names}
-    assert imported == {"sys", "json", "numpy", "onnxruntime"}
+    assert imported == {"importlib", "sys", "json", "numpy", "onnxruntime"}
     assert not any(isinstance(node, ast.ImportFrom) for node in ast.walk(tree))
 
     index = json.loads((bundle / "bundle.json").read_text())
     model = index["models"][0]
-    result = verify.run_child(
-        bundle / model["file"], bundle / "sample_input.npy", bundle / model["expected"], model["atol"]
+    result = child.compare(
+        TARGETS["onnx"], bundle / model["file"], bundle / "sample_input.npy", bundle / model["expected"]
     )
-    assert result["ok"], result
+    assert result["ok"] and result["top1_same"] == result["count"] == 8, result
+    assert result["max_abs_diff"] <= model["atol"]
     assert "numpy" in result["modules"] and "onnxruntime" in result["modules"]
     assert not {"torch", "compress", "onnx", "torchvision"} & set(result["modules"])
 
 
 def test_child_refuses_torch_even_when_installed(tmp_path):
     """The import hook makes a hidden torch dependency fail instead of passing by luck."""
-    prefix = verify.CHILD_SOURCE.split("import json", 1)[0]
+    prefix = child.program(TARGETS["onnx"]).split("import numpy", 1)[0]
     code = prefix + "import torch\n"
     proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0 and "may not import torch" in proc.stderr

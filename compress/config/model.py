@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from compress.config.messages import did_you_mean
 from compress.config.safety import import_factory, project_file
@@ -20,7 +20,10 @@ from compress.config.sections import StrictModel
 ARCHS = ("lenet300", "lenet5", "resnet20", "mlp")
 ZOO_ONLY = ("width", "hidden", "dropout")
 WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # a torchvision weights name: DEFAULT, IMAGENET1K_V1, ...
-_UNSET = lambda v: v is None  # noqa: E731 - keeps zoo specs (and their cache keys) as they were
+# Left out of the dump when None, so zoo specs (and their cache keys) stay as they were before
+# these keys existed. A serializer, not Field(exclude_if=...): that needs pydantic >= 2.12, and
+# the [litert] extra holds pydantic at 2.11 (its xdsl pin caps typing-extensions below 4.13).
+_OMIT_WHEN_NONE = ("import_path", "torchvision", "timm", "weights", "small_stem")
 
 
 @lru_cache(maxsize=1)
@@ -37,16 +40,21 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     # TRUSTED CODE: 'package.module:factory', called with the model spec (dict) to build an
     # nn.Module. Imported when the pipeline is validated; implies arch: custom.
-    import_path: str | None = Field(None, exclude_if=_UNSET)
+    import_path: str | None = None
     # a torchvision.models classification builder, e.g. resnet18, mobilenet_v3_small (arch: torchvision)
-    torchvision: str | None = Field(None, exclude_if=_UNSET)
+    torchvision: str | None = None
     # a timm model name, e.g. mobilenetv3_small_100 (arch: timm; pip install -e '.[timm]')
-    timm: str | None = Field(None, exclude_if=_UNSET)
+    timm: str | None = None
     # pretrained weights: a file in the project (a state dict), or a torchvision weights name
     # (DEFAULT, IMAGENET1K_V1, ...: from torch's hub cache, downloaded when online)
-    weights: str | None = Field(None, exclude_if=_UNSET)
+    weights: str | None = None
     # stride-1 stem without its max-pool (CIFAR-style); None: for images of at most 64 px
-    small_stem: bool | None = Field(None, exclude_if=_UNSET)
+    small_stem: bool | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in _OMIT_WHEN_NONE and v is None)}
 
     @model_validator(mode="before")
     @classmethod

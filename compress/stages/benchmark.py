@@ -1,7 +1,11 @@
 """Stage ``benchmark``: every variant measured in every runtime it ships in, one table.
 
 Runtimes: ``pytorch`` (eager, torch variants), ``torchscript`` and ``onnxruntime`` (the files the
-export stage attached; ONNX-only variants run from their own file when not exported). Every
+export stage attached; ONNX-only variants run from their own file when not exported), and the
+edge targets' runtimes where the export stage shipped a file: ``ort`` (onnxruntime on the
+``.ort`` file), ``openvino`` (OpenVINO CPU on the IR), ``litert`` (the LiteRT interpreter; its
+models have batch 1, so batch N is N invocations) and ``executorch`` (XNNPACK-delegated
+``.pte``), each through the same loader ``compress.verify`` uses (``compress.targets.runners``). Every
 row is measured the same way (``compress.measure``): the same input tensor, the same thread
 count, warm-up before timing, accuracy on the whole test split. Deltas are against the
 baseline variant in the same runtime. The table goes to ``results.csv`` / ``results.json``
@@ -29,16 +33,22 @@ from compress.context import Context
 from compress.exporting import INPUT_NAME, OUTPUT_NAME, load_torchscript
 from compress.fileio import read_json, write_json, write_text
 from compress.stages import stage
+from compress.targets import TARGETS
+from compress.targets.runners import runner as target_runner
 from compress.variants import StageResult, Variant
 
-RUNTIMES = ("pytorch", "torchscript", "onnxruntime")
+EDGE = {t.runtime: t for t in TARGETS.values() if t.name != "onnx"}
+RUNTIMES = ("pytorch", "torchscript", "onnxruntime", *EDGE)
 FILE_FORMAT = {"pytorch": "torch", "torchscript": "torchscript", "onnxruntime": "onnx"}
-EXPORT_KEY = {"torchscript": "torchscript", "onnxruntime": "onnx"}
+FILE_FORMAT.update({runtime: t.suffix.lstrip(".") for runtime, t in EDGE.items()})
+EXPORT_KEY = {"torchscript": "torchscript", "onnxruntime": "onnx", **{r: t.name for r, t in EDGE.items()}}
 
 
 class BenchmarkConfig(StageConfig):
     stage: Literal["benchmark"]
-    runtimes: list[Literal["pytorch", "torchscript", "onnxruntime"]] = list(RUNTIMES)
+    runtimes: list[
+        Literal["pytorch", "torchscript", "onnxruntime", "ort", "openvino", "litert", "executorch"]
+    ] = list(RUNTIMES)
     batch_sizes: list[int] = [1, 64]
     threads: int | Literal["all"] = 1
     warmup: int = Field(10, ge=1, le=100_000)
@@ -133,6 +143,7 @@ def columns(batch_sizes: list[int]) -> list[str]:
         "cpu_model",
         "torch_version",
         "onnxruntime_version",
+        "runtime_version",
         "export_ok",
         "parity_max_abs_diff",
         "parity_top1_agreement",
@@ -211,8 +222,10 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
                 reference = pytorch_predictions.get(variant.name if own else (variant.parent or ""))
                 if reference is not None:
                     row["top1_agreement_pytorch"] = float(np.mean(predictions == reference))
-                row.update(status="ok", error=None, size_bytes=measure.file_size(target["path"]))
-                row["gzip_bytes"] = measure.gzip_size(target["path"])
+                files = [Path(target["path"]).with_name(n) for n in target["files"]] or [Path(target["path"])]
+                row.update(status="ok", error=None, size_bytes=sum(measure.file_size(f) for f in files))
+                row["gzip_bytes"] = sum(measure.gzip_size(f) for f in files)
+                row["runtime_version"] = _runtime_version(runtime)
                 rows.append(row)
                 timed.append((row, predict))
         _time_all(cfg, timed, timing_inputs)
@@ -265,9 +278,11 @@ def _target(variant: Variant, runtime: str, ctx: Context, exports: dict | None) 
     if runtime == "pytorch":
         if variant.format not in ("torch", "pt2"):
             return None
-        return {"path": variant.file, "export": none, "error": None}
+        return {"path": variant.file, "export": none, "error": None, "files": []}
     key = EXPORT_KEY[runtime]
-    entry = (exports or {}).get("files", {}).get(key)
+    entry = (exports or {}).get("files", {}).get(key) or (exports or {}).get("targets", {}).get(key)
+    if entry is not None and entry.get("skipped"):
+        return None  # this target does not take this kind of variant (the export report says why)
     export = (
         {
             "export_ok": bool(entry["ok"]),
@@ -277,17 +292,21 @@ def _target(variant: Variant, runtime: str, ctx: Context, exports: dict | None) 
         if entry
         else none
     )
+    names = list((entry or {}).get("files", []))  # OpenVINO's IR is the .xml and its .bin
     if key in files:
-        return {"path": files[key], "export": export, "error": None}
+        return {"path": files[key], "export": export, "error": None, "files": names}
     if entry is not None and not entry["ok"]:
-        return {"path": None, "export": export, "error": entry.get("error")}
+        return {"path": None, "export": export, "error": entry.get("error"), "files": []}
     if runtime == "onnxruntime" and variant.format == "onnx":
-        return {"path": variant.file, "export": export, "error": None}
+        return {"path": variant.file, "export": export, "error": None, "files": []}
     return None
 
 
 def _runner(runtime: str, variant: Variant, path: Path, threads: int) -> Callable[[torch.Tensor], np.ndarray]:
     """A function images -> logits (numpy) for one runtime; loading happens here, untimed."""
+    if runtime in EDGE:
+        run_edge = target_runner(EDGE[runtime].runner).load(str(path), threads)
+        return lambda x: run_edge(x.numpy())
     if runtime == "onnxruntime":
         session = measure.ort_session(path, threads)
 
@@ -440,6 +459,14 @@ def _summary_line(row: dict[str, Any], batch_sizes: list[int]) -> str:
         parts.append(f"b{b} p50 {row[f'latency_b{b}_p50_ms']:.3f} ms")
     parts.append(f"size {row['size_bytes'] / 1024:.1f} KiB (gzip {row['gzip_bytes'] / 1024:.1f} KiB)")
     return ", ".join(parts)
+
+
+def _runtime_version(runtime: str) -> str:
+    if runtime in EDGE:
+        return f"{EDGE[runtime].runner} {target_runner(EDGE[runtime].runner).version()}"
+    if runtime == "onnxruntime":
+        return f"onnxruntime {_version('onnxruntime')}"
+    return f"torch {torch.__version__}"
 
 
 def _version(package: str) -> str:

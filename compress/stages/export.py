@@ -21,8 +21,6 @@ Layout of the stage directory::
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import traceback
@@ -31,25 +29,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from compress import deploy, faults, gating
+from compress import deploy, gating
 from compress.config import StageConfig
+from compress.config.messages import did_you_mean
 from compress.context import Context
-from compress.exporting import (
-    DEFAULT_OPSET,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    export_onnx,
-    export_torchscript,
-    load_torchscript,
-    set_metadata,
+from compress.export_files import (
+    Failure,
+    as_metadata,
+    attempt,
+    batched,
+    copy_with_metadata,
+    failed,
+    first_line,
+    make_onnx,
+    make_torchscript,
+    run_onnx,
 )
+from compress.exporting import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
 from compress.fileio import write_json
-from compress.measure import ort_session
 from compress.stages import stage
+from compress.targets import TARGETS, missing_packages
+from compress.targets.registry import install_hint
+from compress.targets.ship import ParitySettings, Shipment, ship
+from compress.targets.ship import describe as describe_target
+from compress.targets.source import Source
 from compress.variants import StageResult, Variant
 
 FORMATS = ("onnx", "torchscript")
@@ -64,6 +70,38 @@ class ExportConfig(StageConfig):
     min_top1_agreement: float = Field(1.0, ge=0, le=1)
     sample_count: int = Field(16, ge=1, le=1024)
     threads: int = Field(1, ge=1, le=256)
+    targets: list[str] = ["onnx"]
+    target_min_top1_agreement: float = Field(0.999, ge=0, le=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in TARGETS:
+                raise ValueError(
+                    f"unknown target {name!r}{did_you_mean(name, TARGETS)}; known: {', '.join(TARGETS)}"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("each target may be listed once")
+        if "onnx" not in value:
+            raise ValueError(
+                "list onnx among the targets: the ONNX file is the bundle's reference format, "
+                "the one ort and openvino are converted from (e.g. targets: [onnx, tflite])"
+            )
+        for name in value:
+            missing = missing_packages(TARGETS[name])
+            if missing:
+                raise ValueError(
+                    f"target {name!r} needs {', '.join(missing)}, which is not installed here: "
+                    f"{install_hint(TARGETS[name])} (or leave {name} out of the targets)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _onnx_for_targets(self) -> ExportConfig:
+        if "onnx" not in self.formats and self.targets != ["onnx"]:
+            raise ValueError("targets other than onnx are made from the ONNX file: add onnx to formats")
+        return self
 
     @field_validator("formats")
     @classmethod
@@ -127,6 +165,7 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
     reports: dict[str, dict[str, Any]] = {}
     artifacts: dict[str, dict[str, Path]] = {}
     shipped: list[deploy.ShippedModel] = []
+    sources: list[tuple[Source, np.ndarray]] = []
     for variant in inputs:
         facts = {
             **common,
@@ -136,18 +175,28 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
             "source_format": variant.format,
             "test_accuracy": variant.metrics.get("test_accuracy"),
         }
-        report, files, model = _export_variant(cfg, variant, ctx, out_dir, images, sample, facts)
+        report, files, model, source = _export_variant(cfg, variant, ctx, out_dir, images, sample, facts)
         reports[variant.name] = report
-        report_path = out_dir / "exports" / f"{safe_filename(variant.name)}.json"
-        write_json(report_path, report)
-        artifacts[variant.name] = {**files, "export_report": report_path}
+        artifacts[variant.name] = files
         if model is not None:
             shipped.append(model)
+        if source is not None and gating.shipped(variant.name):
+            sources.append(source)
         if report.get("skipped"):
             ctx.log.info("export: %s: skipped: %s", variant.name, report["skipped"])
         for fmt, entry in report["files"].items():
             level = ctx.log.info if entry["ok"] else ctx.log.error
             level("export: %s %s: %s", variant.name, fmt, _describe(entry))
+
+    shipment = _ship_targets(cfg, sources, images.numpy(), ctx, out_dir)
+    for name, entries in shipment.entries.items():
+        reports[name]["targets"] = entries
+    for name, files_by_target in shipment.files.items():
+        artifacts[name].update({target: files[0] for target, files in files_by_target.items()})
+    for name, report in reports.items():
+        report_path = out_dir / "exports" / f"{safe_filename(name)}.json"
+        write_json(report_path, report)
+        artifacts[name]["export_report"] = report_path
 
     deploy.write_bundle(
         deploy_dir,
@@ -157,6 +206,21 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         labels=labels[:shown].numpy(),
         classes=list(bundle.classes),
         facts={k: common[k] for k in ("pipeline", "run_id", "compress_version", "preprocessing")},
+        targets=[
+            deploy.TargetFiles(
+                variant=source.variant,
+                target=target,
+                files=shipment.files[source.variant][target],
+                expected=reference[:shown],
+                parity=shipment.entries[source.variant][target],
+                test_accuracy=next(v for v in inputs if v.name == source.variant).metrics.get(
+                    "test_accuracy"
+                ),
+            )
+            for source, reference in sources
+            for target in shipment.files.get(source.variant, {})
+        ],
+        bundle_files=shipment.bundle_files,
     )
     write_json(out_dir / "export.json", reports)
     shutil.rmtree(out_dir / "work", ignore_errors=True)
@@ -172,10 +236,56 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
     }
     for name, fmt, entry in entries:
         metrics[f"{name}.{fmt}"] = _describe(entry)
+    for name, entries_by_target in shipment.entries.items():
+        for target, entry in entries_by_target.items():
+            metrics[f"{name}.{target}"] = describe_target(entry)
+    metrics["shipped"] = {
+        target: [name for name, files in shipment.files.items() if target in files]
+        for target in cfg.targets
+        if target != "onnx"
+    }
+    metrics["shipped"]["onnx"] = [m.variant for m in shipped]
     for name, report in reports.items():
         if report.get("skipped"):
             metrics[name] = f"skipped: {report['skipped']}"
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _ship_targets(
+    cfg: ExportConfig,
+    sources: list[tuple[Source, np.ndarray]],
+    images: np.ndarray,
+    ctx: Context,
+    out_dir: Path,
+) -> Shipment:
+    """Every shipped variant converted to every target beyond ONNX, each checked in its runtime."""
+    targets = [t for t in cfg.targets if t != "onnx"]
+    if not targets or not sources:
+        return Shipment()
+    error_log = out_dir / "error.log"
+
+    def log(variant: str, target: str, message: str, trace: str | None) -> None:
+        ok = message.startswith(("ok", "not shipped"))
+        (ctx.log.info if ok else ctx.log.error)(
+            "export: %s %s: %s%s", variant, target, message, " (traceback in error.log)" if trace else ""
+        )
+        if trace:
+            with open(error_log, "a", encoding="utf-8") as handle:
+                handle.write(f"--- {variant} -> {target}\n{trace}\n")
+
+    settings = ParitySettings(cfg.parity_atol, cfg.target_min_top1_agreement, cfg.threads)
+    references = {source.variant: reference for source, reference in sources}
+    return ship(
+        targets,
+        [source for source, _ in sources],
+        references,
+        images,
+        out_dir / "work",
+        out_dir / "deploy",
+        out_dir / "failed",
+        settings,
+        log,
+    )
 
 
 def _describe(entry: dict[str, Any]) -> str:
@@ -193,8 +303,12 @@ def _export_variant(
     images: torch.Tensor,
     sample: np.ndarray,
     facts: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Path], deploy.ShippedModel | None]:
-    """Export one variant to every format; never raises for a problem with this variant."""
+) -> tuple[dict[str, Any], dict[str, Path], deploy.ShippedModel | None, tuple[Source, np.ndarray] | None]:
+    """Export one variant to every format; never raises for a problem with this variant.
+
+    Returns its report, its files, the ONNX it ships (if any) and, for the edge targets, what
+    they convert from with the source model's logits on ``images`` (the parity reference).
+    """
     base = safe_filename(variant.name)
     report: dict[str, Any] = {"variant": variant.name, "source_format": variant.format, "files": {}}
     files: dict[str, Path] = {}
@@ -206,15 +320,15 @@ def _export_variant(
         report["skipped"] = (
             f"{variant.format} variants ship as their own file and are not exported to ONNX/TorchScript"
         )
-        return report, files, None
+        return report, files, None, None
 
     if variant.format == "onnx":
-        reference = _try(lambda: _run_onnx(Path(variant.file), images.numpy(), cfg.threads))
-        if isinstance(reference, _Failure):
-            report["files"]["onnx"] = _failed(f"the source ONNX file does not run: {reference}")
-            return report, files, None
-        source = lambda path: _copy_with_metadata(Path(variant.file), path, facts)  # noqa: E731
-        entry, path = _make_onnx(cfg, base, out_dir, onnx_dir, reference, images, source)
+        reference = attempt(lambda: run_onnx(Path(variant.file), images.numpy(), cfg.threads))
+        if isinstance(reference, Failure):
+            report["files"]["onnx"] = failed(f"the source ONNX file does not run: {reference}")
+            return report, files, None, None
+        source = lambda path: copy_with_metadata(Path(variant.file), path, facts)  # noqa: E731
+        entry, path = make_onnx(cfg, base, out_dir, onnx_dir, reference, images, source)
         report["files"]["onnx"] = entry
         _parent_agreement(variant, ctx, images, path, cfg, entry)
         if entry["ok"]:
@@ -222,18 +336,20 @@ def _export_variant(
             if ships:
                 files["onnx_json"] = deploy.model_json_path(path)
                 shipped = _shipped(variant, path, sample, cfg, entry, facts)
-        return report, files, shipped
+        quantized = entry["ok"] and deploy.is_quantized(path)
+        convertible = Source(variant.name, base, path if entry["ok"] else None, None, images, quantized)
+        return report, files, shipped, (convertible, reference)
 
     try:
         model, _spec = variant.load_torch()
         model = model.eval().cpu()
         with torch.no_grad():
-            reference = _batched(lambda x: model(torch.from_numpy(x)).numpy(), images.numpy())
+            reference = batched(lambda x: model(torch.from_numpy(x)).numpy(), images.numpy())
     except Exception as exc:  # a variant file we cannot even load: report, don't stop the others
         ctx.log.error("export: %s: cannot load the torch model:\n%s", variant.name, traceback.format_exc())
         for fmt in cfg.formats:
-            report["files"][fmt] = _failed(f"cannot load the torch model: {type(exc).__name__}: {exc}")
-        return report, files, None
+            report["files"][fmt] = failed(f"cannot load the torch model: {type(exc).__name__}: {exc}")
+        return report, files, None, None
     trace_input = images[:2]
     if len(trace_input) < 2:  # a batch of 1 would specialise the batch dimension
         trace_input = trace_input.repeat(2, 1, 1, 1)
@@ -241,9 +357,9 @@ def _export_variant(
     if "onnx" in cfg.formats:
 
         def source(path: Path) -> None:
-            export_onnx(model, trace_input, path, opset=cfg.opset, metadata=_as_metadata(facts))
+            export_onnx(model, trace_input, path, opset=cfg.opset, metadata=as_metadata(facts))
 
-        entry, path = _make_onnx(cfg, base, out_dir, onnx_dir, reference, images, source)
+        entry, path = make_onnx(cfg, base, out_dir, onnx_dir, reference, images, source)
         report["files"]["onnx"] = entry
         if entry["ok"]:
             files["onnx"] = path
@@ -255,7 +371,7 @@ def _export_variant(
         entry.pop("traceback", None)
 
     if "torchscript" in cfg.formats:
-        entry, path = _make_torchscript(cfg, base, out_dir, model, trace_input, reference, images, facts)
+        entry, path = make_torchscript(cfg, base, out_dir, model, trace_input, reference, images, facts)
         report["files"]["torchscript"] = entry
         if entry.get("traceback"):
             ctx.log.error("export: %s torchscript:\n%s", variant.name, entry["traceback"])
@@ -263,122 +379,11 @@ def _export_variant(
         if entry["ok"]:
             files["torchscript"] = path
             files["torchscript_json"] = path.with_suffix(".model.json")
-    return report, files, shipped
+    onnx_path = files.get("onnx")
+    return report, files, shipped, (Source(variant.name, base, onnx_path, model, images, False), reference)
 
 
-# ---------------------------------------------------------------- one file per format
-
-
-def _make_onnx(
-    cfg: ExportConfig,
-    base: str,
-    out_dir: Path,
-    folder: Path,
-    reference: np.ndarray,
-    images: torch.Tensor,
-    produce: Any,
-) -> tuple[dict[str, Any], Path]:
-    work = out_dir / "work" / f"{base}.onnx"
-    final = folder / f"{base}.onnx"
-    try:
-        produce(work)
-    except Exception as exc:
-        entry = _failed(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}")
-        entry["traceback"] = traceback.format_exc()
-        return entry, final
-    problem = check_onnx(work)
-    if problem is not None:
-        return _keep_failed(work, out_dir, _failed(problem)), final
-    try:
-        produced = _run_onnx(work, images.numpy(), cfg.threads)
-    except Exception as exc:
-        return _keep_failed(work, out_dir, _failed(f"onnxruntime cannot run it: {_first_line(exc)}")), final
-    entry = _parity(reference, produced, cfg)
-    entry["opset"] = _opset(work)
-    if not entry["ok"]:
-        return _keep_failed(work, out_dir, entry), final
-    os.replace(work, final)
-    faults.checkpoint(f"export:{final.name}")
-    return entry, final
-
-
-def _make_torchscript(
-    cfg: ExportConfig,
-    base: str,
-    out_dir: Path,
-    model: torch.nn.Module,
-    trace_input: torch.Tensor,
-    reference: np.ndarray,
-    images: torch.Tensor,
-    facts: dict[str, Any],
-) -> tuple[dict[str, Any], Path]:
-    final = out_dir / "torchscript" / f"{base}.pt"
-    work = out_dir / "work" / f"{base}.pt"
-    info = {**facts, "file": final.name, "format": "torchscript"}
-    try:
-        export_torchscript(model, trace_input, work, extra_files={"model.json": json.dumps(info, indent=2)})
-        loaded = load_torchscript(work)
-        with torch.no_grad():
-            produced = _batched(lambda x: loaded(torch.from_numpy(x)).numpy(), images.numpy())
-    except Exception as exc:
-        entry = _failed(f"TorchScript export failed: {type(exc).__name__}: {_first_line(exc)}")
-        entry["traceback"] = traceback.format_exc()
-        return entry, final
-    entry = _parity(reference, produced, cfg)
-    if not entry["ok"]:
-        return _keep_failed(work, out_dir, entry), final
-    os.replace(work, final)
-    write_json(final.with_suffix(".model.json"), {**info, "parity": entry})
-    return entry, final
-
-
-def check_onnx(path: Path) -> str | None:
-    """None if the file passes the full checker, strict shape inference and our I/O contract."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-        proto = onnx.load(str(path))
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    except Exception as exc:
-        return f"onnx check failed: {type(exc).__name__}: {_first_line(exc)}"
-    inputs = [i for i in proto.graph.input if i.name not in {x.name for x in proto.graph.initializer}]
-    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in proto.graph.output] != [OUTPUT_NAME]:
-        return (
-            f"expected one input {INPUT_NAME!r} and one output {OUTPUT_NAME!r}, found inputs "
-            f"{[i.name for i in inputs]} and outputs {[o.name for o in proto.graph.output]}"
-        )
-    first = inputs[0].type.tensor_type.shape.dim[0] if inputs[0].type.tensor_type.shape.dim else None
-    if first is None or not first.dim_param:
-        return "the batch dimension of the input is not dynamic"
-    return None
-
-
-def _parity(reference: np.ndarray, produced: np.ndarray, cfg: ExportConfig) -> dict[str, Any]:
-    if reference.shape != produced.shape:
-        return _failed(f"output shape {produced.shape} differs from the source's {reference.shape}")
-    diff = float(np.max(np.abs(reference.astype(np.float64) - produced.astype(np.float64))))
-    agreement = float(np.mean(reference.argmax(1) == produced.argmax(1)))
-    entry: dict[str, Any] = {
-        "ok": True,
-        "max_abs_diff": diff,
-        "top1_agreement": agreement,
-        "samples": int(len(reference)),
-        "atol": cfg.parity_atol,
-        "error": None,
-    }
-    if not np.isfinite(diff) or diff > cfg.parity_atol:
-        peak = float(np.max(np.abs(reference))) if reference.size else 0.0
-        entry.update(
-            ok=False,
-            error=f"parity: max |logit diff| {diff:.3g} > {cfg.parity_atol:g} (largest |logit| {peak:.3g}, "
-            f"top-1 agreement {100 * agreement:.2f}%); a deep network's float rounding in another runtime "
-            "can reach ~1e-3: if the top-1 agreement is what matters, raise export.parity_atol",
-        )
-    elif agreement < cfg.min_top1_agreement:
-        entry.update(
-            ok=False,
-            error=f"parity: top-1 agreement {100 * agreement:.2f}% < {100 * cfg.min_top1_agreement:.2f}%",
-        )
-    return entry
+# ---------------------------------------------------------------- the parent, the bundle
 
 
 def _parent_agreement(
@@ -391,40 +396,20 @@ def _parent_agreement(
     try:
         model, _ = parent.load_torch()
         with torch.no_grad():
-            ref = _batched(lambda x: model.eval()(torch.from_numpy(x)).numpy(), images.numpy())
-        out = _run_onnx(path, images.numpy(), cfg.threads)
+            ref = batched(lambda x: model.eval()(torch.from_numpy(x)).numpy(), images.numpy())
+        out = run_onnx(path, images.numpy(), cfg.threads)
     except Exception as exc:  # information only: never fails the export
-        entry["parent_error"] = _first_line(exc)
+        entry["parent_error"] = first_line(exc)
         return
     entry["parent"] = parent.name
     entry["parent_max_abs_diff"] = float(np.max(np.abs(ref - out)))
     entry["parent_top1_agreement"] = float(np.mean(ref.argmax(1) == out.argmax(1)))
 
 
-def _copy_with_metadata(source: Path, target: Path, facts: dict[str, Any]) -> None:
-    proto = onnx.load(str(source))
-    set_metadata(proto, _as_metadata(facts))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(target), save_as_external_data=False)
-
-
-def _as_metadata(facts: dict[str, Any]) -> dict[str, str]:
-    """metadata_props values are strings: lists and dicts as JSON, None as ''."""
-    out = {}
-    for key, value in facts.items():
-        if value is None:
-            out[key] = ""
-        elif isinstance(value, str):
-            out[key] = value
-        else:
-            out[key] = json.dumps(value)
-    return out
-
-
 def _shipped(
     variant: Variant, path: Path, sample: np.ndarray, cfg: ExportConfig, entry: dict, facts: dict
 ) -> deploy.ShippedModel:
-    expected = _run_onnx(path, sample, cfg.threads)
+    expected = run_onnx(path, sample, cfg.threads)
     quantized = deploy.is_quantized(path)
     return deploy.ShippedModel(
         variant=variant.name,
@@ -436,46 +421,3 @@ def _shipped(
         quantized=quantized,
         atol=cfg.parity_atol,
     )
-
-
-def _run_onnx(path: Path, x: np.ndarray, threads: int) -> np.ndarray:
-    session = ort_session(path, threads)
-    return _batched(lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], x)
-
-
-def _batched(fn: Any, x: np.ndarray, size: int = 1000) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(x[i : i + size]), dtype=np.float32) for i in range(0, len(x), size)])
-
-
-def _opset(path: Path) -> int | None:
-    proto = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-def _keep_failed(work: Path, out_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
-    """Keep a file that failed a check under failed/ so it can be inspected."""
-    if work.exists():
-        kept = out_dir / "failed" / work.name
-        os.replace(work, kept)
-        entry["kept_as"] = kept.relative_to(out_dir).as_posix()
-    return entry
-
-
-def _failed(error: str) -> dict[str, Any]:
-    return {"ok": False, "max_abs_diff": None, "top1_agreement": None, "error": error}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
-class _Failure(str):
-    pass
-
-
-def _try(fn: Any) -> Any:
-    try:
-        return fn()
-    except Exception as exc:
-        return _Failure(f"{type(exc).__name__}: {_first_line(exc)}")

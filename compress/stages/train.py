@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 from torch import nn
 
 from compress.config import MAX_EPOCHS, ModelConfig, StageConfig, TrainingConfig, project_file
@@ -40,7 +40,14 @@ class TrainConfig(StageConfig, TrainingConfig):
     # ``torch.save(model.state_dict(), path)`` writes), a checkpoint dict holding one
     # (``model_state_dict``, ``state_dict``), or a model.pt of any compress run; a path inside
     # the project, relative to the working directory
-    init: str | None = Field(None, exclude_if=lambda v: v is None)
+    init: str | None = None  # left out of the dump when None (cache keys from before it existed)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_init(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("init", "") is None:
+            del data["init"]
+        return data
 
     @model_validator(mode="after")
     def _zero_epochs_need_weights(self) -> TrainConfig:

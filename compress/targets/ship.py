@@ -1,0 +1,206 @@
+"""Every exported variant converted to every edge target, each checked in its own runtime.
+
+A file is shipped for a runtime only when that runtime, in a fresh child process that can
+import nothing but numpy and the runtime (``child``), reproduces the source model's logits
+on the seeded parity sample: max |diff| within the tolerance and top-1 agreement at least
+``min_agreement``. A target that cannot take a variant, fails to convert or fails parity is
+recorded with the reason; the other targets and variants go on.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from compress import faults
+from compress.targets import child
+from compress.targets.registry import TARGETS, Target
+from compress.targets.source import NotApplicable, Source
+
+QUANTIZED_RTOL = 0.01  # of the largest |logit|: int8 kernels round differently in each runtime
+
+
+@dataclass
+class ParitySettings:
+    atol: float
+    min_agreement: float
+    threads: int = 1
+
+
+@dataclass
+class Shipment:
+    """What the targets produced: per variant, per target, a report entry and (if shipped) files."""
+
+    entries: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    files: dict[str, dict[str, list[Path]]] = field(default_factory=dict)
+    bundle_files: list[Path] = field(default_factory=list)  # e.g. ORT's required_operators.config
+
+
+def tolerance(reference: np.ndarray, quantized: bool, atol: float) -> float:
+    """fp32: the configured atol; int8: 1% of the largest |logit| (never below atol)."""
+    if not quantized or not reference.size:
+        return atol
+    return max(atol, QUANTIZED_RTOL * float(np.max(np.abs(reference))))
+
+
+def ship(
+    targets: list[str],
+    sources: list[Source],
+    references: dict[str, np.ndarray],
+    images: np.ndarray,
+    work: Path,
+    deploy_dir: Path,
+    failed_dir: Path,
+    settings: ParitySettings,
+    log: Callable[[str, str, str, str | None], None],
+) -> Shipment:
+    """Convert ``sources`` to each of ``targets`` (never 'onnx': the export stage makes that).
+
+    ``references[variant]``: the source model's logits on ``images``. ``log(variant, target,
+    message, traceback)`` reports each outcome.
+    """
+    shipment = Shipment()
+    parity_input = work / "parity_input.npy"
+    np.save(parity_input, np.ascontiguousarray(images, dtype=np.float32))
+    reference_files = {}
+    for source in sources:
+        reference_files[source.variant] = work / f"{source.base}.reference.npy"
+        np.save(reference_files[source.variant], np.ascontiguousarray(references[source.variant], np.float32))
+    for name in targets:
+        target = TARGETS[name]
+        folder = work / f"target-{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        converted, bundle_files = _convert(target, sources, folder)
+        shipment.bundle_files += _move(bundle_files, deploy_dir)
+        for source in sources:
+            result = converted[source.variant]
+            entry: dict[str, Any] = {"target": name, "runtime": target.runtime, "ok": False}
+            if isinstance(result, Exception):
+                entry.update(_refusal(result, source, target))
+                tb = None if isinstance(result, NotApplicable) else result.__dict__.get("_traceback")
+                shipment.entries.setdefault(source.variant, {})[name] = entry
+                log(source.variant, name, describe(entry), tb)
+                continue
+            entry.update(
+                _parity(target, source, result[0], parity_input, reference_files[source.variant], settings)
+            )
+            entry["files"] = [p.name for p in result]
+            entry["size_bytes"] = sum(p.stat().st_size for p in result)
+            if entry["ok"]:
+                shipment.files.setdefault(source.variant, {})[name] = _move(result, deploy_dir)
+            else:
+                entry["kept_as"] = [f"failed/{p.name}" for p in _move(result, failed_dir)]
+            shipment.entries.setdefault(source.variant, {})[name] = entry
+            log(source.variant, name, describe(entry), None)
+    return shipment
+
+
+def describe(entry: dict[str, Any]) -> str:
+    if entry.get("skipped"):
+        return f"not shipped: {entry['skipped']}"
+    if entry.get("max_abs_diff") is None:
+        return f"FAILED: {entry.get('error')}"
+    numbers = (
+        f"max|diff| {entry['max_abs_diff']:.2e} (tolerance {entry['atol']:.1e}), "
+        f"top-1 agreement {100 * entry['top1_agreement']:.2f}%, {entry.get('runtime_version')}"
+    )
+    return f"ok ({numbers})" if entry["ok"] else f"FAILED: {entry.get('error')} ({numbers})"
+
+
+def _convert(
+    target: Target, sources: list[Source], folder: Path
+) -> tuple[dict[str, list[Path] | Exception], list[Path]]:
+    module = _converter(target.name)
+    if hasattr(module, "convert_all"):
+        return module.convert_all(sources, folder)
+    results: dict[str, list[Path] | Exception] = {}
+    for source in sources:
+        if source.quantized and not target.int8:
+            results[source.variant] = NotApplicable(
+                f"{target.name} ships fp32 variants only here (no int8 path from an int8 ONNX file)"
+            )
+            continue
+        try:
+            results[source.variant] = module.convert(source, folder)
+        except Exception as exc:  # one variant's converter error must not stop the others
+            exc._traceback = traceback.format_exc()  # type: ignore[attr-defined]
+            results[source.variant] = exc
+    return results, []
+
+
+def _converter(name: str) -> ModuleType:
+    """The converter module, imported only when its target is asked for (each pulls in a runtime)."""
+    if name == "ort":
+        from compress.targets import ort as module
+    elif name == "openvino":
+        from compress.targets import openvino as module
+    elif name == "tflite":
+        from compress.targets import tflite as module
+    elif name == "executorch":
+        from compress.targets import executorch as module
+    else:
+        raise KeyError(f"no converter for target {name!r}")
+    return module
+
+
+def _refusal(exc: Exception, source: Source, target: Target) -> dict[str, Any]:
+    if isinstance(exc, NotApplicable):
+        return {"skipped": str(exc), "error": None, "max_abs_diff": None, "top1_agreement": None}
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return {
+        "error": f"{target.name} conversion failed: {type(exc).__name__}: {text}",
+        "max_abs_diff": None,
+        "top1_agreement": None,
+    }
+
+
+def _parity(
+    target: Target, source: Source, model: Path, sample: Path, reference: Path, settings: ParitySettings
+) -> dict[str, Any]:
+    result = child.compare(target, model, sample, reference, settings.threads)
+    want = np.load(reference, allow_pickle=False)
+    atol = tolerance(want, source.quantized, settings.atol)
+    entry: dict[str, Any] = {
+        "atol": atol,
+        "min_top1_agreement": settings.min_agreement,
+        "samples": int(len(want)),
+    }
+    entry["runtime_version"] = f"{target.runtime} {result.get('runtime_version', '?')}"
+    if not result.get("ok"):
+        return {
+            **entry,
+            "ok": False,
+            "max_abs_diff": None,
+            "top1_agreement": None,
+            "error": result.get("error"),
+        }
+    diff, agreement = result["max_abs_diff"], result["top1_same"] / max(result["count"], 1)
+    if faults.checkpoint(f"parity:{source.variant}:{target.name}"):
+        diff, agreement = diff + 1.0, 0.0  # the test hook: this file's outputs drifted
+    entry.update(max_abs_diff=diff, top1_agreement=agreement, error=None, ok=True)
+    if not result.get("finite", True) or not np.isfinite(diff) or diff > atol:
+        entry.update(ok=False, error=f"parity: max |logit diff| {diff:.3g} > {atol:.3g}")
+    elif agreement < settings.min_agreement:
+        entry.update(
+            ok=False,
+            error=f"parity: top-1 agreement {100 * agreement:.2f}% < {100 * settings.min_agreement:.2f}%",
+        )
+    return entry
+
+
+def _move(files: list[Path], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for path in files:
+        final = folder / path.name
+        if path.resolve() != final.resolve():
+            os.replace(path, final)  # work/ and deploy/ are in the same stage directory
+        moved.append(final)
+    return moved

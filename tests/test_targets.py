@@ -1,0 +1,206 @@
+"""Edge targets: one bundle for onnxruntime (.onnx, .ort), OpenVINO, LiteRT and ExecuTorch.
+
+One tiny LeNet-5 pipeline through the CLI (train, static int8, export to every installed
+target, benchmark), then: every fp32 file ships and ``compress.verify`` passes in each
+runtime's own clean process; int8 ships where the runtime reads QDQ ONNX and is refused with
+the reason elsewhere; the benchmark times each runtime; tampered files are caught; a target
+forced below the parity threshold is not shipped; config mistakes are one clear message.
+A target whose extra is not installed is skipped with the pip command as the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from compress.config import load_pipeline
+from compress.errors import ConfigError
+from compress.stages import config_registry
+from compress.stages import export as export_stage
+from compress.targets import TARGETS, missing_packages
+from compress.targets.registry import install_hint
+from tests.conftest import TINY_PIPELINE, CliResult, run_cli, write_pipeline
+
+EDGE = [name for name in TARGETS if name != "onnx"]
+INSTALLED = [name for name in TARGETS if not missing_packages(TARGETS[name])]
+SUFFIX = {name: TARGETS[name].suffix for name in TARGETS}
+
+PIPELINE = (
+    TINY_PIPELINE.replace("limit_test: 1000", "limit_test: 500")
+    + """\
+  - stage: quantize
+    from: [baseline]
+    modes: [static]
+    calibration: {images: 128}
+    tolerance: 1.0
+    latency: {rounds: 2, runs: 1}
+  - stage: export
+    formats: [onnx]
+    parity_samples: 200
+    sample_count: 8
+    targets: TARGETS_HERE
+  - stage: benchmark
+    batch_sizes: [1, 8]
+    warmup: 2
+    repeats: 5
+    min_seconds: 0
+    max_seconds: 2
+""".replace("TARGETS_HERE", json.dumps(INSTALLED))
+)
+
+
+def needs(target: str) -> None:
+    """Skip, with the install command as the reason, when the target's extra is absent."""
+    missing = missing_packages(TARGETS[target])
+    if missing:
+        pytest.skip(f"{target}: {', '.join(missing)} not installed ({install_hint(TARGETS[target])})")
+
+
+class EdgeRun:
+    def __init__(self, cwd: Path, result: CliResult) -> None:
+        self.cwd, self.result = cwd, result
+        self.run_dir = (cwd / "artifacts" / "edge" / "latest").resolve()
+        self.export = self.run_dir / "stages" / "export"
+        self.deploy = self.export / "deploy"
+        self.index = json.loads((self.deploy / "bundle.json").read_text())
+        self.rows = json.loads((cwd / "reports" / "edge" / "results.json").read_text())
+
+    def entry(self, variant: str, target: str) -> dict[str, Any] | None:
+        models = self.index["models"]
+        return next((m for m in models if m["variant"] == variant and m["target"] == target), None)
+
+    def report(self, variant: str) -> dict[str, Any]:
+        return json.loads((self.export / "exports" / f"{variant}.json").read_text())
+
+    def row(self, variant: str, runtime: str) -> dict[str, Any] | None:
+        return next((r for r in self.rows if r["variant"] == variant and r["runtime"] == runtime), None)
+
+
+@pytest.fixture(scope="module")
+def edge_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> EdgeRun:
+    cwd = tmp_path_factory.mktemp("edge")
+    pipeline = write_pipeline(cwd, PIPELINE, name="edge")
+    result = run_cli(pipeline, cwd=cwd, data_root=data_root, timeout=900)
+    assert result.returncode == 0, result.output[-4000:]
+    assert "Traceback" not in result.output
+    return EdgeRun(cwd, result)
+
+
+@pytest.mark.parametrize("target", EDGE)
+def test_fp32_ships_for_each_target_and_matches_pytorch(edge_run: EdgeRun, target: str) -> None:
+    needs(target)
+    entry = edge_run.entry("baseline", target)
+    assert entry is not None, edge_run.report("baseline").get("targets", {}).get(target)
+    assert entry["file"] == f"baseline{SUFFIX[target]}" and entry["runtime"] == TARGETS[target].runtime
+    for name in entry["files"]:
+        assert (edge_run.deploy / name).is_file()
+    parity = edge_run.report("baseline")["targets"][target]
+    assert parity["ok"] and parity["samples"] == 200
+    assert parity["top1_agreement"] >= 0.999 and parity["max_abs_diff"] <= 1e-4
+    assert parity["runtime_version"].startswith(TARGETS[target].runtime)
+
+
+def test_verify_runs_each_file_in_its_own_runtime(edge_run: EdgeRun, tmp_path: Path) -> None:
+    copy = tmp_path / "deploy"
+    shutil.copytree(edge_run.deploy, copy)
+    result = run_cli(copy, cwd=tmp_path, module="compress.verify")
+    assert result.returncode == 0, result.output
+    checked = [line.split()[0] for line in result.stdout.splitlines() if "  ok        ok" in line]
+    expected = {f"baseline{SUFFIX[t]}" for t in INSTALLED} | {
+        f"baseline.int8-static{SUFFIX[t]}" for t in INSTALLED if TARGETS[t].int8
+    }
+    assert set(checked) == expected, result.stdout
+    if "ort" in INSTALLED:
+        config = (copy / "required_operators.config").read_text()
+        assert "ai.onnx" in config and "Conv" in config  # what a reduced ORT Mobile build needs
+    only = run_cli(copy, "--targets", "onnx", cwd=tmp_path, module="compress.verify")
+    assert only.returncode == 0 and "SKIPPED" in only.stdout
+
+
+@pytest.mark.parametrize("target", ["ort", "openvino", "tflite", "executorch"])
+def test_int8_ships_where_the_runtime_reads_qdq_onnx(edge_run: EdgeRun, target: str) -> None:
+    needs(target)
+    parity = edge_run.report("baseline.int8-static")["targets"][target]
+    entry = edge_run.entry("baseline.int8-static", target)
+    if TARGETS[target].int8:
+        assert entry is not None and entry["quantized"], parity
+        assert parity["ok"] and parity["top1_agreement"] >= 0.999
+        assert edge_run.row("baseline.int8-static", TARGETS[target].runtime)["status"] == "ok"
+    else:
+        assert entry is None and not parity["ok"]
+        assert "fp32" in parity["skipped"]
+        assert edge_run.row("baseline.int8-static", TARGETS[target].runtime) is None
+
+
+@pytest.mark.parametrize("target", EDGE)
+def test_benchmark_times_each_runtime_on_the_same_inputs(edge_run: EdgeRun, target: str) -> None:
+    needs(target)
+    row = edge_run.row("baseline", TARGETS[target].runtime)
+    pytorch = edge_run.row("baseline", "pytorch")
+    assert row is not None and row["status"] == "ok", row
+    assert row["top1_agreement_pytorch"] >= 0.999
+    assert abs(row["accuracy"] - pytorch["accuracy"]) <= 0.002 and row["test_count"] == 500
+    assert row["latency_b1_p50_ms"] > 0 and row["latency_b8_p50_ms"] > 0
+    assert row["runtime_version"].split()[0] == TARGETS[target].runner
+    files = edge_run.entry("baseline", target)["files"]
+    assert row["size_bytes"] == sum((edge_run.deploy / f).stat().st_size for f in files)
+
+
+@pytest.mark.parametrize("target", EDGE)
+def test_a_tampered_target_file_is_caught(edge_run: EdgeRun, tmp_path: Path, target: str) -> None:
+    needs(target)
+    copy = tmp_path / "deploy"
+    shutil.copytree(edge_run.deploy, copy)
+    path = copy / f"baseline{SUFFIX[target]}"
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    result = run_cli(copy, cwd=tmp_path, module="compress.verify")
+    assert result.returncode == 1, result.output
+    row = next(line for line in result.stdout.splitlines() if line.startswith(path.name))
+    assert "MISMATCH" in row and path.name in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_a_target_below_the_parity_threshold_is_not_shipped(
+    edge_run: EdgeRun, tmp_path: Path, data_root: Path
+) -> None:
+    target = next((t for t in ("openvino", "ort", "tflite", "executorch") if t in INSTALLED), None)
+    if target is None:
+        pytest.skip("no edge target installed (pip install -e '.[edge]')")
+    cwd = tmp_path / "run"
+    shutil.copytree(edge_run.cwd, cwd, symlinks=True)
+    env = {"COMPRESS_FAULT": f"parity:baseline:{target}@corrupt"}
+    result = run_cli(cwd / "edge.yaml", "--from", "export", cwd=cwd, data_root=data_root, env=env)
+    assert result.returncode == 0, result.output[-3000:]
+    export = (cwd / "artifacts" / "edge" / "latest" / "stages" / "export").resolve()
+    report = json.loads((export / "exports" / "baseline.json").read_text())["targets"][target]
+    assert not report["ok"] and "parity" in report["error"]
+    assert report["kept_as"] and (export / report["kept_as"][0]).is_file()
+    index = json.loads((export / "deploy" / "bundle.json").read_text())
+    shipped = {(m["variant"], m["target"]) for m in index["models"]}
+    assert ("baseline", target) not in shipped and ("baseline", "onnx") in shipped
+    assert not (export / "deploy" / f"baseline{SUFFIX[target]}").exists()
+    log = (cwd / "artifacts" / "edge" / "latest" / "run.log").read_text()
+    assert f"baseline {target}: FAILED: parity" in log
+
+
+def test_an_unknown_target_is_a_config_error_with_a_suggestion(tmp_path: Path) -> None:
+    text = TINY_PIPELINE + "  - stage: export\n    targets: [onnx, openvno]\n"
+    result = run_cli(write_pipeline(tmp_path, text), "--validate", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "stages[1] (export).targets" in result.stderr and "did you mean 'openvino'?" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_an_absent_runtime_names_the_pip_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    absent = lambda target: list(target.packages) if target.name == "executorch" else []  # noqa: E731
+    monkeypatch.setattr(export_stage, "missing_packages", absent)
+    text = TINY_PIPELINE + "  - stage: export\n    targets: [onnx, executorch]\n"
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(write_pipeline(tmp_path, text), config_registry())
+    message = str(caught.value)
+    assert "targets" in message and "pip install -e '.[executorch]'" in message
