@@ -28,6 +28,7 @@ from compress.fileio import sha256_file, write_json, write_text
 from compress.measure import file_size, gzip_size
 from compress.targets.registry import TARGETS
 from compress.targets.ship import tolerance as quantized_tolerance
+from compress.targets.snippets import snippet
 from compress.verify import BUNDLE_FORMAT, INDEX, SUMS
 
 SAMPLE_INPUT = "sample_input.npy"
@@ -197,7 +198,11 @@ def readme(index: dict[str, Any], classes: list[str]) -> str:
     lines = [
         f"# Deploy bundle: {index['pipeline']} (run {index['run_id']})",
         "",
-        "Every model here is a single-file ONNX model (opset >= 17) that runs with onnxruntime alone.",
+        "Every model here runs in one runtime alone, with numpy: single-file ONNX models (opset >= 17)",
+        "for onnxruntime, and where listed the same model for onnxruntime's ORT format (`.ort`, ORT",
+        "Mobile), OpenVINO (`.xml` + `.bin`), LiteRT (`.tflite`, batch 1) and ExecuTorch (`.pte`).",
+        "Each file was shipped only after its runtime, in a fresh process, reproduced the PyTorch",
+        "model's predictions (see `parity` in `bundle.json`).",
         f"Input `{index['input']['name']}`: float32, shape (batch, {shape}), NCHW, any batch size.",
         f"Output `{index['output']['name']}`: float32 (batch, {len(classes)}), one logit per class;",
         "the prediction is the argmax, its name is in `labels.json`.",
@@ -205,8 +210,8 @@ def readme(index: dict[str, Any], classes: list[str]) -> str:
         f"Preprocessing: `{pre.get('formula', '')}` with mean {pre.get('mean')} and std {pre.get('std')}.",
         "The same facts are in each model's ONNX metadata_props and in `<model>.model.json`.",
         "",
-        "| file | variant | test accuracy | size | gzip size | made by |",
-        "|---|---|---|---|---|---|",
+        "| file | runtime | variant | test accuracy | size | gzip size | made by |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in models:
         acc = f"{100 * m['test_accuracy']:.2f}%" if isinstance(m["test_accuracy"], float) else "n/a"
@@ -214,11 +219,12 @@ def readme(index: dict[str, Any], classes: list[str]) -> str:
         if m.get("parent"):
             made += f" (from {m['parent']})"
         lines.append(
-            f"| `{m['file']}` | {m['variant']}{' (int8)' if m['quantized'] else ''} | {acc} | "
+            f"| `{m['file']}` | {TARGETS[m.get('target', 'onnx')].label} | "
+            f"{m['variant']}{' (int8)' if m['quantized'] else ''} | {acc} | "
             f"{_kb(m['size_bytes'])} | {_kb(m['gzip_bytes'])} | {made} |"
         )
     if not models:
-        lines.append("| (none: every export failed; see the export stage's export.json) | | | | | |")
+        lines.append("| (none: every export failed; see the export stage's export.json) | | | | | | |")
     lines += [
         "",
         "Test accuracy is top-1 on the held-out test split, measured in PyTorch before export; the",
@@ -228,38 +234,40 @@ def readme(index: dict[str, Any], classes: list[str]) -> str:
         "## Run a model with numpy and onnxruntime only",
         "",
         "```python",
-        *snippet(models[0]["file"] if models else "MODEL.onnx"),
+        *snippet("onnx", models[0]["file"] if models else "MODEL.onnx"),
         "```",
         "",
+    ]
+    for target in dict.fromkeys(m.get("target", "onnx") for m in models):
+        if target == "onnx":
+            continue
+        first = next(m for m in models if m.get("target") == target)
+        lines += [
+            f"## Run it in {TARGETS[target].label}",
+            "",
+            "```python",
+            *snippet(target, first["file"]),
+            "```",
+            "",
+        ]
+    lines += [
         "## Files",
         "",
         "- `<variant>.onnx`: the model; `<variant>.model.json`: its metadata and parity check;",
         "  `<variant>.expected.npy`: its logits for `sample_input.npy`.",
+        "- `<variant>.ort`, `.xml` + `.bin`, `.tflite`, `.pte`: the same model for another runtime;",
+        "  `<variant>.reference.npy`: the PyTorch model's logits for `sample_input.npy`, which each",
+        "  of them must reproduce; `required_operators.config`: the operators (and opsets) of every",
+        "  `.ort` model, for a reduced ORT Mobile build (`build.sh --include_ops_by_config`).",
         "- `sample_pixels.npy` (uint8 raw images), `sample_input.npy` (the same, preprocessed),",
         "  `sample_labels.npy` (true classes), `labels.json` (class names in class-index order).",
         "- `bundle.json`: index of all of the above; `SHA256SUMS`: checksums (`sha256sum -c SHA256SUMS`).",
         "",
-        "Check the bundle (checksums, then every model in a fresh numpy+onnxruntime process):",
+        "Check the bundle (checksums, then every model file in a fresh process with numpy and its runtime):",
         "`python -m compress.verify <this folder>`.",
         "",
     ]
     return "\n".join(lines)
-
-
-def snippet(model_file: str) -> list[str]:
-    """At most 15 lines: raw pixels -> preprocessing from the metadata -> labels."""
-    return [
-        "import json, numpy as np, onnxruntime as ort",
-        f'sess = ort.InferenceSession("{model_file}", providers=["CPUExecutionProvider"])',
-        "meta = sess.get_modelmeta().custom_metadata_map",
-        'pre, labels = json.loads(meta["preprocessing"]), json.loads(meta["labels"])',
-        'pixels = np.load("sample_pixels.npy")  # uint8, (N, C, H, W)',
-        'mean = np.array(pre["mean"], np.float32).reshape(1, -1, 1, 1)',
-        'std = np.array(pre["std"], np.float32).reshape(1, -1, 1, 1)',
-        "x = ((pixels.astype(np.float32) / 255 - mean) / std).astype(np.float32)",
-        'logits = sess.run(["logits"], {"input": x})[0]',
-        "print([labels[i] for i in logits.argmax(1)])",
-    ]
 
 
 def _kb(size: int) -> str:

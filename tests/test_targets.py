@@ -10,11 +10,15 @@ A target whose extra is not installed is skipped with the pip command as the rea
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from compress.config import load_pipeline
@@ -119,6 +123,37 @@ def test_verify_runs_each_file_in_its_own_runtime(edge_run: EdgeRun, tmp_path: P
         assert "ai.onnx" in config and "Conv" in config  # what a reduced ORT Mobile build needs
     only = run_cli(copy, "--targets", "onnx", cwd=tmp_path, module="compress.verify")
     assert only.returncode == 0 and "SKIPPED" in only.stdout
+
+
+SNIPPET_IMPORTS = {
+    "ort": {"onnxruntime"},
+    "openvino": {"openvino"},
+    "tflite": {"ai_edge_litert"},
+    "executorch": {"executorch", "torch"},  # its Python binding takes torch tensors
+}
+
+
+@pytest.mark.parametrize("target", EDGE)
+def test_the_readme_snippet_for_each_runtime_runs_alone(edge_run: EdgeRun, target: str) -> None:
+    needs(target)
+    readme = (edge_run.deploy / "README.md").read_text()
+    section = readme.split(f"## Run it in {TARGETS[target].label}\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 15, code
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(ast.parse(code))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+    }
+    assert imported <= {"json", "numpy"} | SNIPPET_IMPORTS[target], imported
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=edge_run.deploy, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    labels = json.loads((edge_run.deploy / "labels.json").read_text())
+    expected = np.load(edge_run.deploy / "baseline.reference.npy").argmax(1)
+    assert proc.stdout.strip().splitlines()[-1] == str([labels[i] for i in expected])
 
 
 @pytest.mark.parametrize("target", ["ort", "openvino", "tflite", "executorch"])

@@ -43,7 +43,8 @@ def new_figure(width: float = 7.5, height: float = 4.2) -> tuple[Figure, Any]:
     return fig, ax
 
 
-MARKERS = {"pytorch": "o", "torchscript": "s", "onnxruntime": "^"}
+MARKERS = {"pytorch": "o", "torchscript": "s", "onnxruntime": "^", "ort": "v", "openvino": "P", "litert": "X"}
+MARKERS["executorch"] = "*"
 
 
 def colors_for(names: Iterable[str]) -> dict[str, Any]:
@@ -131,6 +132,37 @@ def size_bars(rows: list[dict[str, Any]]) -> dict[str, str] | None:
     ax.set_xlabel("KiB")
     ax.legend(fontsize=8, loc="lower right")
     return chart(fig, "File size per variant", "Bytes on disk and gzip-compressed, per shipped file.", "bars")
+
+
+def runtime_bars(rows: list[dict[str, Any]], batch: int) -> dict[str, str] | None:
+    """p50 latency of each variant in each runtime it ships in, side by side (one bar per runtime)."""
+    key = f"latency_b{batch}_p50_ms"
+    usable = [r for r in ok_rows(rows) if is_number(r.get(key)) and float(r[key]) > 0]
+    runtimes = list(dict.fromkeys(r["runtime"] for r in usable))
+    variants = list(dict.fromkeys(r["variant"] for r in usable))[
+        : max(1, MAX_CHART_ROWS // max(len(runtimes), 1))
+    ]
+    if len(runtimes) < 2 or not variants:
+        return None
+    by = {(r["variant"], r["runtime"]): float(r[key]) for r in usable}
+    colors = colors_for(runtimes)
+    step = 0.8 / len(runtimes)
+    fig, ax = new_figure(7.5, 1.0 + 0.12 * len(variants) * len(runtimes))
+    for j, runtime in enumerate(runtimes):
+        ys = [i - 0.4 + step * (j + 0.5) for i, v in enumerate(variants) if (v, runtime) in by]
+        xs = [by[(v, runtime)] for v in variants if (v, runtime) in by]
+        ax.barh(ys, xs, height=step * 0.9, color=colors[runtime], label=runtime_label(runtime))
+    ax.set_yticks(range(len(variants)), variants, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency at batch {batch} (ms, log scale; shorter is faster)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    caption = (
+        "The same files measured in every runtime they ship in, same inputs and threads. LiteRT "
+        "models have batch 1, so a batch of N is N invocations; a missing bar is a runtime the "
+        "variant does not ship in (int8 ONNX files ship to onnxruntime and OpenVINO only)."
+    )
+    return chart(fig, f"Latency per runtime (batch {batch})", caption, "bars")
 
 
 def history_chart(curves: dict[str, list[dict[str, Any]]]) -> dict[str, str] | None:

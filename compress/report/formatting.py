@@ -9,7 +9,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-RUNTIME_LABEL = {"pytorch": "PyTorch eager", "torchscript": "TorchScript", "onnxruntime": "onnxruntime"}
+RUNTIME_LABEL = {
+    "pytorch": "PyTorch eager",
+    "torchscript": "TorchScript",
+    "onnxruntime": "onnxruntime",
+    "ort": "onnxruntime (.ort)",
+    "openvino": "OpenVINO CPU",
+    "litert": "LiteRT",
+    "executorch": "ExecuTorch (XNNPACK)",
+}
 # ratios within 2 % of 1 read as "the same" (phrases, table colours); an int8 variant more than
 # 2 % slower than its parent is a warning (see compress.report.alerts)
 SPEED_NOISE = 0.02

@@ -14,7 +14,14 @@ from typing import Any
 
 from compress.gating.numbers import latency_batch_sizes
 from compress.report.alerts import collect_warnings
-from compress.report.charts import history_chart, scatter_chart, sensitivity_chart, size_bars, sparsity_chart
+from compress.report.charts import (
+    history_chart,
+    runtime_bars,
+    scatter_chart,
+    sensitivity_chart,
+    size_bars,
+    sparsity_chart,
+)
 from compress.report.distillation import distillation_rows
 from compress.report.formatting import is_number
 from compress.report.inputs import ReportInputs
@@ -55,6 +62,9 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
     charts += [found] if found else []
     found = inputs.charts and size_bars(rows)
     charts += [found] if found else []
+    for size in batches if inputs.charts else []:
+        found = runtime_bars(rows, size)
+        charts += [found] if found else []
 
     curves: dict[str, list[dict[str, Any]]] = {}
     per_layer: dict[str, dict[str, float]] = {}
