@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from compress.targets import TARGETS
 from tests.cifar_files import LABEL_NAMES, write_cifar10
 from tests.conftest import REPO, CliResult, run_cli
 
@@ -138,6 +139,14 @@ def test_results_hold_every_variant_with_sane_numbers(cifar_run: CifarRun) -> No
     int8 = [f"{v}.int8-static" for v in _stage(cifar_run.raw, "quantize")["from"]]
     expected = {(v, rt) for v in torch_variants for rt in ("pytorch", "torchscript", "onnxruntime")}
     expected |= {(v, "onnxruntime") for v in int8}
+    # every edge target the pipeline lists, for the shipped variants (controls are not shipped);
+    # int8 ONNX files only where the runtime reads QDQ ONNX
+    for name in _stage(cifar_run.raw, "export").get("targets", ["onnx"]):
+        target = TARGETS[name]
+        if name == "onnx":
+            continue
+        expected |= {(v, target.runtime) for v in torch_variants if v != "student.scratch"}
+        expected |= {(v, target.runtime) for v in int8 if target.int8}
     assert {(r["variant"], r["runtime"]) for r in cifar_run.rows} == expected
     with open(cifar_run.reports / "results.csv", newline="") as handle:
         csv_rows = list(csv.DictReader(handle))
