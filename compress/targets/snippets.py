@@ -14,7 +14,9 @@ _PREPROCESS = [
     'std = np.array(pre["std"], np.float32).reshape(1, -1, 1, 1)',
     "x = ((pixels.astype(np.float32) / 255 - mean) / std).astype(np.float32)",
 ]
-_FROM_INDEX = ['pre, labels = json.load(open("bundle.json"))["preprocessing"], json.load(open("labels.json"))']
+_FROM_INDEX = [
+    'pre, labels = json.load(open("bundle.json"))["preprocessing"], json.load(open("labels.json"))'
+]
 
 
 def snippet(target: str, model_file: str) -> list[str]:
