@@ -87,6 +87,12 @@ def is_quantized(path: Path) -> bool:
     return any(node.op_type in QUANTIZED_OPS for node in proto.graph.node)
 
 
+def is_fp16(path: Path) -> bool:
+    """An fp16 ONNX (weights stored as float16, e.g. the quantize stage's fp16 mode)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(init.data_type == onnx.TensorProto.FLOAT16 for init in proto.graph.initializer)
+
+
 def tolerance(model: ShippedModel) -> float:
     return quantized_tolerance(model.expected, model.quantized, model.atol)
 

@@ -38,7 +38,7 @@ PIPELINE = (
     + """\
   - stage: quantize
     from: [baseline]
-    modes: [static]
+    modes: [static, fp16]
     calibration: {images: 128}
     tolerance: 1.0
     latency: {rounds: 2, runs: 1}
@@ -114,9 +114,9 @@ def test_verify_runs_each_file_in_its_own_runtime(edge_run: EdgeRun, tmp_path: P
     result = run_cli(copy, cwd=tmp_path, module="compress.verify")
     assert result.returncode == 0, result.output
     checked = [line.split()[0] for line in result.stdout.splitlines() if "  ok        ok" in line]
-    expected = {f"baseline{SUFFIX[t]}" for t in INSTALLED} | {
-        f"baseline.int8-static{SUFFIX[t]}" for t in INSTALLED if TARGETS[t].int8
-    }
+    expected = {f"baseline{SUFFIX[t]}" for t in INSTALLED}
+    for reduced in ("baseline.int8-static", "baseline.fp16"):
+        expected |= {f"{reduced}{SUFFIX[t]}" for t in INSTALLED if TARGETS[t].int8}
     assert set(checked) == expected, result.stdout
     if "ort" in INSTALLED:
         config = (copy / "required_operators.config").read_text()
@@ -239,3 +239,24 @@ def test_an_absent_runtime_names_the_pip_command(tmp_path: Path, monkeypatch: py
         load_pipeline(write_pipeline(tmp_path, text), config_registry())
     message = str(caught.value)
     assert "targets" in message and "pip install -e '.[executorch]'" in message
+
+
+def test_fp16_variant_halves_the_file_and_ships_where_onnx_is_read(edge_run: EdgeRun) -> None:
+    """quantize modes: [fp16] -> baseline.fp16: fp16 weights, fp32 I/O, parity vs its fp32 parent."""
+    quantize = json.loads((edge_run.run_dir / "stages" / "quantize" / "quantize.json").read_text())
+    record = quantize["variants"]["baseline.fp16"]
+    metrics = record["metrics"]
+    assert metrics["fp16_initializers"] > 0 and metrics["float_initializers"] == 0
+    assert metrics["int8_initializers"] == 0 and 1.8 < metrics["size_ratio"] < 2.1
+    assert abs(metrics["delta_test_pp"]) <= 0.5 and "float16" in record["path"]
+    onnx_row, parent = edge_run.row("baseline.fp16", "onnxruntime"), edge_run.row("baseline", "onnxruntime")
+    assert onnx_row["status"] == "ok" and onnx_row["top1_agreement_pytorch"] >= 0.99
+    assert 1.8 < parent["size_bytes"] / onnx_row["size_bytes"] < 2.1
+    for target in EDGE:
+        if target not in INSTALLED:
+            continue
+        parity = edge_run.report("baseline.fp16")["targets"][target]
+        if TARGETS[target].int8:  # the runtimes that read an ONNX file take its fp16 weights too
+            assert parity["ok"] and parity["top1_agreement"] >= 0.999, parity
+        else:
+            assert not parity["ok"] and "ONNX-only" in parity["skipped"]

@@ -68,7 +68,7 @@ def accuracy_step(
         return fallbacks.accuracy_fallback(candidates, val_accuracy, parent_val, cfg.tolerance)
     acc = val_accuracy([])
     ok = fallbacks.meets(parent_val, acc, cfg.tolerance)
-    note = "dynamic: no fallback" if mode == "dynamic" else "tolerance: null"
+    note = f"{mode}: no fallback" if mode in ("dynamic", "fp16") else "tolerance: null"
     return [], [fallbacks.Try([], acc, fallbacks.drop_pp(parent_val, acc), ok, note)], []
 
 

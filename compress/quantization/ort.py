@@ -187,11 +187,23 @@ def quantize_onnx_static(
     return out_path
 
 
+def convert_fp16(source: Path, target: Path) -> Path:
+    """fp16 weights and compute, fp32 inputs and outputs (one Cast at each end), with
+    onnxconverter-common's float16 conversion: the bundle's I/O contract stays float32."""
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    with atomic_path(target) as tmp:
+        onnx.save_model(model, str(tmp))
+    return target
+
+
 def int8_initializers(path: Path) -> dict[str, int]:
-    """How many initializers (and bytes) are 8-bit integers vs 32-bit floats."""
+    """How many initializers (and bytes) are 8-bit integers, 16-bit and 32-bit floats."""
     model = onnx.load(str(path))
     eight = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
     counts = {"int8_initializers": 0, "int8_bytes": 0, "float_initializers": 0, "float_bytes": 0}
+    counts.update(fp16_initializers=0, fp16_bytes=0)
     for init in model.graph.initializer:
         size = int(np.prod(init.dims)) if init.dims else 1
         if init.data_type in eight:
@@ -200,6 +212,9 @@ def int8_initializers(path: Path) -> dict[str, int]:
         elif init.data_type == onnx.TensorProto.FLOAT:
             counts["float_initializers"] += 1
             counts["float_bytes"] += 4 * size
+        elif init.data_type == onnx.TensorProto.FLOAT16:
+            counts["fp16_initializers"] += 1
+            counts["fp16_bytes"] += 2 * size
     return counts
 
 

@@ -36,7 +36,13 @@ def quantize_with_onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, 
         work = job.out_dir / "work" / name
         work.mkdir(parents=True, exist_ok=True)
         counter = iter(range(1_000_000))
-        if mode == "dynamic":
+        if mode == "fp16":
+            weight_nodes, quantizable = [], []
+
+            def make(excluded: list[str], path: Path) -> Path:
+                return ort.convert_fp16(fp32, path)
+
+        elif mode == "dynamic":
             weight_nodes = [n for n, t in nodes if t in settings.dynamic_op_types]
             quantizable = weight_nodes
 
@@ -98,13 +104,13 @@ def quantize_with_onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, 
             runs=cfg.latency.runs,
         )
         sizes = evaluate.file_sizes(final)
-        path_used = (
-            f"onnxruntime quantize_dynamic({'/'.join(settings.dynamic_op_types)}, "
-            f"weights {settings.weight_type})"
-            if mode == "dynamic"
-            else f"onnxruntime quantize_static(QDQ, {settings.activation_type} activations, "
-            f"{settings.weight_type} weights, {settings.calibration_method} calibration)"
-        )
+        path_used = {
+            "fp16": "onnxconverter-common convert_float_to_float16 (fp16 weights and compute, fp32 I/O)",
+            "dynamic": f"onnxruntime quantize_dynamic({'/'.join(settings.dynamic_op_types)}, "
+            f"weights {settings.weight_type})",
+            "static": f"onnxruntime quantize_static(QDQ, {settings.activation_type} activations, "
+            f"{settings.weight_type} weights, {settings.calibration_method} calibration)",
+        }[mode]
         metrics = variant_metrics(
             job,
             mode,

@@ -12,16 +12,20 @@ from compress.report.formatting import SPEED_NOISE, fmt_ms, fmt_pct, is_number, 
 from compress.report.inputs import ReportInputs
 from compress.report.table import ok_rows
 
-# an int8 variant more than SPEED_NOISE (2 %) slower than its parent is a warning; any other
+# an int8 or fp16 variant more than SPEED_NOISE (2 %) slower than its parent is a warning; any other
 # variant more than 10 % slower
 OTHER_SLOWDOWN = 0.10
 
 
-def is_int8(row: dict[str, Any], variants: dict[str, Any]) -> bool:
+def precision_kind(row: dict[str, Any], variants: dict[str, Any]) -> str | None:
+    """'int8' or 'fp16' for a variant made to be faster or smaller by precision, else None."""
     variant = variants.get(row.get("variant"))
-    if variant is not None and variant.info.get("mode") in ("dynamic", "static"):
-        return True
-    return "int8" in str(row.get("variant", ""))
+    mode = variant.info.get("mode") if variant is not None else None
+    if mode == "fp16" or str(row.get("variant", "")).endswith(".fp16"):
+        return "fp16"
+    if mode in ("dynamic", "static") or "int8" in str(row.get("variant", "")):
+        return "int8"
+    return None
 
 
 def collect_warnings(rows: list[dict[str, Any]], inputs: ReportInputs) -> list[str]:
@@ -38,11 +42,11 @@ def collect_warnings(rows: list[dict[str, Any]], inputs: ReportInputs) -> list[s
             mine, theirs = row.get(f"latency_b{b}_p50_ms"), parent.get(f"latency_b{b}_p50_ms")
             if is_number(mine) and is_number(theirs) and float(theirs) > 0:
                 ratio = float(mine) / float(theirs)
-                int8 = is_int8(row, inputs.variants)
-                if (int8 and ratio > 1 + SPEED_NOISE) or ratio > 1 + OTHER_SLOWDOWN:
+                reduced = precision_kind(row, inputs.variants) is not None
+                if (reduced and ratio > 1 + SPEED_NOISE) or ratio > 1 + OTHER_SLOWDOWN:
                     slower.append(f"{fmt_ms(mine)} ms vs {fmt_ms(theirs)} ms at batch {b} ({ratio:.2f}x)")
         if slower:
-            kind = "int8 variant" if is_int8(row, inputs.variants) else "variant"
+            kind = f"{precision_kind(row, inputs.variants) or ''} variant".strip()
             slow_variants.add(str(row["variant"]))
             warnings.append(
                 f"The {kind} `{row['variant']}` is slower than its parent `{row['parent']}` in "
@@ -56,9 +60,10 @@ def collect_warnings(rows: list[dict[str, Any]], inputs: ReportInputs) -> list[s
                 (variant.parent, "onnxruntime")
             ):
                 continue  # the benchmark timed both and found it not slower: the table is the measurement
+            kind = "fp16" if variant.info.get("mode") == "fp16" else "int8"
             warnings.append(
-                f"The int8 variant `{name}` was slower than its parent `{variant.parent}` when the quantize "
-                f"stage timed it ({fmt_ms(variant.metrics.get('latency_ms_p50'))} ms vs "
+                f"The {kind} variant `{name}` was slower than its parent `{variant.parent}` when the "
+                f"quantize stage timed it ({fmt_ms(variant.metrics.get('latency_ms_p50'))} ms vs "
                 f"{fmt_ms(variant.metrics.get('fp32_latency_ms_p50'))} ms at batch "
                 f"{variant.metrics.get('latency_batch')})."
             )

@@ -337,7 +337,8 @@ def _export_variant(
                 files["onnx_json"] = deploy.model_json_path(path)
                 shipped = _shipped(variant, path, sample, cfg, entry, facts)
         quantized = entry["ok"] and deploy.is_quantized(path)
-        convertible = Source(variant.name, base, path if entry["ok"] else None, None, images, quantized)
+        half = entry["ok"] and deploy.is_fp16(path)
+        convertible = Source(variant.name, base, path if entry["ok"] else None, None, images, quantized, half)
         return report, files, shipped, (convertible, reference)
 
     try:

@@ -1,7 +1,8 @@
 """Stage ``quantize``: int8 variants of earlier variants, in onnxruntime or PyTorch (torchao).
 
 Per parent ``P`` and mode it adds ``P.int8-dynamic`` / ``P.int8-static`` (onnxruntime, the
-files edge teams receive) or ``P.pt-int8-dynamic`` / ``P.pt-int8-static`` (PyTorch, always
+files edge teams receive; ``fp16``: ``P.fp16``, fp16 weights and compute with fp32 I/O, for
+targets without int8 kernels) or ``P.pt-int8-dynamic`` / ``P.pt-int8-static`` (PyTorch, always
 with the ``pt-`` prefix so both backends can quantize the same parent in one pipeline;
 ``suffix:`` overrides the middle part). Calibration uses training images only. A static
 variant that loses more than ``tolerance`` pp on the validation split gets its most
@@ -58,7 +59,7 @@ class QuantizeConfig(StageConfig):
     stage: Literal["quantize"]
     tunable: ClassVar[bool] = True
     backend: Literal["onnxruntime", "pytorch"] = "onnxruntime"
-    modes: list[Literal["dynamic", "static"]] = Field(
+    modes: list[Literal["dynamic", "static", "fp16"]] = Field(
         default_factory=lambda: ["dynamic", "static"], min_length=1
     )
     calibration: CalibrationConfig = CalibrationConfig()
@@ -106,6 +107,8 @@ class QuantizeConfig(StageConfig):
                 raise ValueError(
                     "prefer: latency is implemented for backend: onnxruntime only (the runtime that ships)"
                 )
+            if "fp16" in self.modes:
+                raise ValueError("modes: fp16 makes an ONNX file and needs backend: onnxruntime")
         return self
 
     @property
@@ -128,6 +131,8 @@ class QuantizeConfig(StageConfig):
         return [self.output_name(parent, mode) for parent in inputs for mode in self.modes]
 
     def output_name(self, parent: str, mode: str) -> str:
+        if mode == "fp16":  # not an int8 variant: no int8 tag unless a suffix is given
+            return f"{parent}.{self.suffix}-fp16" if self.suffix else f"{parent}.fp16"
         return f"{parent}.{self.tag}-{mode}"
 
     def ort_settings(self) -> q.OrtSettings:

@@ -44,7 +44,7 @@ class Shipment:
 
 
 def tolerance(reference: np.ndarray, quantized: bool, atol: float) -> float:
-    """fp32: the configured atol; int8: 1% of the largest |logit| (never below atol)."""
+    """fp32: the configured atol; int8 and fp16: 1% of the largest |logit| (never below atol)."""
     if not quantized or not reference.size:
         return atol
     return max(atol, QUANTIZED_RTOL * float(np.max(np.abs(reference))))
@@ -166,7 +166,7 @@ def _parity(
 ) -> dict[str, Any]:
     result = child.compare(target, model, sample, reference, settings.threads)
     want = np.load(reference, allow_pickle=False)
-    atol = tolerance(want, source.quantized, settings.atol)
+    atol = tolerance(want, source.quantized or source.low_precision, settings.atol)
     entry: dict[str, Any] = {
         "atol": atol,
         "min_top1_agreement": settings.min_agreement,

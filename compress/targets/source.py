@@ -20,6 +20,7 @@ class Source:
     model: torch.nn.Module | None  # the eager model (None for ONNX-only variants)
     example: torch.Tensor  # a batch of preprocessed test images, for tracing
     quantized: bool  # an int8 ONNX (QDQ / QOperator)
+    low_precision: bool = False  # an fp16 ONNX: other runtimes round differently, as for int8
 
 
 def needs_onnx(source: Source, target: str) -> Path:
