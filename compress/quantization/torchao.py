@@ -102,6 +102,20 @@ def torchao_dynamic(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, 
         ), "torchao PT2E X86InductorQuantizer(is_dynamic=True)"
 
 
+def torchao_weight_only(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, str]:
+    """int8 weights, float activations (torchao's Int8WeightOnlyConfig, Linear layers): the size
+    win for targets without int8 kernels; convolutions stay fp32."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantized = copy.deepcopy(model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(quantized, Int8WeightOnlyConfig())
+    with torch.no_grad():
+        quantized(sample)
+    return quantized, "torchao.quantize_(Int8WeightOnlyConfig): Linear weights int8, activations float"
+
+
 def save_exported(module: nn.Module, sample: torch.Tensor, path: Path) -> nn.Module:
     """``torch.export.save`` a program and prove it reloads and computes the same logits.
 

@@ -54,12 +54,13 @@ def quantize_with_torchao(job: Job) -> list[tuple[Variant | None, dict[str, Any]
                 "torchao PT2E: torch.export + prepare_pt2e/convert_pt2e, X86InductorQuantizer (static)"
             )
         else:
-            quantized, path_used = torchao.torchao_dynamic(model, sample2)
+            make = torchao.torchao_weight_only if mode == "weight-only" else torchao.torchao_dynamic
+            quantized, path_used = make(model, sample2)
             if has_val:
                 acc = evaluate.accuracy_of(torchao.torch_predictor(quantized), bundle, bundle.val)["accuracy"]
                 ok = fallbacks.meets(parent_val, acc, cfg.tolerance)
                 tries = [
-                    fallbacks.Try([], acc, fallbacks.drop_pp(parent_val, acc), ok, "dynamic: no fallback")
+                    fallbacks.Try([], acc, fallbacks.drop_pp(parent_val, acc), ok, f"{mode}: no fallback")
                 ]
         file = job.out_dir / f"{name}.pt2"
         save_error = None

@@ -2,7 +2,8 @@
 
 Per parent ``P`` and mode it adds ``P.int8-dynamic`` / ``P.int8-static`` (onnxruntime, the
 files edge teams receive; ``fp16``: ``P.fp16``, fp16 weights and compute with fp32 I/O, for
-targets without int8 kernels) or ``P.pt-int8-dynamic`` / ``P.pt-int8-static`` (PyTorch, always
+targets without int8 kernels; ``weight-only`` with the pytorch backend: ``P.pt-int8-weight-only``,
+int8 Linear weights with float activations) or ``P.pt-int8-dynamic`` / ``P.pt-int8-static`` (PyTorch, always
 with the ``pt-`` prefix so both backends can quantize the same parent in one pipeline;
 ``suffix:`` overrides the middle part). Calibration uses training images only. A static
 variant that loses more than ``tolerance`` pp on the validation split gets its most
@@ -59,7 +60,7 @@ class QuantizeConfig(StageConfig):
     stage: Literal["quantize"]
     tunable: ClassVar[bool] = True
     backend: Literal["onnxruntime", "pytorch"] = "onnxruntime"
-    modes: list[Literal["dynamic", "static", "fp16"]] = Field(
+    modes: list[Literal["dynamic", "static", "fp16", "weight-only"]] = Field(
         default_factory=lambda: ["dynamic", "static"], min_length=1
     )
     calibration: CalibrationConfig = CalibrationConfig()
@@ -93,6 +94,11 @@ class QuantizeConfig(StageConfig):
 
     @model_validator(mode="after")
     def _backend_fields(self) -> QuantizeConfig:
+        if self.backend == "onnxruntime" and "weight-only" in self.modes:
+            raise ValueError(
+                "modes: weight-only is torchao's Int8WeightOnlyConfig and needs backend: pytorch "
+                "(a second quantize stage with its own name, as in pipelines/mnist.yaml)"
+            )
         if self.backend == "pytorch":
             ort_only = [f for f in ORT_ONLY if f in self.model_fields_set]
             calibration_set = self.calibration.model_fields_set
