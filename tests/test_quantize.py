@@ -53,6 +53,7 @@ stages:
     modes: [static]
     suffix: int8-strict
     tolerance: 0
+    sensitivity: true
     calibration: {images: 32, method: percentile, percentile: 90}
     latency: {rounds: 1, runs: 1}
   - stage: quantize
@@ -187,6 +188,21 @@ def test_zero_tolerance_forces_layers_into_fp32(qrun: Run) -> None:
     assert qrun.record("quantize", "baseline.int8-static")["metrics"]["quantized_layers"]
 
 
+def test_layer_sensitivity_has_one_row_per_weight_layer_and_marks_the_fallbacks_choice(qrun: Run) -> None:
+    record = qrun.record("strict", "baseline.int8-strict-static")
+    table = record["layer_sensitivity"]
+    metrics = record["metrics"]
+    layers = metrics["fp32_layers"] + metrics["quantized_layers"]
+    assert {row["layer"] for row in table} == set(layers) and len(table) == 3  # LeNet-300-100's Gemms
+    assert {row["layer"] for row in table if row["kept_fp32"]} == set(metrics["fp32_layers"])
+    parent = metrics["parent_val_accuracy"]
+    for row in table:
+        assert 0 <= row["val_accuracy"] <= 1
+        assert row["drop_pp"] == pytest.approx(100 * (parent - row["val_accuracy"]), abs=1e-3)
+    assert "layer_sensitivity" in qrun.record("quantize", "baseline.int8-static")  # off: an empty table
+    assert qrun.record("quantize", "baseline.int8-static")["layer_sensitivity"] == []
+
+
 def test_pytorch_backend_saves_reloadable_int8_programs(qrun: Run) -> None:
     directory = qrun.stage_dir("quantize-pt")
     for mode in ("dynamic", "static"):
@@ -265,6 +281,7 @@ def test_bad_settings_fail_before_anything_runs(tmp_path: Path, capsys: pytest.C
         "{stage: quantize, name: f, tolerance: -1}": "(f).tolerance",
         "{stage: quantize, name: g, modes: [weight-only]}": "weight-only is torchao's Int8WeightOnlyConfig",
         "{stage: quantize, name: h, backend: pytorch, modes: [fp16]}": "fp16 makes an ONNX file",
+        "{stage: quantize, name: i, backend: pytorch, sensitivity: true}": "per-layer analysis",
     }
     text = DATA + "stages:\n  - stage: train\n" + "".join(f"  - {stage}\n" for stage in bad)
     assert main([str(write_pipeline(tmp_path, text)), "--validate"]) == 2

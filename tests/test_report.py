@@ -294,10 +294,15 @@ def test_stage_specific_sections_appear_only_with_their_data():
         "kind": "train",
         "metrics": {"history": [{"epoch": 1, "val_accuracy": 0.9, "train_loss": 1.0}]},
     }
+    layers = [
+        {"layer": "/conv1/Conv", "val_accuracy": 0.98, "drop_pp": 1.0, "kept_fp32": True},
+        {"layer": "/fc1/Gemm", "val_accuracy": 0.99, "drop_pp": 0.0, "kept_fp32": False},
+    ]
+    record = {"variants": {"baseline.int8-static": {"layer_sensitivity": layers}}}
+    quantize = {"label": "quantize", "kind": "quantize", "metrics": {}, "published": {"q.json": record}}
     bare = build_page(ReportInputs(results=rows_for(), manifest=MANIFEST))
-    full = build_page(
-        ReportInputs(results=rows_for(), manifest=MANIFEST, variants=variants, stages=[train, distill, tune])
-    )
+    stages = [train, distill, tune, quantize]
+    full = build_page(ReportInputs(results=rows_for(), manifest=MANIFEST, variants=variants, stages=stages))
     assert [c["title"] for c in bare["charts"]] == [
         "Accuracy vs latency (batch 64)",
         "Accuracy vs file size",
@@ -307,6 +312,7 @@ def test_stage_specific_sections_appear_only_with_their_data():
     assert titles[3:] == [
         "Training and fine-tuning curves",
         "Per-layer sparsity",
+        "Per-layer int8 sensitivity",
         "Optuna study (tune): optimization history",
         "Optuna study (tune): Pareto front",
         "Optuna study (tune): parameter importances for val_accuracy",

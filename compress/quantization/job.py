@@ -31,6 +31,7 @@ class QuantizeSpec(Protocol):
     tolerance: float | None
     prefer: str
     reduce_range: bool
+    sensitivity: bool
     calibration: Any
     latency: Any
 

@@ -95,6 +95,11 @@ def quantize_with_onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, 
                 runs=cfg.latency.runs,
             )
             log.info("quantize: %s after the latency search keeps in fp32: %s", name, excluded or "nothing")
+        layers = []
+        if cfg.sensitivity and mode == "static" and has_val:
+            layers = fallbacks.layer_sensitivity(
+                weight_nodes, quantizable, val_accuracy, parent_val, excluded
+            )
         final = make(excluded, job.out_dir / f"{name}.onnx")
         val = evaluate.onnx_accuracy(final, bundle, bundle.val)["accuracy"] if has_val else None
         test = test_accuracy(job, lambda split, final=final: evaluate.onnx_accuracy(final, bundle, split))
@@ -137,6 +142,7 @@ def quantize_with_onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, 
             "metrics": metrics,
             "accuracy_tries": [t.to_json() for t in tries],
             "sensitivity": sensitivity,
+            "layer_sensitivity": layers,
             "latency_search": search,
             "settings": {
                 **{k: v for k, v in vars(settings).items()},

@@ -85,6 +85,34 @@ def accuracy_fallback(
     return ranked, tries, sensitivity
 
 
+def layer_sensitivity(
+    layers: Sequence[str],
+    quantizable: Sequence[str],
+    val_accuracy: Callable[[list[str]], float],
+    parent_val: float,
+    kept_fp32: Sequence[str],
+) -> list[dict[str, Any]]:
+    """Per-layer analysis (Distiller's sensitivity analysis, AIMET's layer-wise view): the
+    validation drop when each layer *alone* is quantized, everything else left in fp32. It tells
+    a user which layers hurt, and shows beside it which ones the fallback kept in fp32."""
+    rows = []
+    for name in layers:
+        acc = val_accuracy([n for n in quantizable if n != name])
+        rows.append(
+            {
+                "layer": name,
+                "val_accuracy": acc,
+                "drop_pp": drop_pp(parent_val, acc),
+                "kept_fp32": name in kept_fp32,
+            }
+        )
+    log.info(
+        "quantize: per-layer drop when quantized alone: %s",
+        ", ".join(f"{r['layer']} {r['drop_pp']:.2f} pp" for r in rows),
+    )
+    return rows
+
+
 def latency_search(
     start: list[str],
     groups: dict[str, list[str]],

@@ -244,3 +244,40 @@ def sensitivity_chart(tables: dict[str, list[dict[str, Any]]]) -> dict[str, str]
         "accuracy it recovers.",
         "bars",
     )
+
+
+def layer_sensitivity_chart(tables: dict[str, list[dict[str, Any]]]) -> dict[str, str] | None:
+    """Validation drop per layer quantized alone; the layers the fallback kept in fp32 marked."""
+    tables = {k: v for k, v in tables.items() if v}
+    if not tables:
+        return None
+    fig = Figure(
+        figsize=(7.5, 1.2 + 0.25 * sum(len(t) for t in tables.values()) + 0.5 * len(tables)), dpi=100
+    )
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(len(tables), 1, squeeze=False)[:, 0]
+    for ax, (name, table) in zip(axes, tables.items(), strict=True):
+        colors = ["#e0a040" if r.get("kept_fp32") else "#4878a8" for r in table]
+        ax.barh([r["layer"] for r in table], [float(r.get("drop_pp") or 0) for r in table], color=colors)
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel("validation accuracy lost when only this layer is int8 (pp)")
+    axes[0].legend(
+        handles=[
+            Line2D([], [], color="#4878a8", lw=6, label="int8 in the shipped variant"),
+            Line2D([], [], color="#e0a040", lw=6, label="kept in fp32 by the accuracy fallback"),
+        ],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        frameon=False,
+    )
+    return chart(
+        fig,
+        "Per-layer int8 sensitivity",
+        "Each weight layer quantized alone (all others fp32), in layer order: the bars say which "
+        "layers cost accuracy; orange ones are those the accuracy fallback kept in fp32.",
+        "bars",
+    )

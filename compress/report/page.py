@@ -16,6 +16,7 @@ from compress.gating.numbers import latency_batch_sizes
 from compress.report.alerts import collect_warnings
 from compress.report.charts import (
     history_chart,
+    layer_sensitivity_chart,
     runtime_bars,
     scatter_chart,
     sensitivity_chart,
@@ -70,6 +71,7 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
     per_layer: dict[str, dict[str, float]] = {}
     structured: list[dict[str, Any]] = []
     sensitivity: dict[str, list[dict[str, Any]]] = {}
+    layer_drops: dict[str, list[dict[str, Any]]] = {}
     distillation = []
     studies = []
     study_chart_list: list[dict[str, str]] = []
@@ -85,6 +87,8 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
                 for name, record in published["variants"].items():
                     if isinstance(record, dict) and record.get("sensitivity"):
                         sensitivity[name] = record["sensitivity"]
+                    if isinstance(record, dict) and record.get("layer_sensitivity"):
+                        layer_drops[name] = record["layer_sensitivity"]
         if stage["kind"] == "distill":
             found = distillation_rows(stage, rows)
             if found:
@@ -107,7 +111,13 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
                 }
             )
     if inputs.charts:
-        for found in (history_chart(curves), sparsity_chart(per_layer), sensitivity_chart(sensitivity)):
+        found_charts = (
+            history_chart(curves),
+            sparsity_chart(per_layer),
+            sensitivity_chart(sensitivity),
+            layer_sensitivity_chart(layer_drops),
+        )
+        for found in found_charts:
             charts += [found] if found else []
     charts += study_chart_list
 

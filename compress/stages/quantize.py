@@ -71,6 +71,9 @@ class QuantizeConfig(StageConfig):
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], min_length=1)
     tolerance: float | None = Field(0.5, ge=0, le=100)
     prefer: Literal["accuracy", "latency"] = "accuracy"
+    # static (onnxruntime): also measure each weight layer quantized alone (one validation pass
+    # per layer), published in the stage's JSON and charted in the report
+    sensitivity: bool = False
     latency: LatencyConfig = LatencyConfig()
     suffix: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -112,6 +115,10 @@ class QuantizeConfig(StageConfig):
             if self.prefer == "latency":
                 raise ValueError(
                     "prefer: latency is implemented for backend: onnxruntime only (the runtime that ships)"
+                )
+            if self.sensitivity:
+                raise ValueError(
+                    "sensitivity: the per-layer analysis is implemented for backend: onnxruntime"
                 )
             if "fp16" in self.modes:
                 raise ValueError("modes: fp16 makes an ONNX file and needs backend: onnxruntime")
