@@ -16,13 +16,14 @@ from typing import Any
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from compress.report.formatting import is_number, runtime_label
 from compress.report.inputs import ReportInputs
 from compress.report.table import ok_rows
 
 MAX_CHART_ROWS = 60  # bars/points beyond this make a chart unreadable; the table still has them all
+MAX_RUNTIME_VARIANTS = 16  # groups of up to seven bars each in the latency-per-runtime chart
 
 
 def svg_uri(fig: Figure) -> str:
@@ -139,9 +140,8 @@ def runtime_bars(rows: list[dict[str, Any]], batch: int) -> dict[str, str] | Non
     key = f"latency_b{batch}_p50_ms"
     usable = [r for r in ok_rows(rows) if is_number(r.get(key)) and float(r[key]) > 0]
     runtimes = list(dict.fromkeys(r["runtime"] for r in usable))
-    variants = list(dict.fromkeys(r["variant"] for r in usable))[
-        : max(1, MAX_CHART_ROWS // max(len(runtimes), 1))
-    ]
+    every = list(dict.fromkeys(r["variant"] for r in usable))
+    variants = every[:MAX_RUNTIME_VARIANTS]
     if len(runtimes) < 2 or not variants:
         return None
     by = {(r["variant"], r["runtime"]): float(r[key]) for r in usable}
@@ -155,6 +155,9 @@ def runtime_bars(rows: list[dict[str, Any]], batch: int) -> dict[str, str] | Non
     ax.set_yticks(range(len(variants)), variants, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(f"p50 latency at batch {batch} (ms, log scale; shorter is faster)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     caption = (
@@ -162,6 +165,8 @@ def runtime_bars(rows: list[dict[str, Any]], batch: int) -> dict[str, str] | Non
         "models have batch 1, so a batch of N is N invocations; a missing bar is a runtime the "
         "variant does not ship in (int8 ONNX files ship to onnxruntime and OpenVINO only)."
     )
+    if len(every) > len(variants):
+        caption += f" The first {len(variants)} of {len(every)} variants are shown; the table has all."
     return chart(fig, f"Latency per runtime (batch {batch})", caption, "bars")
 
 
