@@ -179,9 +179,7 @@ def verify(
             row.outputs = "ERROR"
             row.detail = row.detail or "model, expected output or sample input is missing"
             continue
-        result = child.compare(
-            target, (directory / name).resolve(), sample.resolve(), expected.resolve(), 1, timeout
-        )
+        result = child.compare(target, directory / name, sample, expected, 1, timeout)
         _judge(row, result, float(model.get("atol", 1e-4)))
         if result.get("kind") == "not_loadable" and row.checksum == "ok":
             unloadable.append(f"{name}: not a model {target.label} can load ({result.get('error')})")

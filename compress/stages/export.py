@@ -165,7 +165,7 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
     reports: dict[str, dict[str, Any]] = {}
     artifacts: dict[str, dict[str, Path]] = {}
     shipped: list[deploy.ShippedModel] = []
-    sources: list[tuple[Source, np.ndarray]] = []
+    sources: list[Source] = []
     for variant in inputs:
         facts = {
             **common,
@@ -189,6 +189,7 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
             level("export: %s %s: %s", variant.name, fmt, _describe(entry))
 
     shipment = _ship_targets(cfg, sources, images.numpy(), ctx, out_dir)
+    accuracies = {v.name: v.metrics.get("test_accuracy") for v in inputs}
     for name, entries in shipment.entries.items():
         reports[name]["targets"] = entries
     for name, files_by_target in shipment.files.items():
@@ -211,13 +212,11 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
                 variant=source.variant,
                 target=target,
                 files=shipment.files[source.variant][target],
-                expected=reference[:shown],
+                expected=source.reference[:shown],
                 parity=shipment.entries[source.variant][target],
-                test_accuracy=next(v for v in inputs if v.name == source.variant).metrics.get(
-                    "test_accuracy"
-                ),
+                test_accuracy=accuracies[source.variant],
             )
-            for source, reference in sources
+            for source in sources
             for target in shipment.files.get(source.variant, {})
         ],
         bundle_files=shipment.bundle_files,
@@ -253,7 +252,7 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
 
 def _ship_targets(
     cfg: ExportConfig,
-    sources: list[tuple[Source, np.ndarray]],
+    sources: list[Source],
     images: np.ndarray,
     ctx: Context,
     out_dir: Path,
@@ -264,21 +263,18 @@ def _ship_targets(
         return Shipment()
     error_log = out_dir / "error.log"
 
-    def log(variant: str, target: str, message: str, trace: str | None) -> None:
-        ok = message.startswith(("ok", "not shipped"))
-        (ctx.log.info if ok else ctx.log.error)(
-            "export: %s %s: %s%s", variant, target, message, " (traceback in error.log)" if trace else ""
-        )
+    def log(variant: str, target: str, entry: dict[str, Any], trace: str | None) -> None:
+        level = ctx.log.info if entry["ok"] or entry.get("skipped") else ctx.log.error
+        note = " (traceback in error.log)" if trace else ""
+        level("export: %s %s: %s%s", variant, target, describe_target(entry), note)
         if trace:
             with open(error_log, "a", encoding="utf-8") as handle:
                 handle.write(f"--- {variant} -> {target}\n{trace}\n")
 
     settings = ParitySettings(cfg.parity_atol, cfg.target_min_top1_agreement, cfg.threads)
-    references = {source.variant: reference for source, reference in sources}
     return ship(
         targets,
-        [source for source, _ in sources],
-        references,
+        sources,
         images,
         out_dir / "work",
         out_dir / "deploy",
@@ -303,11 +299,11 @@ def _export_variant(
     images: torch.Tensor,
     sample: np.ndarray,
     facts: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Path], deploy.ShippedModel | None, tuple[Source, np.ndarray] | None]:
+) -> tuple[dict[str, Any], dict[str, Path], deploy.ShippedModel | None, Source | None]:
     """Export one variant to every format; never raises for a problem with this variant.
 
     Returns its report, its files, the ONNX it ships (if any) and, for the edge targets, what
-    they convert from with the source model's logits on ``images`` (the parity reference).
+    they convert from, carrying the source model's logits on ``images`` (the parity reference).
     """
     base = safe_filename(variant.name)
     report: dict[str, Any] = {"variant": variant.name, "source_format": variant.format, "files": {}}
@@ -338,8 +334,9 @@ def _export_variant(
                 shipped = _shipped(variant, path, sample, cfg, entry, facts)
         quantized = entry["ok"] and deploy.is_quantized(path)
         half = entry["ok"] and deploy.is_fp16(path)
-        convertible = Source(variant.name, base, path if entry["ok"] else None, None, images, quantized, half)
-        return report, files, shipped, (convertible, reference)
+        onnx_path = path if entry["ok"] else None
+        convertible = Source(variant.name, base, onnx_path, None, images, quantized, half, reference)
+        return report, files, shipped, convertible
 
     try:
         model, _spec = variant.load_torch()
@@ -381,7 +378,12 @@ def _export_variant(
             files["torchscript"] = path
             files["torchscript_json"] = path.with_suffix(".model.json")
     onnx_path = files.get("onnx")
-    return report, files, shipped, (Source(variant.name, base, onnx_path, model, images, False), reference)
+    return (
+        report,
+        files,
+        shipped,
+        Source(variant.name, base, onnx_path, model, images, False, False, reference),
+    )
 
 
 # ---------------------------------------------------------------- the parent, the bundle

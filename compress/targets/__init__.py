@@ -8,6 +8,6 @@ the converters (``ort``, ``openvino``, ``tflite``, ``executorch``) make the file
 ``ship`` converts every exported variant to every target and keeps what passes parity.
 """
 
-from compress.targets.registry import TARGETS, Target, get, missing_packages
+from compress.targets.registry import TARGETS, Target, missing_packages
 
-__all__ = ["TARGETS", "Target", "get", "missing_packages"]
+__all__ = ["TARGETS", "Target", "missing_packages"]

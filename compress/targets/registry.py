@@ -20,7 +20,6 @@ class Target:
     converter: str | None  # module under compress.targets making the file (None: the ONNX itself)
     packages: tuple[str, ...]  # import names the converter and the runner need
     extra: str | None  # pip extra that installs them (None: a core dependency)
-    from_onnx: bool  # converted from the exported ONNX (True) or from the PyTorch model (False)
     int8: bool  # int8 ONNX variants ship here (the runtime reads QDQ/QOperator ONNX)
     child_allows: tuple[str, ...] = ()  # modules the verify child may import besides numpy
     run_packages: tuple[str, ...] | None = None  # what running needs, if less than converting
@@ -34,24 +33,20 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("onnx", "onnxruntime", "ONNX (onnxruntime)", ".onnx", "onnxruntime", None,
-               ("onnxruntime",), None, True, True),
+               ("onnxruntime",), None, True),
         Target("ort", "ort", "ORT format (onnxruntime / ORT Mobile)", ".ort", "onnxruntime", "ort",
-               ("onnxruntime",), None, True, True),
+               ("onnxruntime",), None, True),
         Target("openvino", "openvino", "OpenVINO IR (OpenVINO CPU)", ".xml", "openvino", "openvino",
-               ("openvino",), "openvino", True, True),
+               ("openvino",), "openvino", True),
         Target("tflite", "litert", "LiteRT / TFLite (LiteRT interpreter)", ".tflite", "litert", "tflite",
-               ("litert_torch", "ai_edge_litert"), "litert", False, False, run_packages=("ai_edge_litert",)),
+               ("litert_torch", "ai_edge_litert"), "litert", False, run_packages=("ai_edge_litert",)),
         # ExecuTorch's Python runtime hands tensors over as torch tensors, so its verify child
         # may import torch (a device runs the C++ runtime, which needs none of it).
         Target("executorch", "executorch", "ExecuTorch .pte (XNNPACK)", ".pte", "executorch", "executorch",
-               ("executorch",), "executorch", False, False, child_allows=("torch",)),
+               ("executorch",), "executorch", False, child_allows=("torch",)),
     )
 }  # fmt: skip
 RUNTIMES = {t.runtime: t for t in TARGETS.values()}
-
-
-def get(name: str) -> Target:
-    return TARGETS[name]
 
 
 def missing_packages(target: Target, running_only: bool = False) -> list[str]:

@@ -53,18 +53,17 @@ def tolerance(reference: np.ndarray, quantized: bool, atol: float) -> float:
 def ship(
     targets: list[str],
     sources: list[Source],
-    references: dict[str, np.ndarray],
     images: np.ndarray,
     work: Path,
     deploy_dir: Path,
     failed_dir: Path,
     settings: ParitySettings,
-    log: Callable[[str, str, str, str | None], None],
+    log: Callable[[str, str, dict[str, Any], str | None], None],
 ) -> Shipment:
     """Convert ``sources`` to each of ``targets`` (never 'onnx': the export stage makes that).
 
-    ``references[variant]``: the source model's logits on ``images``. ``log(variant, target,
-    message, traceback)`` reports each outcome.
+    ``images`` is the parity sample each source's ``reference`` was computed on.
+    ``log(variant, target, message, traceback)`` reports each outcome.
     """
     shipment = Shipment()
     parity_input = work / "parity_input.npy"
@@ -72,7 +71,7 @@ def ship(
     reference_files = {}
     for source in sources:
         reference_files[source.variant] = work / f"{source.base}.reference.npy"
-        np.save(reference_files[source.variant], np.ascontiguousarray(references[source.variant], np.float32))
+        np.save(reference_files[source.variant], np.ascontiguousarray(source.reference, np.float32))
     for name in targets:
         target = TARGETS[name]
         folder = work / f"target-{name}"
@@ -83,10 +82,11 @@ def ship(
             result = converted[source.variant]
             entry: dict[str, Any] = {"target": name, "runtime": target.runtime, "ok": False}
             if isinstance(result, Exception):
-                entry.update(_refusal(result, source, target))
-                tb = None if isinstance(result, NotApplicable) else result.__dict__.get("_traceback")
+                entry.update(_refusal(result, target))
+                raised = result.__traceback__ is not None and not isinstance(result, NotApplicable)
+                tb = "".join(traceback.format_exception(result)) if raised else None
                 shipment.entries.setdefault(source.variant, {})[name] = entry
-                log(source.variant, name, describe(entry), tb)
+                log(source.variant, name, entry, tb)
                 continue
             entry.update(
                 _parity(target, source, result[0], parity_input, reference_files[source.variant], settings)
@@ -98,7 +98,7 @@ def ship(
             else:
                 entry["kept_as"] = [f"failed/{p.name}" for p in _move(result, failed_dir)]
             shipment.entries.setdefault(source.variant, {})[name] = entry
-            log(source.variant, name, describe(entry), None)
+            log(source.variant, name, entry, None)
     return shipment
 
 
@@ -130,8 +130,7 @@ def _convert(
         try:
             results[source.variant] = module.convert(source, folder)
         except Exception as exc:  # one variant's converter error must not stop the others
-            exc._traceback = traceback.format_exc()  # type: ignore[attr-defined]
-            results[source.variant] = exc
+            results[source.variant] = exc  # its __traceback__ goes to the stage's error.log
     return results, []
 
 
@@ -150,7 +149,7 @@ def _converter(name: str) -> ModuleType:
     return module
 
 
-def _refusal(exc: Exception, source: Source, target: Target) -> dict[str, Any]:
+def _refusal(exc: Exception, target: Target) -> dict[str, Any]:
     if isinstance(exc, NotApplicable):
         return {"skipped": str(exc), "error": None, "max_abs_diff": None, "top1_agreement": None}
     text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
@@ -165,12 +164,11 @@ def _parity(
     target: Target, source: Source, model: Path, sample: Path, reference: Path, settings: ParitySettings
 ) -> dict[str, Any]:
     result = child.compare(target, model, sample, reference, settings.threads)
-    want = np.load(reference, allow_pickle=False)
-    atol = tolerance(want, source.quantized or source.low_precision, settings.atol)
+    atol = tolerance(source.reference, source.quantized or source.low_precision, settings.atol)
     entry: dict[str, Any] = {
         "atol": atol,
         "min_top1_agreement": settings.min_agreement,
-        "samples": int(len(want)),
+        "samples": int(len(source.reference)),
     }
     entry["runtime_version"] = f"{target.runtime} {result.get('runtime_version', '?')}"
     if not result.get("ok"):
@@ -200,7 +198,6 @@ def _move(files: list[Path], folder: Path) -> list[Path]:
     moved = []
     for path in files:
         final = folder / path.name
-        if path.resolve() != final.resolve():
-            os.replace(path, final)  # work/ and deploy/ are in the same stage directory
+        os.replace(path, final)  # work/, deploy/ and failed/ are in the same stage directory
         moved.append(final)
     return moved

@@ -1,10 +1,12 @@
-"""What a converter is given for one variant: its checked ONNX file and/or its PyTorch model."""
+"""What a converter is given for one variant: its checked ONNX file and/or its PyTorch model,
+and the source's logits every converted file must reproduce."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -20,7 +22,8 @@ class Source:
     model: torch.nn.Module | None  # the eager model (None for ONNX-only variants)
     example: torch.Tensor  # a batch of preprocessed test images, for tracing
     quantized: bool  # an int8 ONNX (QDQ / QOperator)
-    low_precision: bool = False  # an fp16 ONNX: other runtimes round differently, as for int8
+    low_precision: bool  # an fp16 ONNX: other runtimes round differently, as for int8
+    reference: np.ndarray  # the source model's logits on ``example`` (the parity sample)
 
 
 def needs_onnx(source: Source, target: str) -> Path:

@@ -5,7 +5,6 @@ file's own source in an isolated child process where torch, onnx and compress ar
 The benchmark stage imports the same files, so what is verified is what is timed.
 """
 
-from collections.abc import Callable
 from types import ModuleType
 
 
@@ -22,7 +21,3 @@ def runner(name: str) -> ModuleType:
     else:
         raise KeyError(f"no runner named {name!r}")
     return module
-
-
-def load(name: str, path: str, threads: int = 1) -> Callable:
-    return runner(name).load(path, threads)
