@@ -34,6 +34,7 @@ class QuantizeSpec(Protocol):
     sensitivity: bool
     calibration: Any
     latency: Any
+    qat: Any  # QatConfig: a TrainingConfig plus distill, weight_bits and the freezing points
 
     def output_name(self, parent: str, mode: str) -> str: ...
 
@@ -52,6 +53,18 @@ class Job:
     sample: torch.Tensor  # the latency batch
     ctx: Context
     out_dir: Path
+
+
+@dataclass
+class Reference:
+    """The parent as onnxruntime runs it, measured once for every mode: its fp32 ONNX file, its
+    validation and test accuracy there, its size and a latency runner on the timing batch."""
+
+    fp32: Path
+    val: float | None
+    test: dict[str, Any]
+    sizes: dict[str, int]
+    runner: Callable[[], Any]
 
 
 def accuracy_step(

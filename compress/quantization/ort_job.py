@@ -10,7 +10,15 @@ from typing import Any
 
 from compress.quantization import evaluate, ort
 from compress.quantization import search as fallbacks
-from compress.quantization.job import Job, accuracy_step, log_variant, test_accuracy, variant_metrics
+from compress.quantization.job import (
+    Job,
+    Reference,
+    accuracy_step,
+    log_variant,
+    test_accuracy,
+    variant_metrics,
+)
+from compress.quantization.qat_job import QAT_MODES, quantize_aware
 from compress.variants import Variant
 
 
@@ -30,8 +38,12 @@ def quantize_with_onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, 
     nodes = ort.graph_nodes(pre)
     threads = cfg.latency.threads
     fp32_runner = evaluate.onnx_runner(fp32, job.sample, threads)
+    reference = Reference(fp32, parent_val, parent_test, fp32_sizes, fp32_runner)
     results = []
     for mode in cfg.modes:
+        if mode in QAT_MODES:
+            results.append(quantize_aware(job, mode, reference))
+            continue
         name = cfg.output_name(job.parent.name, mode)
         work = job.out_dir / "work" / name
         work.mkdir(parents=True, exist_ok=True)

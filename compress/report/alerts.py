@@ -23,7 +23,7 @@ def precision_kind(row: dict[str, Any], variants: dict[str, Any]) -> str | None:
     mode = variant.info.get("mode") if variant is not None else None
     if mode == "fp16" or str(row.get("variant", "")).endswith(".fp16"):
         return "fp16"
-    if mode in ("dynamic", "static") or "int8" in str(row.get("variant", "")):
+    if mode in ("dynamic", "static", "qat", "auto") or "int8" in str(row.get("variant", "")):
         return "int8"
     return None
 

@@ -28,6 +28,7 @@ from compress.report.formatting import is_number
 from compress.report.inputs import ReportInputs
 from compress.report.previous import compare_previous
 from compress.report.provenance import provenance
+from compress.report.quantization import qat_rows
 from compress.report.study import study_charts, study_from, study_summary
 from compress.report.summary import summarize
 from compress.report.table import table_columns, table_rows
@@ -135,6 +136,7 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
         "charts": charts,
         "structured": structured,
         "distillation": distillation,
+        "qat": qat_rows(inputs.variants),
         "studies": studies,
         "previous": compare_previous(rows, inputs.previous),
         "provenance": provenance(inputs, rows),

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from compress import quantization as q
-from compress.config import StageConfig, StrictModel
+from compress.config import OptimizerConfig, SoftLabels, StageConfig, StrictModel, TrainingConfig
 from compress.context import Context
 from compress.data import calibration_images
 from compress.errors import ArtifactError
@@ -56,11 +56,27 @@ class LatencyConfig(StrictModel):
     margin: float = Field(0.05, ge=0, lt=1)
 
 
+class QatConfig(TrainingConfig):
+    """Quantization-aware fine-tuning (modes ``qat`` and ``auto``): the usual training options, a
+    short low-learning-rate schedule by default, optional distillation from the fp32 parent, and
+    the points (shares of all steps) where observers and batch norms freeze."""
+
+    epochs: int = Field(2, ge=1, le=1000)
+    optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=0.005, momentum=0.9, weight_decay=5e-5)
+    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
+    distill: SoftLabels | None = None
+    # the weight grid's bits (still stored as int8): 8 is what int8 kernels expect; fewer is a
+    # harder target that shows what training against the grid buys
+    weight_bits: int = Field(8, ge=2, le=8)
+    freeze_observers_at: float = Field(0.6, ge=0, le=1)
+    freeze_bn_at: float = Field(0.6, ge=0, le=1)
+
+
 class QuantizeConfig(StageConfig):
     stage: Literal["quantize"]
     tunable: ClassVar[bool] = True
     backend: Literal["onnxruntime", "pytorch"] = "onnxruntime"
-    modes: list[Literal["dynamic", "static", "fp16", "weight-only"]] = Field(
+    modes: list[Literal["dynamic", "static", "fp16", "weight-only", "qat", "auto"]] = Field(
         default_factory=lambda: ["dynamic", "static"], min_length=1
     )
     calibration: CalibrationConfig = CalibrationConfig()
@@ -75,6 +91,7 @@ class QuantizeConfig(StageConfig):
     # per layer), published in the stage's JSON and charted in the report
     sensitivity: bool = False
     latency: LatencyConfig = LatencyConfig()
+    qat: QatConfig = QatConfig()
     suffix: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
     @field_validator("modes")
@@ -102,7 +119,18 @@ class QuantizeConfig(StageConfig):
                 "modes: weight-only is torchao's Int8WeightOnlyConfig and needs backend: pytorch "
                 "(a second quantize stage with its own name, as in pipelines/mnist.yaml)"
             )
+        if "auto" in self.modes and self.tolerance is None:
+            raise ValueError(
+                "modes: auto trains only when static PTQ misses the tolerance; set tolerance (pp), "
+                "or ask for qat directly"
+            )
+        if "qat" in self.model_fields_set and not {"qat", "auto"} & set(self.modes):
+            raise ValueError("qat: settings apply to modes qat and auto; add one of them to modes")
         if self.backend == "pytorch":
+            if {"qat", "auto"} & set(self.modes):
+                raise ValueError(
+                    "modes: qat/auto make a QDQ ONNX file for onnxruntime and need backend: onnxruntime"
+                )
             ort_only = [f for f in ORT_ONLY if f in self.model_fields_set]
             calibration_set = self.calibration.model_fields_set
             ort_only += [f"calibration.{f}" for f in ("method", "percentile") if f in calibration_set]
@@ -161,7 +189,7 @@ class QuantizeConfig(StageConfig):
         )
 
 
-@stage("quantize", QuantizeConfig, version=2)
+@stage("quantize", QuantizeConfig, version=3)
 def run(cfg: QuantizeConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     for parent in inputs:
         if parent.format != "torch":

@@ -1,0 +1,234 @@
+"""Modes ``qat`` and ``auto`` of the onnxruntime backend: one parent fine-tuned against int8
+(``qat``), or calibrated first and fine-tuned only when that misses the tolerance (``auto``),
+shipped as a QDQ ONNX whose int8 kernels onnxruntime is asked to confirm."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.export_files import parity
+from compress.models import load_checkpoint
+from compress.quantization import evaluate, ort, qat
+from compress.quantization import search as fallbacks
+from compress.quantization.job import Job, Reference, log_variant, test_accuracy, variant_metrics
+from compress.training import Distillation, fit, teacher_logits
+from compress.variants import Variant
+
+QAT_MODES = ("qat", "auto")
+PARITY_SAMPLE = 256
+PARITY_SHARE = 0.01  # int8 against its own float simulation: 1 % of the largest logit, as for int8 targets
+
+
+@dataclass
+class _ParityBound:
+    parity_atol: float
+    min_top1_agreement: float = 0.99
+    threads: int = 1
+
+
+def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[str, Any]]:
+    cfg, bundle, log = job.cfg, job.bundle, job.ctx.log
+    settings = cfg.qat
+    name = cfg.output_name(job.parent.name, mode)
+    work = job.out_dir / "work" / name
+    work.mkdir(parents=True, exist_ok=True)
+    final = job.out_dir / f"{name}.onnx"
+    meta = {"compress.variant": name, "preprocessing": json.dumps(bundle.preprocessing())}
+    sample2 = job.sample[:2]
+    has_val = len(bundle.val) > 0
+    tries: list[fallbacks.Try] = []
+    made: list[tuple[str, nn.Module, Path, float | None]] = []  # (method, program, file, val accuracy)
+    training: dict[str, Any] | None = None
+
+    def measured(method: str, converted: nn.Module, note: str) -> bool:
+        file = work / f"{method}.onnx"
+        qat.export_qdq(converted, sample2, file, meta)
+        acc = evaluate.onnx_accuracy(file, bundle, bundle.val)["accuracy"] if has_val else None
+        ok = has_val and fallbacks.meets(ref.val, acc, cfg.tolerance)
+        tries.append(_try(ref.val, acc, ok, note))
+        made.append((method, converted, file, acc))
+        return ok
+
+    if mode == "auto":
+        converted = qat.ptq(job.model, sample2, job.images, settings.weight_bits, cfg.calibration.batch_size)
+        ok = measured("ptq", converted, "static PTQ (the QAT quantizer, calibrated, no training)")
+        log.info(
+            "quantize: %s static PTQ val %s (%s the %.2f pp tolerance)%s",
+            name,
+            f"{tries[0].val_accuracy:.4f}" if has_val else "n/a",
+            "within" if ok else "misses",
+            cfg.tolerance,
+            "" if ok else ": quantization-aware training follows",
+        )
+    if mode == "qat" or not tries[0].meets:
+        converted, training = _train(job, name, work)
+        measured("qat", converted, f"QAT, {settings.epochs} epoch(s)")
+    # auto ships QAT only when it beats PTQ on the validation split: training can also lose
+    method, converted, chosen, val = (
+        max(made, key=lambda m: -1.0 if m[3] is None else m[3]) if has_val else made[-1]
+    )
+    if mode == "auto" and len(made) == 2 and method == "ptq":
+        log.warning("quantize: %s: QAT did not beat static PTQ on the validation split; PTQ ships", name)
+    # every candidate's test accuracy, for the record only (the choice above saw validation alone)
+    tested = [
+        test_accuracy(job, lambda split, f=m[2]: evaluate.onnx_accuracy(f, bundle, split)) for m in made
+    ]
+    test = tested[[m[0] for m in made].index(method)]
+    os.replace(chosen, final)
+    fp32_ms, int8_ms = evaluate.compare_latency(
+        [ref.runner, evaluate.onnx_runner(final, job.sample, cfg.latency.threads)],
+        rounds=cfg.latency.rounds,
+        runs=cfg.latency.runs,
+    )
+    metrics = variant_metrics(
+        job,
+        mode,
+        val,
+        test,
+        ref.val,
+        ref.test,
+        evaluate.file_sizes(final),
+        ref.sizes,
+        fp32_ms,
+        int8_ms,
+        [],
+        [],
+    )
+    metrics.update(ort.int8_initializers(final))
+    kernels = qat.int8_kernels(final, work / "optimized.onnx")
+    checked = _parity(converted, final, bundle.normalize(bundle.test.x[:PARITY_SAMPLE]))
+    path_used = (
+        "torchao PT2E X86InductorQuantizer "
+        + ("prepare_qat_pt2e + fine-tuning" if method == "qat" else "prepare_pt2e + calibration")
+        + f" ({settings.weight_bits}-bit weights), convert_pt2e, QDQ ONNX"
+    )
+    metrics.update(
+        runtime="onnxruntime",
+        quantization_method=method,
+        weight_bits=settings.weight_bits,
+        calibration_images=len(job.images) if method == "ptq" else 0,
+        calibration_method="minmax (torchao X86, observers)" if method == "ptq" else None,
+        int8_kernels=kernels,
+        runs_in_int8=bool(kernels),
+        qdq_parity=checked,
+        qat=training,
+    )
+    if mode == "auto":
+        metrics["ptq_val_accuracy"] = tries[0].val_accuracy
+        metrics["ptq_drop_val_pp"] = round(tries[0].drop_pp, 4) if tries[0].val_accuracy is not None else None
+        metrics["qat_needed"] = not tries[0].meets
+        metrics["qat_val_accuracy"] = tries[1].val_accuracy if len(tries) == 2 else None
+        metrics["ptq_test_accuracy"] = tested[0]["accuracy"]
+        metrics["qat_test_accuracy"] = tested[1]["accuracy"] if len(tested) == 2 else None
+    if not kernels:
+        log.warning(
+            "quantize: onnxruntime runs %s without int8 kernels (no QLinear/QGemm after fusion)", name
+        )
+    if not checked["ok"]:
+        log.warning("quantize: %s differs from its PyTorch program: %s", name, checked["error"])
+    log_variant(log, name, metrics)
+    record = {
+        "name": name,
+        "parent": job.parent.name,
+        "mode": mode,
+        "path": path_used,
+        "metrics": metrics,
+        "accuracy_tries": [
+            {**t.to_json(), "method": m[0], "test_accuracy": r["accuracy"]}
+            for t, m, r in zip(tries, made, tested, strict=True)
+        ],
+        "sensitivity": [],
+        "latency_search": [],
+        "settings": settings.model_dump(mode="json"),
+    }
+    variant = Variant(
+        name=name,
+        format="onnx",
+        file=final,
+        stage=cfg.label,
+        parent=job.parent.name,
+        metrics=metrics,
+        info={
+            "backend": "onnxruntime",
+            "mode": mode,
+            "method": method,
+            "path": path_used,
+            "fp32_onnx": str(ref.fp32.relative_to(job.out_dir)),
+            "fp32_layers": [],
+            "preprocessing": bundle.preprocessing(),
+        },
+    )
+    return variant, record
+
+
+def _train(job: Job, name: str, work: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune the fake-quantized parent (optionally against its fp32 self), then convert."""
+    settings, bundle, ctx = job.cfg.qat, job.bundle, job.ctx
+    prepared = qat.prepare(job.model, job.sample[:2], settings.weight_bits)
+    per_epoch = math.ceil(len(bundle.train) / (settings.batch_size or 128))
+    steps = settings.epochs * per_epoch
+    checkpoint = work / "fit" / "checkpoint.pt"  # a resumed fit: count the steps it already took
+    done = int(load_checkpoint(checkpoint)["epoch"]) * per_epoch if checkpoint.is_file() else 0
+    freezer = qat.Freezer(
+        prepared, round(settings.freeze_observers_at * steps), round(settings.freeze_bn_at * steps), done
+    )
+    keep_zeros = qat.keep_zeros(prepared)
+
+    def after_step() -> None:
+        keep_zeros()
+        freezer()
+
+    distill = None
+    if settings.distill is not None:
+        teacher = copy.deepcopy(job.model).eval()
+        logits = teacher_logits(teacher, bundle, ctx.device) if settings.augment == "none" else None
+        distill = Distillation(teacher, settings.distill.temperature, settings.distill.alpha, logits)
+    result = fit(
+        prepared,
+        bundle,
+        settings,
+        ctx.device,
+        ctx.seed,
+        work / "fit",
+        desc=f"qat {name}",
+        distill=distill,
+        after_step=after_step,
+    )
+    history = result.history
+    summary = {
+        "epochs": settings.epochs,
+        "steps": steps,
+        "seconds": round(result.seconds, 2),
+        "observers_frozen_at_step": freezer.frozen["observers"],
+        "batch_norm_frozen_at_step": freezer.frozen["batch_norm"],
+        "distill": settings.distill.model_dump() if settings.distill is not None else None,
+        "val_accuracy_fake_quant": history[-1]["val_accuracy"] if history else None,
+        "history": [
+            {k: row.get(k) for k in ("epoch", "train_loss", "val_accuracy", "lr")} for row in history
+        ],
+    }
+    return qat.convert(prepared), summary
+
+
+def _parity(converted: nn.Module, path: Path, images: torch.Tensor) -> dict[str, Any]:
+    """The QDQ file in onnxruntime against the converted PyTorch program it was exported from."""
+    with torch.no_grad():
+        reference = converted(images).numpy()
+    produced = evaluate.onnx_predictor(path)(images)
+    bound = PARITY_SHARE * float(np.max(np.abs(reference)))
+    return parity(reference, np.asarray(produced), _ParityBound(bound))
+
+
+def _try(parent_val: float | None, acc: float | None, ok: bool, note: str) -> fallbacks.Try:
+    drop = fallbacks.drop_pp(parent_val, acc) if parent_val is not None and acc is not None else 0.0
+    return fallbacks.Try([], acc, drop, ok, note)
