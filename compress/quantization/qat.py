@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from compress.exporting import export_onnx
+from compress.quantization.torchao import export_for_quantizer
 
 log = logging.getLogger("compress.quantization")
 
@@ -77,13 +78,6 @@ def _quantizer(weight_bits: int, is_qat: bool):
     return quantizer
 
 
-def _export(model: nn.Module, sample: torch.Tensor) -> nn.Module:
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.export.export(model, (sample.cpu(),), dynamic_shapes=({0: batch},)).module()
-
-
 def prepare(model: nn.Module, sample: torch.Tensor, weight_bits: int = 8) -> nn.Module:
     """A trainable copy of ``model`` with fake-quant ops where the int8 file will quantize.
 
@@ -92,7 +86,7 @@ def prepare(model: nn.Module, sample: torch.Tensor, weight_bits: int = 8) -> nn.
     """
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    graph = _export(copy.deepcopy(model).cpu().train(), sample)
+    graph = export_for_quantizer(copy.deepcopy(model).cpu().train(), sample)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_qat_pt2e(graph, _quantizer(weight_bits, is_qat=True))
@@ -125,7 +119,7 @@ def ptq(
     """The same quantizer calibrated on ``images`` without training (static PTQ), converted."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    graph = _export(copy.deepcopy(model).cpu().eval(), sample)
+    graph = export_for_quantizer(copy.deepcopy(model).cpu().eval(), sample)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_pt2e(graph, _quantizer(weight_bits, is_qat=False))

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +24,34 @@ def _export(model: nn.Module, sample: torch.Tensor) -> torch.export.ExportedProg
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(model, (sample,), dynamic_shapes=({0: batch},))
+
+
+def export_for_quantizer(model: nn.Module, sample: torch.Tensor) -> torch.fx.GraphModule:
+    """The graph a PT2E quantizer annotates: ``torch.export`` with a dynamic batch, one source
+    partition per module call.
+
+    The quantizer groups ops into partitions by the module that made them (``nn_module_stack``),
+    so a module called twice (the ``self.relu`` torchvision's ResNet blocks call after the first
+    convolution and after the residual add) yields one partition with two outputs, which the X86
+    quantizer's fusion patterns reject ("Input partition has more than one output node",
+    pytorch/ao#4478): no torchvision ResNet could be quantized. Renaming the module of the second
+    and later calls (``layer1.0.relu__call2``) gives each call its own partition; nothing else in
+    the graph changes. (A weight layer called twice would be excluded from int8 by name at its
+    first call only.)
+    """
+    graph = _export(model, sample.cpu()).module()
+    calls: Counter[tuple[str, object]] = Counter()
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key, (fqn, cls) = list(stack.items())[-1]
+        calls[fqn, node.target] += 1
+        if calls[fqn, node.target] > 1:
+            renamed = dict(stack)
+            renamed[key] = (f"{fqn}__call{calls[fqn, node.target]}", cls)
+            node.meta["nn_module_stack"] = renamed
+    return graph
 
 
 def pt2e_static(
@@ -44,7 +73,7 @@ def pt2e_static(
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     for name in exclude:
         quantizer.set_module_name_qconfig(name, None)
-    graph = _export(copy.deepcopy(model).eval(), sample).module()
+    graph = export_for_quantizer(copy.deepcopy(model).eval(), sample)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_pt2e(graph, quantizer)
@@ -94,7 +123,7 @@ def torchao_dynamic(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, 
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_dynamic=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_pt2e(_export(copy.deepcopy(model).eval(), sample).module(), quantizer)
+        prepared = prepare_pt2e(export_for_quantizer(copy.deepcopy(model).eval(), sample), quantizer)
         with torch.no_grad():
             prepared(sample)
         return _drop_unused_tensors(
