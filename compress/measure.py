@@ -149,6 +149,11 @@ def onnx_initializer_counts(path: Path) -> tuple[int, int]:
 # ---------------------------------------------------------------- accuracy
 
 
+def drop_pp(reference: float, accuracy: float) -> float:
+    """Accuracy lost against ``reference``, in percentage points (negative when it gained)."""
+    return (reference - accuracy) * 100
+
+
 def accuracy_from_predictions(
     predictions: np.ndarray, labels: np.ndarray, classes: list[str]
 ) -> tuple[float, int, dict[str, float | None]]:

@@ -27,6 +27,7 @@ PRUNE_STAGES = """\
     method: magnitude
     amount: 0.8
     steps: 3
+    sensitivity: true
     finetune: {epochs: 1, optimizer: {lr: 0.01}}
   - stage: prune
     name: slim
@@ -52,6 +53,38 @@ def pruned_run(tiny_run, data_root, tmp_path_factory):
     run_dir = (cwd / "artifacts" / "tiny" / "latest").resolve()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     return cwd, run_dir, manifest
+
+
+def test_pruning_sensitivity_has_one_row_per_layer_measured_alone(pruned_run, data_root):
+    """Distiller's analysis: each prunable layer alone pruned to the stage's 0.8, all others
+    dense, scored on the validation split; recomputed here from the baseline file."""
+    from compress.pruning import masks
+    from compress.report.charts import pruning_sensitivity_chart
+    from compress.training import evaluate
+
+    _, run_dir, manifest = pruned_run
+    record = json.loads((run_dir / "stages" / "prune" / "result.json").read_text())
+    rows = record["variants"][0]["info"]["layer_sensitivity"]
+    baseline, _ = load_model(run_dir / "stages" / "train" / "model.pt")
+    layers = [n for n, m in baseline.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    assert [r["layer"] for r in rows] == layers
+    bundle = load_data(
+        DataConfig(dataset="mnist", val_size=1000, limit_train=2000, limit_test=1000), data_root
+    )
+    reference = evaluate(baseline, bundle, bundle.val, torch.device("cpu"))["accuracy"]
+    per_layer = manifest["variants"]["pruned"]["metrics"]
+    shipped = record["variants"][0]["info"]["per_layer_sparsity"]
+    for row in rows:
+        probe, _ = load_model(run_dir / "stages" / "train" / "model.pt")
+        masks.magnitude_masks({row["layer"]: probe.get_submodule(row["layer"])}, 0.8, {})
+        accuracy = evaluate(probe, bundle, bundle.val, torch.device("cpu"))["accuracy"]
+        assert row["val_accuracy"] == pytest.approx(accuracy, abs=1e-9), row
+        assert row["drop_pp"] == pytest.approx((reference - accuracy) * 100, abs=1e-3), row
+        assert row["sparsity"] == 0.8 and row["shipped_sparsity"] == shipped[row["layer"]]
+    assert per_layer["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert max(r["drop_pp"] for r in rows) > 0  # 80 % of one layer's weights gone costs something
+    chart = pruning_sensitivity_chart({"pruned": rows})
+    assert chart is not None and chart["title"] == "Per-layer pruning sensitivity"
 
 
 def _onnx_weight_zeros(path: Path) -> tuple[int, int]:

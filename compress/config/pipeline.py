@@ -55,6 +55,13 @@ class StageConfig(StrictModel):
     def check(self, pipeline: PipelineConfig) -> None:
         """Cross-checks that need the rest of the pipeline; raise ValueError with the key."""
 
+    def architecture(
+        self, variant: str, inputs: list[str], pipeline: PipelineConfig
+    ) -> dict[str, Any] | None:
+        """The model spec of ``variant``, which this stage makes from ``inputs``, as far as the config
+        alone tells (None: not known before the stage runs, e.g. channels cut by structured pruning)."""
+        return None
+
 
 class PipelineConfig(StrictModel):
     name: str | None = None
@@ -67,6 +74,23 @@ class PipelineConfig(StrictModel):
     @classmethod
     def _safe_name(cls, value: str | None) -> str | None:
         return safe_name(value)
+
+    def architecture_of(self, variant: str, before: StageConfig) -> dict[str, Any] | None:
+        """The model spec of ``variant`` as made by a stage before ``before`` (None if unknown), so
+        that a stage can check its settings against the architecture before anything trains."""
+        available: list[str] = []
+        for stage in self.stages:
+            if stage is before:
+                break
+            try:
+                inputs = stage.consumes(list(available))
+            except ValueError:
+                return None
+            made = stage.produces(inputs)
+            if variant in made:
+                return stage.architecture(variant, inputs, self)
+            available += made
+        return None
 
 
 class Pipeline(BaseModel):

@@ -5,7 +5,8 @@ datasets by name), ``folder`` (ImageFolder trees: scan, check, decode), ``images
 and shaping one image, images on disk), ``fingerprint`` (what the data is, for the stage
 cache), ``source`` (finding and checking the data before a run), ``load`` (the seeded
 train/val/test split and statistics), ``bundle`` (what stages hold), ``batches`` (batches,
-augmentation, calibration images).
+augmentation, calibration images), ``shapes`` (the input a dataset gives a model, from the
+config alone).
 """
 
 from compress.data.batches import calibration_images, iterate_batches
@@ -13,6 +14,7 @@ from compress.data.builtin import IDX_FILES
 from compress.data.bundle import DataBundle, Split
 from compress.data.load import STATS, clear_caches, load_data
 from compress.data.root import cache_dir, default_root, resolve_root
+from compress.data.shapes import nominal_model_fields
 from compress.data.source import DataSource, prepare
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "default_root",
     "iterate_batches",
     "load_data",
+    "nominal_model_fields",
     "prepare",
     "resolve_root",
 ]

@@ -1,7 +1,8 @@
 """Pruning, apart from the stage's YAML: the mechanics and the two jobs the ``prune`` stage runs.
 
 ``masks`` (unstructured: global L1 masks, the gradual schedule) and ``channels`` (structured:
-torch-pruning's dependency graph, the ratio for a MACs target) know *how* to prune; the jobs
+torch-pruning's dependency graph, reaching a MACs target) and ``allocation`` (channels
+allocated by importance per MAC saved) know *how* to prune; the jobs
 ``magnitude_job`` and ``structured_job`` prune, fine-tune, save and measure one model, sharing
 what ``job`` defines. The ``prune`` stage (``compress/stages/prune.py``) checks the settings and
 picks the job.
@@ -11,6 +12,8 @@ from compress.pruning.channels import (
     ChannelPlan,
     UntraceableModel,
     make_importance,
+    max_macs_reduction,
+    prune_to_macs,
     ratio_for_macs,
     structured_prune,
 )
@@ -36,7 +39,9 @@ __all__ = [
     "layer_sparsity",
     "magnitude_masks",
     "make_importance",
+    "max_macs_reduction",
     "prunable_layers",
+    "prune_to_macs",
     "ratio_for_macs",
     "structured_prune",
 ]

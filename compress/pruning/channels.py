@@ -8,15 +8,19 @@ channel counts at multiples mobile kernels prefer.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from compress import measure
+from compress.pruning import allocation
 from compress.pruning.masks import LAYER_TYPES
+
+log = logging.getLogger("compress.pruning")
 
 
 def make_importance(kind: str) -> tp.importance.Importance:
@@ -36,17 +40,22 @@ class UntraceableModel(ValueError):
 @dataclass
 class ChannelPlan:
     importance: str
-    scope: str  # "global" | "uniform"
+    scope: str  # "macs" | "global" | "uniform"
     max_layer_amount: float
     ignored: list[str]  # module names torch-pruning must not use as group roots
     layer_types: list[str]
     round_to: int | None = None
 
 
-def structured_prune(model: nn.Module, example: torch.Tensor, ratio: float, plan: ChannelPlan) -> None:
-    """Remove ``ratio`` of the prunable channels/neurons of ``model`` in place."""
-    if ratio <= 0:
-        return
+def _pruner(
+    model: nn.Module,
+    example: torch.Tensor,
+    plan: ChannelPlan,
+    ratio: float = 0.0,
+    ratios: dict[nn.Module, float] | None = None,
+) -> tp.pruner.BasePruner:
+    """torch-pruning's pruner for ``plan``: one ``ratio`` over the plan's scope, or a ratio per
+    group root (``ratios``, each group ranked on its own)."""
     modules = dict(model.named_modules())
     kinds = tuple(LAYER_TYPES[t] for t in plan.layer_types)
     ignored = [modules[n] for n in plan.ignored if n in modules]
@@ -56,12 +65,13 @@ def structured_prune(model: nn.Module, example: torch.Tensor, ratio: float, plan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            pruner = tp.pruner.BasePruner(
+            return tp.pruner.BasePruner(
                 model,
                 example,
                 importance=make_importance(plan.importance),
-                global_pruning=plan.scope == "global",
+                global_pruning=plan.scope == "global" and ratios is None,
                 pruning_ratio=min(ratio, 1.0),
+                pruning_ratio_dict=ratios,
                 max_pruning_ratio=plan.max_layer_amount,
                 ignored_layers=ignored,
                 round_to=plan.round_to,
@@ -71,8 +81,68 @@ def structured_prune(model: nn.Module, example: torch.Tensor, ratio: float, plan
                 f"torch-pruning cannot trace this model's channel dependencies ({type(exc).__name__}: "
                 f"{str(exc)[:200]}); use method: magnitude for it, or exclude the layers involved"
             ) from exc
+
+
+def _step(pruner: tp.pruner.BasePruner) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        pruner.step()
+
+
+def structured_prune(model: nn.Module, example: torch.Tensor, ratio: float, plan: ChannelPlan) -> None:
+    """Remove ``ratio`` of the prunable channels/neurons of ``model`` in place (the plan's scope
+    ``global`` or ``uniform``)."""
+    if ratio > 0:
+        _step(_pruner(model, example, plan, ratio))
+
+
+def prune_to_macs(
+    model: nn.Module, example: torch.Tensor, target_macs: float, plan: ChannelPlan, rounds: int = 30
+) -> int:
+    """Cut channels of ``model`` in place until it has at most ``target_macs``; returns its MACs.
+
+    Scope ``macs`` allocates channels by importance per MAC saved (``allocation``); ``global``
+    and ``uniform`` search one ratio, and fall back to that allocation when their ranking cannot
+    get there (``global``: the lowest-ranked channels may be cheap ones). More than
+    ``target_macs`` comes back only when the architecture cannot reach it.
+    """
+    if plan.scope != "macs":
+        ratio, reached = ratio_for_macs(model, example, target_macs, plan)
+        if reached <= target_macs:
+            structured_prune(model, example, ratio, plan)
+            return measure.count_macs(model, example).macs
+        log.info(
+            "prune: scope %s reaches only %d MACs (target %d); allocating channels by MACs instead",
+            plan.scope,
+            reached,
+            int(target_macs),
+        )
+    original: dict[str, int] = {}
+    macs = measure.count_macs(model, example).macs
+    for _ in range(rounds):
+        if macs <= target_macs:
+            break
+        pruner = _pruner(model, example, plan)
+        prices = allocation.price_groups(pruner, model, example)
+        cut = allocation.allocate(
+            prices, macs - target_macs, allocation.unit_caps(prices, plan.max_layer_amount, original)
+        )
+        if not cut:
+            break
         with torch.no_grad():
-            pruner.step()
+            allocation.apply_cut(pruner, prices, cut, plan.round_to)
+        macs = measure.count_macs(model, example).macs
+    return macs
+
+
+def max_macs_reduction(model: nn.Module, example: torch.Tensor, plan: ChannelPlan) -> float:
+    """The largest MACs reduction the architecture allows: every prunable group of a copy of
+    ``model`` cut to ``max_layer_amount`` (the classifier and ignored layers whole). Weights do
+    not matter, so an untrained model answers for a trained one."""
+    trial = copy.deepcopy(model)
+    before = measure.count_macs(trial, example).macs
+    reached = prune_to_macs(trial, example, 0, replace(plan, scope="macs"), rounds=1)
+    return before / max(1, reached)
 
 
 def ratio_for_macs(

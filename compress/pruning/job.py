@@ -36,11 +36,12 @@ class PruneSpec(Protocol):
     max_layer_sparsity: float | None
     layer_sparsity_limits: dict[str, float]
     importance: str
-    scope: str
+    channel_scope: str
     max_layer_amount: float
     round_to: int | None
     finetune: Any  # TrainingConfig | None
     final_finetune: int
+    sensitivity: bool
 
 
 class PruneProblem(ValueError):

@@ -13,8 +13,9 @@ import torch
 from compress import measure
 from compress.fileio import write_json
 from compress.models import load_model, save_model
-from compress.pruning import masks
+from compress.pruning import masks, sensitivity
 from compress.pruning.job import PruneJob, PruneProblem, accuracies
+from compress.training import evaluate
 from compress.variants import StageResult
 
 
@@ -43,6 +44,17 @@ def run_magnitude(job: PruneJob) -> StageResult:
         raise PruneProblem("amount", f"the input {source.name!r} is already {initial:.4f} sparse")
     macs, params = measure.count_macs(model, example).macs, measure.count_parameters(model)
     before = accuracies(model, job)
+    drops = None
+    if cfg.sensitivity:
+        if before["val_accuracy"] is None:
+            raise PruneProblem("sensitivity", "needs a validation split (data.val_size > 0) to score layers")
+        drops = sensitivity.layer_sensitivity(
+            model,
+            list(layers),
+            cfg.amount,
+            lambda probe: evaluate(probe.to(ctx.device), bundle, bundle.val, ctx.device)["accuracy"],
+            before["val_accuracy"],
+        )
 
     # accuracy of one-shot pruning to the final sparsity, before any fine-tuning
     probe = copy.deepcopy(model)
@@ -107,6 +119,8 @@ def run_magnitude(job: PruneJob) -> StageResult:
         {"variant": cfg.output_name, "overall": sparsity, "layers": per_layer},
     )
     nonzero = measure.count_nonzero_parameters(model)
+    for row in drops or []:
+        row["shipped_sparsity"] = per_layer.get(row["layer"])
     metrics = {
         **after,
         "parameters": measure.count_parameters(model),
@@ -136,10 +150,16 @@ def run_magnitude(job: PruneJob) -> StageResult:
             "per_layer_sparsity": per_layer,
             "schedule": cfg.schedule,
             "events": len(events),
+            **({"layer_sensitivity": drops} if drops else {}),
         },
     )
     return StageResult(
         variants=[variant],
-        metrics={**metrics, "per_layer_sparsity": per_layer, "history": history},
+        metrics={
+            **metrics,
+            "per_layer_sparsity": per_layer,
+            "history": history,
+            **({"layer_sensitivity": drops} if drops else {}),
+        },
         publish={"per_layer_sparsity.json": f"{cfg.output_name}.per_layer_sparsity.json"},
     )

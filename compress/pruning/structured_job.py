@@ -14,7 +14,7 @@ from compress import measure
 from compress.fileio import read_json, write_json
 from compress.models import load_model, save_model
 from compress.pruning import channels
-from compress.pruning.job import PruneJob, PruneProblem, accuracies, model_name
+from compress.pruning.job import PruneJob, PruneProblem, PruneSpec, accuracies, model_name
 from compress.variants import StageResult
 
 
@@ -27,7 +27,7 @@ def run_structured(job: PruneJob) -> StageResult:
     kept, example = job.kept, job.example
     plan = channels.ChannelPlan(
         importance=cfg.importance,
-        scope=cfg.scope,
+        scope=cfg.channel_scope,
         max_layer_amount=cfg.max_layer_amount,
         ignored=kept,
         layer_types=list(cfg.layer_types),
@@ -38,19 +38,15 @@ def run_structured(job: PruneJob) -> StageResult:
     steps = cfg.steps
     target = macs0 / cfg.target_macs_reduction if cfg.target_macs_reduction else None
     if target is not None:
-        ratio, reached = channels.ratio_for_macs(model, example, target, plan)
-        if reached > target:
-            raise PruneProblem(
-                "target_macs_reduction",
-                f"{cfg.target_macs_reduction}x is unreachable for {model_name(spec)}: at most "
-                f"{macs0 / reached:.2f}x with max_layer_amount={cfg.max_layer_amount} "
-                "(the classifier and excluded layers stay whole)",
-            )
-    else:
-        ratio = cfg.amount
+        limit = channels.max_macs_reduction(model, example, plan)
+        if limit < cfg.target_macs_reduction:
+            raise PruneProblem("target_macs_reduction", unreachable(cfg, spec, limit))
     before = accuracies(model.to(ctx.device), job)
     probe = copy.deepcopy(model).cpu()
-    channels.structured_prune(probe, example, ratio, plan)
+    if target is not None:
+        channels.prune_to_macs(probe, example, target, plan)
+    else:
+        channels.structured_prune(probe, example, cfg.amount, plan)
     just_pruned = accuracies(probe.to(ctx.device), job)
     del probe
 
@@ -67,24 +63,23 @@ def run_structured(job: PruneJob) -> StageResult:
         step_dir = work / f"step{k}"
         if k <= len(done):
             model, _ = load_model(step_dir / "model.pt")
-            previous = done[k - 1]["ratio"]
+            previous = done[k - 1]["ratio"] or 0.0
             continue
         model = model.cpu()
-        if target is not None and steps == 1:
-            step_ratio, cumulative = ratio, None
-        elif target is not None:
+        if target is not None:
             goal = macs0 * (1 - (1 - 1 / cfg.target_macs_reduction) * k / steps)
-            step_ratio, _ = channels.ratio_for_macs(model, example, goal, plan)
-            cumulative = None
+            channels.prune_to_macs(model, example, goal, plan)
+            cumulative = step_ratio = None
         else:
             cumulative = cfg.amount * k / steps
             step_ratio = 1 - (1 - cumulative) / (1 - previous)
-        channels.structured_prune(model, example, step_ratio, plan)
+            channels.structured_prune(model, example, step_ratio, plan)
         macs_k, params_k = measure.count_macs(model, example).macs, measure.count_parameters(model)
         record = {
             "step": k,
-            "ratio": cumulative if cumulative is not None else step_ratio,
+            "ratio": cumulative,
             "step_ratio": step_ratio,
+            "macs_reduction": round(macs0 / max(1, macs_k), 4),
             "macs": macs_k,
             "parameters": params_k,
         }
@@ -96,7 +91,7 @@ def run_structured(job: PruneJob) -> StageResult:
         save_model(model.cpu(), spec, step_dir / "model.pt")
         done.append(record)
         write_json(done_file, done)
-        previous = record["ratio"]
+        previous = record["ratio"] or 0.0
         ctx.log.info("%s: step %d/%d: %d MACs, %d parameters", cfg.label, k, steps, macs_k, params_k)
     if cfg.final_finetune and ft is not None:
         final = ft.model_copy(update={"epochs": cfg.final_finetune})
@@ -143,9 +138,18 @@ def run_structured(job: PruneJob) -> StageResult:
         metrics,
         {
             "importance": cfg.importance,
-            "scope": cfg.scope,
+            "scope": cfg.channel_scope,
             "layer_shapes": shapes,
             "steps": done,
         },
     )
     return StageResult(variants=[variant], metrics={**metrics, "history": history, "steps": done})
+
+
+def unreachable(cfg: PruneSpec, spec: dict, limit: float) -> str:
+    """The message for a MACs target beyond what the architecture allows (weights play no part)."""
+    return (
+        f"{cfg.target_macs_reduction}x is unreachable for {model_name(spec)}: at most {limit:.2f}x with "
+        f"max_layer_amount={cfg.max_layer_amount} (the classifier and excluded layers stay whole); "
+        "lower the target or raise max_layer_amount"
+    )

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from compress.measure import drop_pp
 from compress.quantization.evaluate import compare_latency
 
 log = logging.getLogger("compress.quantization")
@@ -30,11 +31,6 @@ class Try:
             "meets_tolerance": self.meets,
             "note": self.note,
         }
-
-
-def drop_pp(parent: float, accuracy: float) -> float:
-    """Accuracy lost, in percentage points (negative when int8 is better)."""
-    return (parent - accuracy) * 100
 
 
 def meets(parent: float, accuracy: float, tolerance: float | None) -> bool:

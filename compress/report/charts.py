@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from matplotlib import rc_context
@@ -253,6 +253,41 @@ def sensitivity_chart(tables: dict[str, list[dict[str, Any]]]) -> dict[str, str]
 
 def layer_sensitivity_chart(tables: dict[str, list[dict[str, Any]]]) -> dict[str, str] | None:
     """Validation drop per layer quantized alone; the layers the fallback kept in fp32 marked."""
+    return _drop_bars(
+        tables,
+        "validation accuracy lost when only this layer is int8 (pp)",
+        lambda row: row.get("kept_fp32"),
+        ("int8 in the shipped variant", "kept in fp32 by the accuracy fallback"),
+        "Per-layer int8 sensitivity",
+        "Each weight layer quantized alone (all others fp32), in layer order: the bars say which "
+        "layers cost accuracy; orange ones are those the accuracy fallback kept in fp32.",
+    )
+
+
+def pruning_sensitivity_chart(tables: dict[str, list[dict[str, Any]]]) -> dict[str, str] | None:
+    """Validation drop per layer magnitude-pruned alone to the stage's sparsity (Distiller's
+    sensitivity analysis); the layers global pruning left sparser than that marked."""
+    return _drop_bars(
+        tables,
+        "validation accuracy lost when only this layer is pruned, before fine-tuning (pp)",
+        lambda row: (row.get("shipped_sparsity") or 0) < row["sparsity"] - 0.005,
+        ("shipped at the target sparsity or more", "shipped less sparse (the global threshold spared it)"),
+        "Per-layer pruning sensitivity",
+        "Each prunable layer magnitude-pruned alone to the stage's sparsity (all others dense), in "
+        "layer order, without fine-tuning: the bars say which layers cannot take that sparsity on "
+        "their own; orange ones ended less sparse than the target in the shipped variant.",
+    )
+
+
+def _drop_bars(
+    tables: dict[str, list[dict[str, Any]]],
+    xlabel: str,
+    marked: Callable[[dict[str, Any]], Any],
+    legend: tuple[str, str],
+    title: str,
+    caption: str,
+) -> dict[str, str] | None:
+    """Horizontal bars of ``drop_pp`` per layer, one panel per variant, ``marked`` rows in orange."""
     tables = {k: v for k, v in tables.items() if v}
     if not tables:
         return None
@@ -262,27 +297,21 @@ def layer_sensitivity_chart(tables: dict[str, list[dict[str, Any]]]) -> dict[str
     fig.set_layout_engine("constrained")
     axes = fig.subplots(len(tables), 1, squeeze=False)[:, 0]
     for ax, (name, table) in zip(axes, tables.items(), strict=True):
-        colors = ["#e0a040" if r.get("kept_fp32") else "#4878a8" for r in table]
+        colors = ["#e0a040" if marked(r) else "#4878a8" for r in table]
         ax.barh([r["layer"] for r in table], [float(r.get("drop_pp") or 0) for r in table], color=colors)
         ax.invert_yaxis()
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(True, alpha=0.3)
-    axes[-1].set_xlabel("validation accuracy lost when only this layer is int8 (pp)")
+    axes[-1].set_xlabel(xlabel)
     axes[0].legend(
         handles=[
-            Line2D([], [], color="#4878a8", lw=6, label="int8 in the shipped variant"),
-            Line2D([], [], color="#e0a040", lw=6, label="kept in fp32 by the accuracy fallback"),
+            Line2D([], [], color="#4878a8", lw=6, label=legend[0]),
+            Line2D([], [], color="#e0a040", lw=6, label=legend[1]),
         ],
         fontsize=7,
         loc="upper left",
         bbox_to_anchor=(1.01, 1),
         frameon=False,
     )
-    return chart(
-        fig,
-        "Per-layer int8 sensitivity",
-        "Each weight layer quantized alone (all others fp32), in layer order: the bars say which "
-        "layers cost accuracy; orange ones are those the accuracy fallback kept in fp32.",
-        "bars",
-    )
+    return chart(fig, title, caption, "bars")

@@ -17,6 +17,7 @@ from compress.report.alerts import collect_warnings
 from compress.report.charts import (
     history_chart,
     layer_sensitivity_chart,
+    pruning_sensitivity_chart,
     runtime_bars,
     scatter_chart,
     sensitivity_chart,
@@ -73,6 +74,7 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
     structured: list[dict[str, Any]] = []
     sensitivity: dict[str, list[dict[str, Any]]] = {}
     layer_drops: dict[str, list[dict[str, Any]]] = {}
+    pruning_drops: dict[str, list[dict[str, Any]]] = {}
     distillation = []
     studies = []
     study_chart_list: list[dict[str, str]] = []
@@ -103,6 +105,8 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
         layers = variant.info.get("per_layer_sparsity")
         if isinstance(layers, dict) and layers:
             per_layer[name] = {k: float(v) for k, v in layers.items() if is_number(v)}
+        if isinstance(variant.info.get("layer_sensitivity"), list):
+            pruning_drops[name] = variant.info["layer_sensitivity"]
         shapes = variant.info.get("layer_shapes")
         if isinstance(shapes, dict) and shapes:
             structured.append(
@@ -117,6 +121,7 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
             sparsity_chart(per_layer),
             sensitivity_chart(sensitivity),
             layer_sensitivity_chart(layer_drops),
+            pruning_sensitivity_chart(pruning_drops),
         )
         for found in found_charts:
             charts += [found] if found else []

@@ -11,6 +11,8 @@ job; the jobs and their mechanics live in ``compress.pruning``.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import time
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -21,16 +23,17 @@ from pydantic import Field, model_validator
 from compress import pruning
 from compress.config import OptimizerConfig, SoftLabels, StageConfig, TrainingConfig
 from compress.context import Context
+from compress.data import nominal_model_fields
 from compress.errors import ConfigError
-from compress.models import inspect
+from compress.models import build_model, inspect
 from compress.pruning.job import PruneJob, PruneProblem, model_name
 from compress.pruning.magnitude_job import run_magnitude
-from compress.pruning.structured_job import run_structured
+from compress.pruning.structured_job import run_structured, unreachable
 from compress.stages import stage
 from compress.training import Distillation, teacher_logits
 from compress.variants import StageResult, Variant
 
-MAGNITUDE_ONLY = ("exclude_classifier", "max_layer_sparsity", "layer_sparsity_limits", "ramp")
+MAGNITUDE_ONLY = ("exclude_classifier", "max_layer_sparsity", "layer_sparsity_limits", "ramp", "sensitivity")
 STRUCTURED_ONLY = ("target_macs_reduction", "importance", "scope", "max_layer_amount", "round_to")
 DEFAULT_AMOUNT = {"magnitude": 0.92, "structured": None}
 
@@ -61,13 +64,17 @@ class PruneConfig(StageConfig):
     max_layer_sparsity: float | None = Field(None, gt=0, le=1)
     layer_sparsity_limits: dict[str, float] = Field(default_factory=dict)
     importance: Literal["l1", "l2", "group_norm"] = "group_norm"
-    scope: Literal["global", "uniform"] = "global"
+    # uniform: one searched ratio in every layer (the default with target_macs_reduction); global: one
+    # ratio over one importance ranking (the default with amount); macs: importance per MAC saved
+    scope: Literal["macs", "global", "uniform"] | None = None
     max_layer_amount: float = Field(0.9, gt=0, lt=1)
     round_to: int | None = Field(None, ge=1, le=1024)
     finetune: TrainingConfig | None = Field(default_factory=_default_finetune)
     final_finetune: int = Field(0, ge=0, le=10_000)
     # fine-tune against the unpruned input's soft labels as well as the hard labels
     distill: SoftLabels | None = None
+    # magnitude: each layer alone pruned to ``amount``, its validation drop (Distiller's analysis)
+    sensitivity: bool = False
 
     @model_validator(mode="after")
     def _defaults(self) -> PruneConfig:
@@ -84,6 +91,13 @@ class PruneConfig(StageConfig):
     def output_name(self) -> str:
         return self.output or ("pruned" if self.method == "magnitude" else "slim")
 
+    @property
+    def channel_scope(self) -> str:
+        """How channels are chosen: the given ``scope``, else ``uniform`` for a MACs target (it
+        reaches every target the architecture allows and kept accuracy best, measured with
+        ``compress.benchmarks.slim_scopes``) and ``global`` for an ``amount``."""
+        return self.scope or ("uniform" if self.target_macs_reduction else "global")
+
     def problems(self) -> list[tuple[str, str]]:
         """(key, message) for every setting that cannot work, without needing the model."""
         found: list[tuple[str, str]] = []
@@ -96,6 +110,10 @@ class PruneConfig(StageConfig):
                 )
         if self.method == "structured" and "amount" in given and "target_macs_reduction" in given:
             found.append(("target_macs_reduction", "give either amount or target_macs_reduction, not both"))
+        if self.scope == "macs" and self.target_macs_reduction is None:
+            found.append(
+                ("scope", "macs allocates channels for target_macs_reduction; with amount use global")
+            )
         if self.schedule == "oneshot" and self.steps != 1:
             found.append(
                 ("steps", f"schedule oneshot prunes in one step; got steps={self.steps} (use cubic)")
@@ -118,6 +136,31 @@ class PruneConfig(StageConfig):
     def check(self, pipeline) -> None:
         for key, message in self.problems():
             raise ValueError(f"{key}: {message}")
+        if self.method == "structured" and self.target_macs_reduction is not None:
+            self._check_reachable(pipeline)
+
+    def _check_reachable(self, pipeline) -> None:
+        """A MACs target the architecture cannot reach fails now, before anything trains: the
+        limit (every prunable layer at ``max_layer_amount``) does not depend on the weights."""
+        (source,) = self.consumes([])
+        spec = pipeline.architecture_of(source, self)
+        fields = nominal_model_fields(pipeline.data)
+        if spec is None or fields is None:
+            return  # known only when the stage runs (it checks again then)
+        limit = _macs_limit(
+            json.dumps({**spec, **fields}, sort_keys=True),
+            tuple(self.exclude),
+            tuple(self.layer_types),
+            self.max_layer_amount,
+            self.importance,
+            self.round_to,
+        )
+        if limit is not None and limit < self.target_macs_reduction:
+            raise ValueError(f"target_macs_reduction: {unreachable(self, spec, limit)}")
+
+    def architecture(self, variant: str, inputs: list[str], pipeline) -> dict | None:
+        # magnitude pruning keeps every layer's shape; channel pruning's shapes depend on the weights
+        return pipeline.architecture_of(inputs[0], self) if self.method == "magnitude" else None
 
     def consumes(self, available: list[str]) -> list[str]:
         names = list(self.from_) if self.from_ is not None else ["baseline"]
@@ -129,13 +172,43 @@ class PruneConfig(StageConfig):
         return [self.output_name]
 
 
+@functools.lru_cache(maxsize=32)
+def _macs_limit(
+    spec_json: str,
+    exclude: tuple[str, ...],
+    layer_types: tuple[str, ...],
+    max_layer_amount: float,
+    importance: str,
+    round_to: int | None,
+) -> float | None:
+    """The architecture's largest MACs reduction, from an untrained model of ``spec_json`` (None if
+    it cannot be built or traced here: the stage reports that when it runs)."""
+    spec = json.loads(spec_json)
+    try:
+        torch.manual_seed(0)
+        model = build_model(spec).eval()
+        example = torch.randn(1, spec["in_channels"], spec["image_size"], spec["image_size"])
+        classifier = inspect(model, example, spec["num_classes"]).classifier
+        plan = pruning.ChannelPlan(
+            importance=importance,
+            scope="macs",
+            max_layer_amount=max_layer_amount,
+            ignored=[*([classifier] if classifier else []), *exclude],
+            layer_types=list(layer_types),
+            round_to=round_to,
+        )
+        return pruning.max_macs_reduction(model, example, plan)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the stage itself, with context
+        return None
+
+
 def _fail(ctx: Context, cfg: PruneConfig, key: str, message: str) -> ConfigError:
     index = next((i for i, s in enumerate(ctx.pipeline.stages) if s.label == cfg.label), None)
     where = f"stages[{index}] ({cfg.label})" if index is not None else f"({cfg.label})"
     return ConfigError(f"{ctx.pipeline.path}: {where}.{key}: {message}")
 
 
-@stage("prune", PruneConfig, version=1, distributed=True)
+@stage("prune", PruneConfig, version=2, distributed=True)
 def run(cfg: PruneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     for key, message in cfg.problems():
         raise _fail(ctx, cfg, key, message)

@@ -80,6 +80,9 @@ class TrainConfig(StageConfig, TrainingConfig):
     def produces(self, inputs: list[str]) -> list[str]:
         return [self.output]
 
+    def architecture(self, variant: str, inputs: list[str], pipeline: Any) -> dict[str, Any] | None:
+        return self.model.spec()
+
 
 def init_state(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict | None, bool]:
     """(state dict, conv groups, is a compress model file) from ``cfg.init``, read with
