@@ -23,6 +23,7 @@ from tqdm import tqdm
 from compress import distributed, faults
 from compress.config import TrainingConfig
 from compress.data import DataBundle, Split, iterate_batches
+from compress.distill_losses import FeatureDistillation
 from compress.errors import ConfigError
 from compress.fileio import atomic_path, no_interrupt, write_json
 from compress.models import load_checkpoint
@@ -42,6 +43,8 @@ class Distillation:
     # valid without augmentation (the teacher must see exactly the images the student sees);
     # it saves the teacher's forward pass in every epoch.
     logits: torch.Tensor | None = None
+    # An intermediate-feature loss (hint, attention) added to the KD loss; needs the live teacher.
+    features: FeatureDistillation | None = None
 
 
 @torch.no_grad()
@@ -198,6 +201,8 @@ def train_one_epoch(
     cached = distill is not None and distill.logits is not None
     if cached and (cfg.augment != "none" or len(distill.logits) != len(bundle.train)):
         raise ValueError("cached teacher logits need augment 'none' and one row per training image")
+    if cached and distill.features is not None:
+        raise ValueError("a feature loss needs the teacher's features: it cannot use cached teacher logits")
     if shard is not None:  # already shuffled: read in order, augment with this rank's seed
         batch_size = distributed.per_rank_batch(batch_size, f"{desc}: batch_size")
         seed = distributed.rank_seed(seed)
@@ -243,6 +248,8 @@ def train_one_epoch(
                     distill.alpha,
                     cfg.label_smoothing,
                 )
+                if distill.features is not None:
+                    loss = loss + distill.features.loss()
             else:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -344,11 +351,14 @@ def fit(
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    features = distill.features if distill is not None else None
     if distill is not None:
         distill.teacher.to(device).eval()
         for p in distill.teacher.parameters():
             p.requires_grad_(False)
-    optimizer = make_optimizer(model, cfg)
+    if features is not None:  # hooks both models; the hint regressor trains with the student
+        features.bind(model, distill.teacher, torch.zeros(2, *bundle.input_shape, device=device))
+    optimizer = make_optimizer(model if features is None else nn.ModuleList([model, features]), cfg)
     batch_size = cfg.batch_size or 128
     parallel = distributed.active()
     if parallel:
@@ -370,6 +380,8 @@ def fit(
         state = load_checkpoint(checkpoint_path, map_location=device) if checkpoint_path.exists() else None
     if state is not None:
         model.load_state_dict(state["model"])
+        if features is not None and "features" in state:
+            features.load_state_dict(state["features"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         result.history = list(state["history"])
@@ -432,6 +444,7 @@ def fit(
                 torch.save(
                     {
                         "model": model.state_dict(),
+                        **({"features": features.state_dict()} if features is not None else {}),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "history": result.history,
@@ -443,6 +456,8 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch + 1, {**row, "epochs": cfg.epochs})  # epochs: so a hook knows the last one
     result.seconds = time.perf_counter() - started
+    if features is not None:
+        features.unbind()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)  # callers save, prune and export it as usual
     if distributed.is_main():

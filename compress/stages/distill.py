@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.config import ModelConfig, StageConfig, TrainingConfig
 from compress.context import Context
 from compress.data import DataBundle
+from compress.distill_losses import FeatureDistillation
 from compress.errors import ConfigError
 from compress.fileio import sha256_file, write_json
 from compress.gating import SCRATCH_SUFFIX
@@ -44,8 +45,21 @@ class DistillConfig(StageConfig, TrainingConfig):
     control: bool = True
     seeds: int = Field(1, ge=1, le=100)
     output: str = "student"
+    # kd: logits only; hint (FitNets) / attention (attention transfer) add an intermediate-feature
+    # loss, times feature_weight, to the KD loss (compress/distill_losses.py)
+    loss: Literal["kd", "hint", "attention"] = "kd"
+    feature_weight: float = Field(1.0, gt=0, le=1e6)
     # With augment 'none' the teacher sees the same images every epoch: compute its logits once.
     cache_teacher_logits: bool = True
+
+    @model_validator(mode="after")
+    def _attention_needs_feature_maps(self) -> DistillConfig:
+        if self.loss == "attention" and self.student.arch in ("mlp", "lenet300"):
+            raise ValueError(
+                f"loss: attention transfer matches convolutional feature maps and student arch "
+                f"{self.student.arch!r} has none; use loss: hint (the penultimate feature) or kd"
+            )
+        return self
 
     def consumes(self, available: list[str]) -> list[str]:
         if self.from_ is None and "baseline" not in available:
@@ -64,9 +78,13 @@ class DistillConfig(StageConfig, TrainingConfig):
     def produces(self, inputs: list[str]) -> list[str]:
         return [self.output, self.output + SCRATCH_SUFFIX] if self.control else [self.output]
 
+    def architecture(self, variant: str, inputs: list[str], pipeline: Any) -> dict[str, Any] | None:
+        return self.student.spec()
 
-@stage("distill", DistillConfig, version=1, distributed=True)
+
+@stage("distill", DistillConfig, version=2, distributed=True)
 def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
+    stage_started = time.perf_counter()
     source = inputs[0]
     if source.format != "torch":
         raise ConfigError(
@@ -106,7 +124,9 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
         "on" if cfg.control else "off",
     )
 
-    use_cache = cfg.cache_teacher_logits and cfg.augment == "none"
+    # the teacher's logits are the same every epoch only without augmentation, and a feature
+    # loss needs its features too
+    use_cache = cfg.cache_teacher_logits and cfg.augment == "none" and cfg.loss == "kd"
     cached = teacher_logits(teacher, bundle, ctx.device) if use_cache else None
     # A tuning trial scores the distilled student alone (on validation data): the control and the
     # extra seeds measure the final variant, not a setting.
@@ -115,7 +135,8 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
     for index in range(1 if ctx.tuning else cfg.seeds):
         seed = ctx.seed + index
         for kind in kinds:
-            distill = Distillation(teacher, cfg.temperature, cfg.alpha, cached)
+            features = FeatureDistillation(cfg.loss, cfg.feature_weight) if cfg.loss != "kd" else None
+            distill = Distillation(teacher, cfg.temperature, cfg.alpha, cached, features)
             distill = distill if kind == "distilled" else None
             model, row = _train_one(cfg, spec, bundle, ctx, out_dir, seed, kind, distill)
             runs.append(row)
@@ -140,6 +161,9 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
         "mac_ratio": student_size["macs"] / teacher_size["macs"] if teacher_size["macs"] else None,
         "temperature": cfg.temperature,
         "alpha": cfg.alpha,
+        "loss": cfg.loss,
+        "feature_weight": cfg.feature_weight if cfg.loss != "kd" else None,
+        "augment": cfg.augment,
         "seeds": cfg.seeds,
         "epochs": cfg.epochs,
         "teacher_logits_cached": cached is not None,
@@ -149,6 +173,8 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
         "teacher_weights_sha256_before": weights_sha_before,
         "teacher_weights_sha256_after": weights_sha_after,
         "teacher_unchanged": True,
+        # everything the stage did (teacher evaluation, every seed of both students), in seconds
+        "stage_seconds": round(time.perf_counter() - stage_started, 2),
         "runs": runs,
     }
     write_json(out_dir / "distill.json", {"student_spec": spec, "teacher_spec": teacher_spec, **metrics})
