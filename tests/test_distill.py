@@ -224,3 +224,37 @@ def test_tiny_distillation_through_the_cli(tmp_path: Path, data_root: Path):
     assert again.returncode == 0, again.output
     assert re.search(r"distill\s+cached", again.output), again.output
     assert sha256_file(teacher_file) == now
+
+
+# ---------------------------------------------------------------- the report's section
+
+
+def test_report_section_lists_each_seed_and_the_pooled_std_verdict():
+    from compress.report.distillation import distillation_rows
+
+    runs = [
+        {"seed": s, "kind": k, "test_accuracy": a}
+        for s, k, a in [(0, "distilled", 0.99), (0, "scratch", 0.985), (1, "distilled", 0.991),
+                        (1, "scratch", 0.984), (2, "distilled", 0.992), (2, "scratch", 0.986)]
+    ]  # fmt: skip
+    metrics = {
+        "teacher": "baseline", "teacher_test_accuracy": 0.994, "seeds": 3, "temperature": 4, "alpha": 0.9,
+        "loss": "hint", "feature_weight": 0.5, "augment": "shift", "epochs": 6,
+        "distilled_test_accuracy_mean": 0.991, "distilled_test_accuracy_std": 0.001,
+        "scratch_test_accuracy_mean": 0.985, "scratch_test_accuracy_std": 0.001,
+        "gain": 0.006, "gain_std": 0.001, "gain_in_std": 6.0, "gap_closed": 0.667,
+        "parameter_ratio": 0.2, "verdict": "distillation helps: +0.60 pp (> 2 std of 0.10 pp)",
+        "stage_seconds": 123.4, "runs": runs,
+    }  # fmt: skip
+    section = distillation_rows({"label": "distill", "metrics": metrics}, [])
+    assert [(r["seed"], r["distilled"], r["scratch"], r["gain"]) for r in section["seeds"]] == [
+        (0, "99.00 %", "98.50 %", "+0.50 pp"),
+        (1, "99.10 %", "98.40 %", "+0.70 pp"),
+        (2, "99.20 %", "98.60 %", "+0.60 pp"),
+    ]
+    facts = " ".join(section["facts"])
+    assert "loss kd + hint (weight 0.5)" in facts and "augment shift" in facts
+    assert "+6.0 pooled standard deviations (0.10 pp; more than 2 counts as a gain)" in facts
+    assert "closes 67 % of the gap" in facts and "Stage wall time: 123 s." in facts
+    one_seed = {**metrics, "runs": [r for r in runs if r["seed"] == 0], "seeds": 1}
+    assert distillation_rows({"label": "distill", "metrics": one_seed}, [])["seeds"] == []
