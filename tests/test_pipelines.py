@@ -4,8 +4,8 @@ Each file is run through the CLI as a user would, unchanged except for ``--set``
 derived from its own stages (images, epochs, trials, seeds, calibration images, timing repeats;
 edge targets cut to ONNX, which ``tests/test_targets.py`` covers for every runtime) and
 accuracy gates loosened to what a one-epoch model can meet. Datasets not present here are
-written in their real on-disk format: Fashion-MNIST as idx files whose images follow another
-class mapping than MNIST's (so the weights pruned are unlike MNIST's), an image folder as PNGs
+written in their real on-disk format: Fashion-MNIST as full-size idx files of MNIST's images
+under another class mapping (so the weights pruned are unlike MNIST's), an image folder as PNGs
 of real MNIST digits. Two pipelines run elsewhere in full: ``cifar10.yaml`` in
 ``tests/test_cifar.py`` and ``ci-smoke.yaml`` in ``.ci/run`` (with its regression check); the
 walk asserts that they still do, so a new file under ``pipelines/`` is run here by default.
@@ -13,6 +13,7 @@ walk asserts that they still do, so a new file under ``pipelines/`` is run here 
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, finish_cli, start_cli
-from tests.dataset_files import write_idx_set
 
 PIPELINES = sorted(p.name for p in (REPO / "pipelines").glob("*.yaml"))
 RUN_ELSEWHERE = {
@@ -88,17 +88,18 @@ def smoke_overrides(raw: dict[str, Any]) -> list[str]:
     return sets
 
 
-def _write_fashion_mnist(root: Path) -> None:
-    """Fashion-MNIST's four idx files, with images of class c labelled ``(3c + 7) mod 10``."""
-    raw = write_idx_set(
-        root, "FashionMNIST", FASHION, 10, (60_000, 10_000), seed=5
-    )  # checked to be full size
-    for part in ("train", "t10k"):
-        path = raw / f"{part}-labels-idx1-ubyte"
-        data = bytearray(path.read_bytes())
-        labels = np.frombuffer(bytes(data[8:]), dtype=np.uint8)
-        data[8:] = ((3 * labels.astype(np.int64) + 7) % 10).astype(np.uint8).tobytes()
-        path.write_bytes(bytes(data))
+def _write_fashion_mnist(root: Path, mnist_raw: Path) -> None:
+    """Fashion-MNIST's four idx files in torchvision's layout, made of the real MNIST images (a
+    learnable, full-size set) with digit c labelled ``(3c + 7) mod 10``: trained weights unlike
+    MNIST's, as the other datasets' would be."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in FASHION.values():
+        data = bytearray(gzip.decompress((mnist_raw / f"{name}.gz").read_bytes()))
+        if "labels" in name:
+            labels = np.frombuffer(bytes(data[8:]), dtype=np.uint8).astype(np.int64)
+            data[8:] = ((3 * labels + 7) % 10).astype(np.uint8).tobytes()
+        (raw / name).write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def data_roots(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dic
     """A root per dataset the walked pipelines read: real MNIST, generated Fashion-MNIST, and an
     image folder of MNIST digits written as PNGs (through the project's own converter)."""
     base = tmp_path_factory.mktemp("pipeline-data")
-    _write_fashion_mnist(base / "fashion")
+    _write_fashion_mnist(base / "fashion", data_root / "MNIST" / "raw")
     folder = base / "mnist-png"
     made = finish_cli(
         start_cli(folder, "--train", 600, "--test", 200, cwd=base, data_root=data_root,
