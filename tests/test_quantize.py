@@ -327,3 +327,16 @@ def test_accuracy_fallback_excludes_most_sensitive_first() -> None:
     assert excluded == ["a", "c"]  # 0.05 pp left from 'b' meets 0.1 pp; 'a' alone (0.25 pp) does not
     assert [t.meets for t in tries] == [False, False, True]
     assert [row["layer"] for row in sorted(sensitivity, key=lambda r: -r["recovers_pp"])] == ["a", "c", "b"]
+
+
+def test_reduce_range_auto_narrows_weights_only_where_int8_clips(tmp_path: Path) -> None:
+    """x86 without VNNI clips uint8 x int8 pair sums; VNNI and ARM do not."""
+    from compress.measure import int8_saturates
+
+    avx2, vnni = tmp_path / "avx2", tmp_path / "vnni"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni\n")
+    assert int8_saturates(avx2, "x86_64")
+    assert not int8_saturates(vnni, "x86_64")
+    assert not int8_saturates(avx2, "aarch64")
+    assert not int8_saturates(tmp_path / "missing", "x86_64")

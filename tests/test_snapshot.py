@@ -3,10 +3,15 @@
 Two halves, both against files committed in ``tests/snapshots/``:
 
 - ``results.json`` and ``results.csv`` of the fixed small pipeline ``snapshots/pipeline.yaml``,
-  run through the CLI on an MNIST subset. Training on the CPU is deterministic, so every
-  accuracy, count, size and parity figure must match; what the machine measures (latency,
-  throughput) or what names the run (file paths, the gzip size of files carrying the run id,
-  library versions, the CPU) is masked.
+  run through the CLI on an MNIST subset. Every key, column, variant, runtime, status and
+  architecture count (MACs, parameters) must match exactly. Training on the CPU is repeatable on
+  one machine but not across CPUs (AVX2 and AVX-512 kernels round differently, and a float that
+  lands one ulp away moves an image across the decision boundary), so figures that follow from
+  trained weights are held within a band: accuracies within 2 pp (10 of the 500 test images;
+  the 1-epoch quarter-width student moved 1.4 pp between two regenerations on two machines),
+  per-class accuracies (about 50 images each) within 20 pp, other figures within 10 %. What the
+  machine measures (latency, throughput) or what names the run (file paths, the gzip size of
+  files carrying the run id, library versions, the CPU) is masked.
 - the report (the page's content, the visible text of ``latest.html`` and ``summary.md``) built
   from ``snapshots/report_inputs.json``: the inputs the report stage gathered in one run of
   that pipeline (its second run, so the page also compares with a previous run). A recorded
@@ -125,22 +130,90 @@ def _capture_report_inputs(cwd: Path, pipeline: Path, data_root: Path) -> None:
 # ---------------------------------------------------------------- results table
 
 
+# figures that follow from trained weights: (absolute band, relative band) per key
+ACCURACY_BAND = {
+    "accuracy": 0.02,
+    "top1_agreement_pytorch": 0.02,
+    "parity_top1_agreement": 0.02,
+    "correct": 10,
+    "accuracy_delta_pp": 3.0,
+    "per_class_accuracy": 0.2,
+    "per_class_min_accuracy": 0.2,
+}
+EXACT = {"macs", "parameters", "macs_ratio", "parameters_ratio", "test_count", "threads"}
+RELATIVE_BAND = 0.1
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _mismatches(expected: Any, current: Any, where: str, key: str = "") -> list[str]:
+    """Every place where ``current`` leaves the snapshot's band, named by its path."""
+    if isinstance(expected, dict) and isinstance(current, dict):
+        if list(expected) != list(current):
+            return [f"{where}: keys {list(current)} != snapshot's {list(expected)}"]
+        return [
+            m
+            for k in expected
+            for m in _mismatches(expected[k], current[k], f"{where}.{k}", key if key in ACCURACY_BAND else k)
+        ]
+    if isinstance(expected, list) and isinstance(current, list):
+        if len(expected) != len(current):
+            return [f"{where}: {len(current)} items != snapshot's {len(expected)}"]
+        return [
+            m
+            for i, (e, c) in enumerate(zip(expected, current, strict=True))
+            for m in _mismatches(e, c, f"{where}[{i}]", key)
+        ]
+    if isinstance(expected, str) and expected.startswith("{") and isinstance(current, str):
+        return _mismatches(json.loads(expected), json.loads(current), where, key)
+    want, got = _number(expected), _number(current)
+    if want is None or got is None or key in EXACT:
+        return [] if expected == current else [f"{where}: {current!r} != snapshot's {expected!r}"]
+    band = ACCURACY_BAND.get(key, RELATIVE_BAND * abs(want))
+    if abs(got - want) <= band:
+        return []
+    return [f"{where}: {current!r} is outside snapshot's {expected!r} +- {band:g}"]
+
+
+def _check_snapshot(expected_file: Path, current: Any) -> None:
+    if UPDATE:
+        _write(expected_file, _dump(current))
+    expected = json.loads(expected_file.read_text(encoding="utf-8"))
+    problems = _mismatches(expected, json.loads(_dump(current)), expected_file.name)
+    assert not problems, "\n".join(problems)
+
+
 def test_results_json_matches_the_snapshot(snapshot_run: Path) -> None:
     rows = json.loads((snapshot_run / "results.json").read_text(encoding="utf-8"))
-    current = _dump(_masked_rows(rows))
-    expected_file = SNAPSHOTS / "results.json"
-    if UPDATE:
-        _write(expected_file, current)
-    assert current == expected_file.read_text(encoding="utf-8")
+    _check_snapshot(SNAPSHOTS / "results.json", _masked_rows(rows))
 
 
 def test_results_csv_matches_the_snapshot(snapshot_run: Path) -> None:
     header, rows = _csv_rows((snapshot_run / "results.csv").read_text(encoding="utf-8"))
-    current = _dump({"columns": header, "rows": rows})
-    expected_file = SNAPSHOTS / "results.csv.json"
-    if UPDATE:
-        _write(expected_file, current)
-    assert current == expected_file.read_text(encoding="utf-8")
+    _check_snapshot(SNAPSHOTS / "results.csv.json", {"columns": header, "rows": rows})
+
+
+def test_the_snapshot_band_catches_a_moved_figure() -> None:
+    """The band must not swallow a real change: a lost point of accuracy or a 20 % larger file."""
+    row = {
+        "accuracy": 0.9,
+        "size_bytes": 1000,
+        "macs": 10,
+        "variant": "slim",
+        "per_class_accuracy": {"0": 0.9},
+    }
+    assert _mismatches(row, {**row, "accuracy": 0.915, "size_bytes": 1050}, "r") == []
+    assert len(_mismatches(row, {**row, "accuracy": 0.87, "size_bytes": 1200}, "r")) == 2
+    assert _mismatches(row, {**row, "macs": 11}, "r") == ["r.macs: 11 != snapshot's 10"]
+    assert _mismatches(row, {**row, "variant": "fat"}, "r")
+    assert _mismatches(row, {k: v for k, v in row.items() if k != "macs"}, "r")
 
 
 # ---------------------------------------------------------------- the report

@@ -36,6 +36,12 @@ class _ParityBound:
     threads: int = 1
 
 
+def weight_bits(job: Job) -> int:
+    """The weight grid: the configured bits, at most 7 where full-range int8 would clip
+    (``reduce_range``; see ``measure.int8_saturates``)."""
+    return min(job.cfg.qat.weight_bits, 7) if job.cfg.narrow_weights else job.cfg.qat.weight_bits
+
+
 def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[str, Any]]:
     cfg, bundle, log = job.cfg, job.bundle, job.ctx.log
     settings = cfg.qat
@@ -60,7 +66,7 @@ def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[s
         return ok
 
     if mode == "auto":
-        converted = qat.ptq(job.model, sample2, job.images, settings.weight_bits, cfg.calibration.batch_size)
+        converted = qat.ptq(job.model, sample2, job.images, weight_bits(job), cfg.calibration.batch_size)
         ok = measured("ptq", converted, "static PTQ (the QAT quantizer, calibrated, no training)")
         log.info(
             "quantize: %s static PTQ val %s (%s the %.2f pp tolerance)%s",
@@ -110,12 +116,13 @@ def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[s
     path_used = (
         "torchao PT2E X86InductorQuantizer "
         + ("prepare_qat_pt2e + fine-tuning" if method == "qat" else "prepare_pt2e + calibration")
-        + f" ({settings.weight_bits}-bit weights), convert_pt2e, QDQ ONNX"
+        + f" ({weight_bits(job)}-bit weights), convert_pt2e, QDQ ONNX"
     )
     metrics.update(
         runtime="onnxruntime",
         quantization_method=method,
-        weight_bits=settings.weight_bits,
+        weight_bits=weight_bits(job),
+        reduce_range=job.cfg.narrow_weights,
         calibration_images=len(job.images) if method == "ptq" else 0,
         calibration_method="minmax (torchao X86, observers)" if method == "ptq" else None,
         int8_kernels=kernels,
@@ -174,7 +181,7 @@ def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[s
 def _train(job: Job, name: str, work: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune the fake-quantized parent (optionally against its fp32 self), then convert."""
     settings, bundle, ctx = job.cfg.qat, job.bundle, job.ctx
-    prepared = qat.prepare(job.model, job.sample[:2], settings.weight_bits)
+    prepared = qat.prepare(job.model, job.sample[:2], weight_bits(job))
     per_epoch = math.ceil(len(bundle.train) / (settings.batch_size or 128))
     steps = settings.epochs * per_epoch
     checkpoint = work / "fit" / "checkpoint.pt"  # a resumed fit: count the steps it already took

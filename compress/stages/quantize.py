@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from compress import measure
 from compress import quantization as q
 from compress.config import OptimizerConfig, SoftLabels, StageConfig, StrictModel, TrainingConfig
 from compress.context import Context
@@ -81,7 +82,9 @@ class QuantizeConfig(StageConfig):
     )
     calibration: CalibrationConfig = CalibrationConfig()
     per_channel: bool = False
-    reduce_range: bool = False
+    # 7-bit weights: "auto" on an x86 CPU without VNNI, where full-range int8 clips (see
+    # measure.int8_saturates); true/false to build for another target than this machine
+    reduce_range: bool | Literal["auto"] = "auto"
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], min_length=1)
@@ -176,10 +179,15 @@ class QuantizeConfig(StageConfig):
             return f"{parent}.{self.suffix}-fp16" if self.suffix else f"{parent}.fp16"
         return f"{parent}.{self.tag}-{mode}"
 
+    @property
+    def narrow_weights(self) -> bool:
+        """``reduce_range`` resolved for this machine."""
+        return measure.int8_saturates() if self.reduce_range == "auto" else self.reduce_range
+
     def ort_settings(self) -> q.OrtSettings:
         return q.OrtSettings(
             per_channel=self.per_channel,
-            reduce_range=self.reduce_range,
+            reduce_range=self.narrow_weights,
             activation_type=self.activation_type,
             weight_type=self.weight_type,
             dynamic_op_types=list(self.op_types),
