@@ -260,3 +260,32 @@ def test_fp16_variant_halves_the_file_and_ships_where_onnx_is_read(edge_run: Edg
             assert parity["ok"] and parity["top1_agreement"] >= 0.999, parity
         else:
             assert not parity["ok"] and "ONNX-only" in parity["skipped"]
+
+
+@pytest.mark.parametrize("name", [n for n in ("tflite", "executorch") if n in INSTALLED])
+def test_a_residual_network_converts_from_pytorch_and_matches_it(name: str, tmp_path: Path) -> None:
+    """The PyTorch-converted runtimes on ResNet-20 (residual adds, batch norm, global pooling),
+    the architecture ``pipelines/cifar10.yaml`` ships; the other runtimes read its ONNX file,
+    which ``tests/test_cifar.py`` exports."""
+    import importlib
+
+    import torch
+
+    from compress.models.builders import build_model
+    from compress.models.zoo import ModelSpec
+    from compress.targets.runners import runner
+    from compress.targets.source import Source
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="resnet20", width=0.5, in_channels=3, image_size=32, num_classes=10))
+    model.eval()
+    example = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(example).numpy()
+    source = Source(name, "resnet20", None, model, example, False, False, reference)
+    target = TARGETS[name]
+    files = importlib.import_module(f"compress.targets.{target.converter}").convert(source, tmp_path)
+    run = runner(target.runner).load(next(f for f in files if f.suffix == target.suffix))
+    outputs = np.concatenate([run(example[i : i + 1].numpy()) for i in range(len(example))])
+    assert np.abs(outputs - reference).max() < 1e-4
+    assert (outputs.argmax(1) == reference.argmax(1)).all()

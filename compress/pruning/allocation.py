@@ -19,12 +19,15 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from compress import measure
+
+if TYPE_CHECKING:  # annotations only: torch-pruning is imported where a model is pruned
+    import torch_pruning as tp
 
 
 @dataclass

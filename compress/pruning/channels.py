@@ -11,14 +11,26 @@ import copy
 import logging
 import warnings
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from compress import measure
 from compress.pruning import allocation
 from compress.pruning.masks import LAYER_TYPES
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
+
+def _torch_pruning():
+    """torch-pruning, imported on first use: it pulls in timm and torchvision (about 3 s), which
+    a ``--validate`` or any run without structured pruning never needs."""
+    import torch_pruning
+
+    return torch_pruning
+
 
 log = logging.getLogger("compress.pruning")
 
@@ -26,6 +38,7 @@ log = logging.getLogger("compress.pruning")
 def make_importance(kind: str) -> tp.importance.Importance:
     """l1/l2: the norm of each channel's own weights; group_norm: the L2 norm over every
     coupled parameter of the dependency group (DepGraph's group importance)."""
+    tp = _torch_pruning()
     if kind == "l1":
         return tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer="mean")
     if kind == "l2":
@@ -65,7 +78,7 @@ def _pruner(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return tp.pruner.BasePruner(
+            return _torch_pruning().pruner.BasePruner(
                 model,
                 example,
                 importance=make_importance(plan.importance),

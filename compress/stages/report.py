@@ -27,7 +27,6 @@ import pandas as pd
 from pydantic import Field
 
 from compress import faults
-from compress import report as reporting
 from compress.config import StageConfig
 from compress.context import Context
 from compress.fileio import read_json, write_json, write_text
@@ -53,6 +52,8 @@ class ReportConfig(StageConfig):
 
 @stage("report", ReportConfig, version=1, needs_data=False, needs_results=True)
 def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
+    from compress import report as reporting  # matplotlib and jinja2: only when a report is built
+
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     reports_dir = ctx.reports_dir
