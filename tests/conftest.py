@@ -24,6 +24,24 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # 2,000 training images, 1 epoch: seconds on a CPU, yet a real model (~89% accurate).
+# The modules that take minutes, longest first. With ``--no-loadscope-reorder`` (pyproject's
+# addopts) xdist hands out modules in collection order, so these start at once on the two
+# workers and the short ones fill in around them; by default it sends the modules with the
+# most tests first, which left the pipeline walk and the CIFAR run to start together at the end.
+LONGEST_FIRST = (
+    "test_pipelines.py",
+    "test_cifar.py",
+    "test_targets.py",
+    "test_qat.py",
+    "test_torchvision.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 TINY_PIPELINE = """\
 seed: 0
 device: cpu

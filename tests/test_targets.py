@@ -209,7 +209,8 @@ def test_a_target_below_the_parity_threshold_is_not_shipped(
     cwd = tmp_path / "run"
     shutil.copytree(edge_run.cwd, cwd, symlinks=True)
     env = {"COMPRESS_FAULT": f"parity:baseline:{target}@corrupt"}
-    result = run_cli(cwd / "edge.yaml", "--from", "export", cwd=cwd, data_root=data_root, env=env)
+    only = ["--set", f"export.targets=[onnx, {target}]"]  # the other targets' conversions are not in question
+    result = run_cli(cwd / "edge.yaml", "--from", "export", *only, cwd=cwd, data_root=data_root, env=env)
     assert result.returncode == 0, result.output[-3000:]
     export = (cwd / "artifacts" / "edge" / "latest" / "stages" / "export").resolve()
     report = json.loads((export / "exports" / "baseline.json").read_text())["targets"][target]
