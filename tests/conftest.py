@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# One intra-op thread in every test process and every CLI it starts: two xdist workers already
+# fill the two cores, and OpenMP threads of four processes spin-waiting on two cores waste them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # A test run started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored,
 # and so would every CLI it starts: the Ctrl-C tests would then see no Ctrl-C at all. A
