@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import platform
@@ -306,14 +307,20 @@ def ort_session(path: Path, threads: int = 1) -> Any:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def cpu_model() -> str:
+@functools.lru_cache(maxsize=4)
+def _cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The first ``name : value`` line of /proc/cpuinfo (None off Linux); read once per field."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def int8_saturates(cpuinfo: Path = Path("/proc/cpuinfo"), machine: str | None = None) -> bool:
@@ -327,15 +334,10 @@ def int8_saturates(cpuinfo: Path = Path("/proc/cpuinfo"), machine: str | None = 
     """
     if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
-    try:
-        flags = next(
-            line.split(":", 1)[1].split()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
+    flags = _cpuinfo_field("flags", cpuinfo)
+    if flags is None:
         return False  # not Linux: nothing to read, assume a modern (VNNI) CPU
-    return not {"avx512_vnni", "avx_vnni"} & set(flags)
+    return not {"avx512_vnni", "avx_vnni"} & set(flags.split())
 
 
 def fixed_inputs(images: torch.Tensor, batch: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# 2,000 training images, 1 epoch: seconds on a CPU, yet a real model (~89% accurate).
 # The modules that take minutes, longest first. With ``--no-loadscope-reorder`` (pyproject's
 # addopts) xdist hands out modules in collection order, so these start at once on the two
 # workers and the short ones fill in around them; by default it sends the modules with the
@@ -45,6 +44,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
+# 2,000 training images, 1 epoch: seconds on a CPU, yet a real model (~89% accurate).
 TINY_PIPELINE = """\
 seed: 0
 device: cpu

@@ -268,13 +268,12 @@ def test_a_residual_network_converts_from_pytorch_and_matches_it(name: str, tmp_
     """The PyTorch-converted runtimes on ResNet-20 (residual adds, batch norm, global pooling),
     the architecture ``pipelines/cifar10.yaml`` ships; the other runtimes read its ONNX file,
     which ``tests/test_cifar.py`` exports."""
-    import importlib
-
     import torch
 
     from compress.models.builders import build_model
     from compress.models.zoo import ModelSpec
     from compress.targets.runners import runner
+    from compress.targets.ship import converter
     from compress.targets.source import Source
 
     torch.manual_seed(0)
@@ -285,7 +284,7 @@ def test_a_residual_network_converts_from_pytorch_and_matches_it(name: str, tmp_
         reference = model(example).numpy()
     source = Source(name, "resnet20", None, model, example, False, False, reference)
     target = TARGETS[name]
-    files = importlib.import_module(f"compress.targets.{target.converter}").convert(source, tmp_path)
+    files = converter(name).convert(source, tmp_path)
     run = runner(target.runner).load(next(f for f in files if f.suffix == target.suffix))
     outputs = np.concatenate([run(example[i : i + 1].numpy()) for i in range(len(example))])
     assert np.abs(outputs - reference).max() < 1e-4

@@ -30,7 +30,7 @@ class QuantizeSpec(Protocol):
     modes: list[str]
     tolerance: float | None
     prefer: str
-    narrow_weights: bool  # reduce_range resolved for this machine
+    effective_reduce_range: bool  # reduce_range resolved for this machine
     sensitivity: bool
     calibration: Any
     latency: Any

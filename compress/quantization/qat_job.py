@@ -39,7 +39,7 @@ class _ParityBound:
 def weight_bits(job: Job) -> int:
     """The weight grid: the configured bits, at most 7 where full-range int8 would clip
     (``reduce_range``; see ``measure.int8_saturates``)."""
-    return min(job.cfg.qat.weight_bits, 7) if job.cfg.narrow_weights else job.cfg.qat.weight_bits
+    return min(job.cfg.qat.weight_bits, 7) if job.cfg.effective_reduce_range else job.cfg.qat.weight_bits
 
 
 def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[str, Any]]:
@@ -122,7 +122,7 @@ def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[s
         runtime="onnxruntime",
         quantization_method=method,
         weight_bits=weight_bits(job),
-        reduce_range=job.cfg.narrow_weights,
+        reduce_range=job.cfg.effective_reduce_range,
         calibration_images=len(job.images) if method == "ptq" else 0,
         calibration_method="minmax (torchao X86, observers)" if method == "ptq" else None,
         int8_kernels=kernels,

@@ -38,7 +38,7 @@ def quantize_with_torchao(job: Job) -> list[tuple[Variant | None, dict[str, Any]
 
             def val_accuracy(ex: list[str]) -> float:
                 quantized = torchao.pt2e_static(
-                    model, sample2, job.images, ex, cfg.narrow_weights, cfg.calibration.batch_size
+                    model, sample2, job.images, ex, cfg.effective_reduce_range, cfg.calibration.batch_size
                 )
                 return evaluate.accuracy_of(torchao.torch_predictor(quantized), bundle, bundle.val)[
                     "accuracy"
@@ -48,7 +48,7 @@ def quantize_with_torchao(job: Job) -> list[tuple[Variant | None, dict[str, Any]
                 cfg, mode, weight_modules, val_accuracy, parent_val, has_val
             )
             quantized = torchao.pt2e_static(
-                model, sample2, job.images, excluded, cfg.narrow_weights, cfg.calibration.batch_size
+                model, sample2, job.images, excluded, cfg.effective_reduce_range, cfg.calibration.batch_size
             )
             path_used = (
                 "torchao PT2E: torch.export + prepare_pt2e/convert_pt2e, X86InductorQuantizer (static)"

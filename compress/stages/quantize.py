@@ -180,14 +180,14 @@ class QuantizeConfig(StageConfig):
         return f"{parent}.{self.tag}-{mode}"
 
     @property
-    def narrow_weights(self) -> bool:
+    def effective_reduce_range(self) -> bool:
         """``reduce_range`` resolved for this machine."""
         return measure.int8_saturates() if self.reduce_range == "auto" else self.reduce_range
 
     def ort_settings(self) -> q.OrtSettings:
         return q.OrtSettings(
             per_channel=self.per_channel,
-            reduce_range=self.narrow_weights,
+            reduce_range=self.effective_reduce_range,
             activation_type=self.activation_type,
             weight_type=self.weight_type,
             dynamic_op_types=list(self.op_types),

@@ -117,7 +117,7 @@ def describe(entry: dict[str, Any]) -> str:
 def _convert(
     target: Target, sources: list[Source], folder: Path
 ) -> tuple[dict[str, list[Path] | Exception], list[Path]]:
-    module = _converter(target.name)
+    module = converter(target.name)
     if hasattr(module, "convert_all"):
         return module.convert_all(sources, folder)
     results: dict[str, list[Path] | Exception] = {}
@@ -134,7 +134,7 @@ def _convert(
     return results, []
 
 
-def _converter(name: str) -> ModuleType:
+def converter(name: str) -> ModuleType:
     """The converter module, imported only when its target is asked for (each pulls in a runtime)."""
     if name == "ort":
         from compress.targets import ort as module
