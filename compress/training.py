@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,9 @@ from compress.fileio import atomic_path, no_interrupt, write_json
 from compress.models import load_checkpoint
 
 log = logging.getLogger(__name__)
+# Evaluation batch: a conv net in channels-last memory scores 10,000 MNIST images in 0.7 s on 2
+# CPU cores at batch 256-500 and in 1.1 s at batch 1000 (its caches overflow).
+EVAL_BATCH = 256
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
@@ -55,7 +58,10 @@ def teacher_logits(teacher: nn.Module, bundle: DataBundle, device: torch.device)
     augmentation (``Distillation.logits``).
     """
     teacher.to(device).eval()
-    rows = [teacher(x).float().cpu() for x, _ in iterate_batches(bundle, bundle.train, 1000, device)]
+    with channels_last(teacher):
+        rows = [
+            teacher(x).float().cpu() for x, _ in iterate_batches(bundle, bundle.train, EVAL_BATCH, device)
+        ]
     return torch.cat(rows)
 
 
@@ -279,7 +285,7 @@ def evaluate(
     bundle: DataBundle,
     split: Split,
     device: torch.device,
-    batch_size: int = 1000,
+    batch_size: int = EVAL_BATCH,
 ) -> dict[str, Any]:
     """Loss, top-1 accuracy and per-class accuracy of ``model`` on ``split``.
 
@@ -292,13 +298,14 @@ def evaluate(
     totals = torch.zeros(num_classes, dtype=torch.long)
     loss_sum = 0.0
     shard = distributed.eval_shard(len(split)) if distributed.active() else None
-    for x, y in iterate_batches(bundle, split, batch_size, device, indices=shard):
-        logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        hits = (logits.argmax(1) == y).cpu()
-        y_cpu = y.cpu()
-        totals += torch.bincount(y_cpu, minlength=num_classes)
-        correct += torch.bincount(y_cpu[hits], minlength=num_classes)
+    with channels_last(model):
+        for x, y in iterate_batches(bundle, split, batch_size, device, indices=shard):
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            hits = (logits.argmax(1) == y).cpu()
+            y_cpu = y.cpu()
+            totals += torch.bincount(y_cpu, minlength=num_classes)
+            correct += torch.bincount(y_cpu[hits], minlength=num_classes)
     if shard is not None:
         correct, totals = distributed.all_reduce_sum(torch.stack([correct, totals])).unbind(0)
         loss_sum = distributed.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64)).item()
@@ -313,6 +320,39 @@ def evaluate(
         "count": n,
         "per_class_accuracy": per_class,
     }
+
+
+def _is_conv_net(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@contextmanager
+def channels_last(*models: nn.Module) -> Iterator[None]:
+    """Conv nets in channels-last memory inside the block, in the standard layout after it.
+
+    oneDNN's (CPU) and cuDNN's conv kernels are fastest in it: on a 2-core CPU LeNet-5 trains
+    1.3-1.7x and evaluates 2x faster, ResNet-20 trains 1.2x faster. Callers save, prune and
+    export the standard layout; a model that is already channels-last (``fit`` evaluates its
+    model every epoch) is left as it is.
+    """
+    changed = [m for m in models if _is_conv_net(m) and not _is_channels_last(m)]
+    for model in changed:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for model in changed:
+            model.to(memory_format=torch.contiguous_format)
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    """Every conv weight has channels-last strides (channel stride 1: a 1-channel weight counts
+    as contiguous in both layouts, yet with the standard strides oneDNN takes the slow path)."""
+    return all(
+        m.weight.is_contiguous(memory_format=torch.channels_last) and m.weight.stride(1) == 1
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    )
 
 
 def fit(
@@ -333,24 +373,21 @@ def fit(
     the per-epoch shuffle is seeded by (seed, epoch), so a resumed run sees the same batches
     it would have seen without the interruption.
 
-    On CUDA: mixed precision as ``cfg.precision`` says (``resolve_precision``), channels-last
-    memory for conv nets, and cuDNN's autotuner. Under torchrun (``distributed.active()``)
-    the model trains in DistributedDataParallel: ``batch_size`` stays the global batch (each
-    rank takes ``batch_size / world size`` of it, the epoch's shuffle dealt out as
-    ``DistributedSampler`` does), so a step sees the same images as the single-process step
-    and the schedule has the same length; only rank 0 writes checkpoints, and a resumed fit
-    takes rank 0's checkpoint on every rank.
+    Conv nets train in channels-last memory (on any device). On CUDA: mixed precision as
+    ``cfg.precision`` says (``resolve_precision``) and cuDNN's autotuner. Under torchrun
+    (``distributed.active()``) the model trains in DistributedDataParallel: ``batch_size``
+    stays the global batch (each rank takes ``batch_size / world size`` of it, the epoch's
+    shuffle dealt out as ``DistributedSampler`` does), so a step sees the same images as the
+    single-process step and the schedule has the same length; only rank 0 writes checkpoints,
+    and a resumed fit takes rank 0's checkpoint on every rank.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = workdir / "checkpoint.pt"
     torch.manual_seed(seed)
     model.to(device)
     precision = resolve_precision(cfg, device)
-    channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     features = distill.features if distill is not None else None
     if distill is not None:
         distill.teacher.to(device).eval()
@@ -387,79 +424,81 @@ def fit(
         result.history = list(state["history"])
         start_epoch = result.resumed_from_epoch = int(state["epoch"])
         log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, start_epoch)
-    net = model
-    if parallel:
-        net = distributed.wrap(model, device)  # broadcasts rank 0's weights and buffers
-        torch.manual_seed(distributed.rank_seed(seed))  # dropout differs per rank
-        log.info(
-            "%s: DistributedDataParallel on %d processes, %d images per process per step, %s",
-            desc,
-            distributed.world_size(),
-            per_rank,
-            precision,
-        )
+    with channels_last(model, *([distill.teacher] if distill is not None else [])):
+        net = model
+        if parallel:
+            net = distributed.wrap(model, device)  # broadcasts rank 0's weights and buffers
+            torch.manual_seed(distributed.rank_seed(seed))  # dropout differs per rank
+            log.info(
+                "%s: DistributedDataParallel on %d processes, %d images per process per step, %s",
+                desc,
+                distributed.world_size(),
+                per_rank,
+                precision,
+            )
 
-    started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        tic = time.perf_counter()
-        stats = train_one_epoch(
-            net,
-            bundle,
-            optimizer,
-            scheduler,
-            cfg,
-            device,
-            seed=seed * 100_003 + epoch,
-            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-            distill=distill,
-            scaler=scaler,
-            after_step=after_step,
-            precision=precision,
-            # DistributedSampler(seed=seed * 100_003).set_epoch(epoch): the single-process shuffle
-            shard=distributed.epoch_shard(len(bundle.train), seed * 100_003, epoch) if parallel else None,
-            channels_last=channels_last,
-        )
-        val = evaluate(model, bundle, bundle.val, device) if len(bundle.val) else None
-        row = {
-            "epoch": epoch + 1,
-            **stats,
-            "val_loss": val["loss"] if val else None,
-            "val_accuracy": val["accuracy"] if val else None,
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - tic,
-        }
-        result.history.append(row)
-        log.info(
-            "%s epoch %d/%d: loss %.4f train acc %.4f val acc %s (%.1fs)",
-            desc,
-            epoch + 1,
-            cfg.epochs,
-            row["train_loss"],
-            row["train_accuracy"],
-            f"{row['val_accuracy']:.4f}" if val else "n/a",
-            row["seconds"],
-        )
-        if distributed.is_main():  # the other ranks' workdirs are scratch copies
-            with no_interrupt(), atomic_path(checkpoint_path) as tmp:  # Ctrl-C here: finish the file first
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        **({"features": features.state_dict()} if features is not None else {}),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "history": result.history,
-                        "epoch": epoch + 1,
-                    },
-                    tmp,
-                )
-        faults.checkpoint(f"fit:{workdir}:epoch{epoch + 1}")
-        if on_epoch is not None:
-            on_epoch(epoch + 1, {**row, "epochs": cfg.epochs})  # epochs: so a hook knows the last one
+        started = time.perf_counter()
+        for epoch in range(start_epoch, cfg.epochs):
+            tic = time.perf_counter()
+            stats = train_one_epoch(
+                net,
+                bundle,
+                optimizer,
+                scheduler,
+                cfg,
+                device,
+                seed=seed * 100_003 + epoch,
+                desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                distill=distill,
+                scaler=scaler,
+                after_step=after_step,
+                precision=precision,
+                # DistributedSampler(seed=seed * 100_003).set_epoch(epoch): the single-process shuffle
+                shard=distributed.epoch_shard(len(bundle.train), seed * 100_003, epoch) if parallel else None,
+                channels_last=_is_conv_net(model),
+            )
+            val = evaluate(model, bundle, bundle.val, device) if len(bundle.val) else None
+            row = {
+                "epoch": epoch + 1,
+                **stats,
+                "val_loss": val["loss"] if val else None,
+                "val_accuracy": val["accuracy"] if val else None,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - tic,
+            }
+            result.history.append(row)
+            log.info(
+                "%s epoch %d/%d: loss %.4f train acc %.4f val acc %s (%.1fs)",
+                desc,
+                epoch + 1,
+                cfg.epochs,
+                row["train_loss"],
+                row["train_accuracy"],
+                f"{row['val_accuracy']:.4f}" if val else "n/a",
+                row["seconds"],
+            )
+            if distributed.is_main():  # the other ranks' workdirs are scratch copies
+                with (
+                    no_interrupt(),
+                    atomic_path(checkpoint_path) as tmp,
+                ):  # Ctrl-C here: finish the file first
+                    torch.save(
+                        {
+                            "model": model.state_dict(),
+                            **({"features": features.state_dict()} if features is not None else {}),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "history": result.history,
+                            "epoch": epoch + 1,
+                        },
+                        tmp,
+                    )
+            faults.checkpoint(f"fit:{workdir}:epoch{epoch + 1}")
+            if on_epoch is not None:
+                on_epoch(epoch + 1, {**row, "epochs": cfg.epochs})  # epochs: so a hook knows the last one
     result.seconds = time.perf_counter() - started
     if features is not None:
         features.unbind()
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)  # callers save, prune and export it as usual
     if distributed.is_main():
         write_json(workdir / "history.json", result.history)
     return result

@@ -89,3 +89,32 @@ def test_killed_run_resumes_training_at_the_next_epoch(tmp_path: Path, data_root
     history = json.loads((tmp_path / "artifacts/tiny/latest/stages/train/work/history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert not list(partial.iterdir()), "the finished stage must leave no partial directory"
+
+
+def test_conv_nets_train_channels_last_and_come_back_in_the_standard_layout(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """oneDNN's conv kernels are fastest in channels-last memory, so ``fit`` trains (and
+    ``evaluate`` scores) conv nets in it; saving, pruning and export see the standard layout
+    again afterwards, also when training stops with an exception."""
+    from compress.training import evaluate
+
+    bundle = load_data(DataConfig(val_size=200, limit_train=256, limit_test=200), data_root)
+    spec = {"arch": "lenet5", "width": 0.5, **bundle.model_fields()}
+    cfg = TrainingConfig(epochs=2, batch_size=64, optimizer={"lr": 0.05})
+    device = torch.device("cpu")
+    model = build_model(spec)
+    conv = model.features[3]  # 10 -> 25 channels: its two layouts differ
+    seen: list[bool] = []
+    conv.register_forward_pre_hook(lambda _, args: seen.append(conv.weight.is_contiguous()))
+
+    with pytest.raises(_Stop):
+        fit(model, bundle, cfg, device, seed=0, workdir=tmp_path / "a", on_epoch=_stop_after_first_epoch)
+    assert seen and not any(seen)  # every forward pass, training and validation, in channels-last
+    assert conv.weight.is_contiguous()  # back in the standard layout although fit raised
+
+    seen.clear()
+    fit(model, bundle, cfg, device, seed=0, workdir=tmp_path / "a")
+    evaluate(model, bundle, bundle.test, device)
+    assert seen and not any(seen)
+    assert all(p.is_contiguous() for p in model.parameters())
