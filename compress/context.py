@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,10 @@ class Context:
     artifacts: dict[str, dict[str, Path]] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress"))
     run_stage: StageRunner | None = None
+    # stage_workdir(target label, settings): a context manager giving the work directory that
+    # stage will use with those settings (None if it is cached or busy), for a confirmation run
+    # whose training the stage then resumes instead of repeating (engine.trials.stage_workdir).
+    stage_workdir: Callable[..., AbstractContextManager[Path | None]] | None = None
     # True inside a tuning trial: the test split is off limits (ctx.data().test raises), so a
     # stage must skip its test evaluation; its scores come from the validation split.
     tuning: bool = False

@@ -507,6 +507,13 @@ def test_candidates_are_confirmed_at_full_budget_before_one_is_chosen(tmp_path, 
         assert stages["refit"]["tuned_settings"] == chosen["params"]
         # the final run repeats the confirmation run: same settings, budget and seed
         assert manifest["variants"]["refit"]["metrics"]["val_accuracy"] == runs[-1]["metrics"]["val_accuracy"]
+        # ... and does not train again: the confirmation ran in refit's own work directory,
+        # and refit resumed from its last checkpoint (epoch 1 of 1) there
+        log = (tmp_path / "artifacts" / "tiny" / "latest" / "run.log").read_text()
+        assert "refit resumes from this run's training instead of repeating it" in log
+        assert "refit: resuming from" in log and "after epoch 1\n" in log
+        assert "refit epoch 1/1" not in log.split("stage refit: running")[1]
+        assert not any((tmp_path / "artifacts" / "tiny" / "cache" / ".partial").iterdir())  # all committed
     else:
         assert study["chosen"] is None and not stages["refit"].get("tuned_settings")
         assert "met the constraint at full budget" in result.stderr
@@ -550,7 +557,7 @@ def test_confirmation_runs_skip_candidates_no_more_promising_than_a_miss(tmp_pat
         metrics = {"sparsity": params["amount"], "val_accuracy": full_budget[params["amount"]]}
         return StageResult(variants=[Variant("pruned", "torch", out_dir / "model.pt", metrics=metrics)])
 
-    ctx = SimpleNamespace(run_stage=run_stage, log=logging.getLogger("test"))
+    ctx = SimpleNamespace(run_stage=run_stage, stage_workdir=None, log=logging.getLogger("test"))
     summary: dict = {}
     _confirm(study, summary, cfg, ctx, tmp_path, reference=0.99)
     assert ran == [0.97, 0.94]  # 0.968 and 0.96 (drops 0.24, 0.22 >= 0.22) would have met, untried

@@ -54,6 +54,13 @@ def stage_key(definition: StageDef, cfg: StageConfig, inputs: list[Variant], ctx
     )
 
 
+def entry_paths(base: Path, label: str, key: str) -> tuple[Path, Path]:
+    """A stage's cache entry and the work directory it is made in (renamed into place by
+    ``commit``; a run that stopped half-way resumes from what is left there)."""
+    entry = base / "cache" / f"{label}-{key[:16]}"
+    return entry, base / "cache" / ".partial" / entry.name
+
+
 def _cache_extras(cfg: StageConfig, ctx: Context) -> dict[str, Any]:
     """Only a non-empty ``cache_extras`` enters the key, so adding the hook keeps old keys valid."""
     extras = cfg.cache_extras(ctx.pipeline.config) if hasattr(cfg, "cache_extras") else None

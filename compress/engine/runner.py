@@ -26,7 +26,7 @@ from compress.data import DataSource, prepare, resolve_root
 from compress.engine import cache, rundir
 from compress.engine.execute import execute
 from compress.engine.records import RunOptions, RunSummary, StageRecord
-from compress.engine.trials import trial_runner
+from compress.engine.trials import stage_workdir, trial_runner
 from compress.errors import ArtifactError, ConfigError, DataError
 from compress.fileio import write_json, write_text
 from compress.stages import StageDef, load_stages
@@ -105,6 +105,7 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
         manifest = rundir.manifest_header(pipeline, run_id, device, data_root, data_source)
         ctx.manifest, ctx.reports_dir = manifest, summary.reports_dir
         ctx.worker, ctx.run_stage = options.worker, trial_runner(ctx, registry)
+        ctx.stage_workdir = stage_workdir(ctx, registry, base)
         tuned: dict[str, dict[str, Any]] = {}  # stage label -> settings chosen by a tune stage
         started = time.perf_counter()
         rerun = options.force
@@ -194,8 +195,7 @@ def _run_or_reuse(
         )
     inputs = ctx.inputs(input_names)
     key = cache.stage_key(definition, cfg, inputs, ctx)
-    entry = base / "cache" / f"{cfg.label}-{key[:16]}"
-    partial = base / "cache" / ".partial" / entry.name
+    entry, partial = cache.entry_paths(base, cfg.label, key)
     tic = time.perf_counter()
     if worker:
         # Workers share the stage's work (a study in a shared database), so they run side by

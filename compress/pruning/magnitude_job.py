@@ -45,7 +45,7 @@ def run_magnitude(job: PruneJob) -> StageResult:
     macs, params = measure.count_macs(model, example).macs, measure.count_parameters(model)
     before = accuracies(model, job)
     drops = None
-    if cfg.sensitivity:
+    if cfg.sensitivity and not ctx.tuning:  # a chart for the report: no trial is scored by it
         if before["val_accuracy"] is None:
             raise PruneProblem("sensitivity", "needs a validation split (data.val_size > 0) to score layers")
         drops = sensitivity.layer_sensitivity(

@@ -1,6 +1,10 @@
 """Full-budget confirmation: short trials under-rate a setting, so candidates admitted with
 slack are re-run with the target's own budget (validation data only), best first, and only
 one that meets the constraint there is chosen.
+
+A confirmation runs in the target stage's own work directory (``ctx.stage_workdir``) when the
+engine offers it: the target then resumes from its finished training instead of repeating it,
+so confirming costs no extra training time for the candidate that is chosen.
 """
 
 from __future__ import annotations
@@ -8,6 +12,8 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,16 @@ from compress.tuning.objective import number, scored_variant, variant_metrics
 from compress.tuning.selection import ranked
 from compress.tuning.spec import SearchSpec
 from compress.tuning.summary import chosen_json
+
+
+@contextmanager
+def _target_workdir(ctx: Context, target: str, params: dict[str, Any]) -> Iterator[Path | None]:
+    """The target stage's own work directory for ``params`` (``ctx.stage_workdir``), or None."""
+    if ctx.stage_workdir is None:
+        yield None
+        return
+    with ctx.stage_workdir(target, params) as workdir:
+        yield workdir
 
 
 def confirm(
@@ -61,12 +77,17 @@ def confirm(
             )
             continue
         tic = time.perf_counter()
-        result = ctx.run_stage(cfg.target, dict(trial.params), out_dir / "confirm" / f"{trial.number:05d}")
-        variant = scored_variant(result, cfg)
-        metrics = variant_metrics(variant, cfg, ctx)
-        value = number(metrics, cfg.constraint.metric, cfg, variant)
-        drop = drop_pp(reference, value, cfg.constraint)
-        meets = cfg.constraint.excess(drop) <= 0
+        with _target_workdir(ctx, cfg.target, dict(trial.params)) as workdir:
+            own = workdir is not None
+            run_dir = workdir if own else out_dir / "confirm" / f"{trial.number:05d}"
+            result = ctx.run_stage(cfg.target, dict(trial.params), run_dir)
+            variant = scored_variant(result, cfg)
+            metrics = variant_metrics(variant, cfg, ctx)
+            value = number(metrics, cfg.constraint.metric, cfg, variant)
+            drop = drop_pp(reference, value, cfg.constraint)
+            meets = cfg.constraint.excess(drop) <= 0
+            if own and not meets:  # never the target's settings: nothing will resume from it
+                shutil.rmtree(run_dir, ignore_errors=True)
         runs.append(
             {
                 "number": trial.number,
@@ -79,13 +100,16 @@ def confirm(
             }
         )
         ctx.log.info(
-            "%s: confirming trial %d at full budget: %s %.6g, drop %.3f pp -> %s",
+            "%s: confirming trial %d at full budget: %s %.6g, drop %.3f pp -> %s%s",
             cfg.label,
             trial.number,
             cfg.constraint.metric,
             value,
             drop,
             "meets the constraint" if meets else "misses the constraint",
+            f" ({cfg.target} resumes from this run's training instead of repeating it)"
+            if meets and own
+            else "",
         )
         if meets:
             chosen = trial
