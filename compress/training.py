@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from compress.data import DataBundle, Split, iterate_batches
 from compress.distill_losses import FeatureDistillation
 from compress.errors import ConfigError
 from compress.fileio import atomic_path, no_interrupt, write_json
+from compress.layout import channels_last, is_conv_net
 from compress.models import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def train_one_epoch(
     after_step: Callable[[], None] | None = None,
     precision: str | None = None,
     shard: torch.Tensor | None = None,
-    channels_last: bool = False,
+    nhwc_input: bool = False,
 ) -> dict[str, float]:
     """One pass over the training split; ``after_step`` lets pruning re-apply its masks.
 
@@ -236,7 +237,7 @@ def train_one_epoch(
     )
     for batch in bar:
         x, y = batch[0], batch[1]
-        if channels_last:
+        if nhwc_input:  # a conv net in channels-last memory (``fit``)
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, precision):
             logits = model(x)
@@ -320,39 +321,6 @@ def evaluate(
         "count": n,
         "per_class_accuracy": per_class,
     }
-
-
-def _is_conv_net(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-@contextmanager
-def channels_last(*models: nn.Module) -> Iterator[None]:
-    """Conv nets in channels-last memory inside the block, in the standard layout after it.
-
-    oneDNN's (CPU) and cuDNN's conv kernels are fastest in it: on a 2-core CPU LeNet-5 trains
-    1.3-1.7x and evaluates 2x faster, ResNet-20 trains 1.2x faster. Callers save, prune and
-    export the standard layout; a model that is already channels-last (``fit`` evaluates its
-    model every epoch) is left as it is.
-    """
-    changed = [m for m in models if _is_conv_net(m) and not _is_channels_last(m)]
-    for model in changed:
-        model.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        for model in changed:
-            model.to(memory_format=torch.contiguous_format)
-
-
-def _is_channels_last(model: nn.Module) -> bool:
-    """Every conv weight has channels-last strides (channel stride 1: a 1-channel weight counts
-    as contiguous in both layouts, yet with the standard strides oneDNN takes the slow path)."""
-    return all(
-        m.weight.is_contiguous(memory_format=torch.channels_last) and m.weight.stride(1) == 1
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-    )
 
 
 def fit(
@@ -455,7 +423,7 @@ def fit(
                 precision=precision,
                 # DistributedSampler(seed=seed * 100_003).set_epoch(epoch): the single-process shuffle
                 shard=distributed.epoch_shard(len(bundle.train), seed * 100_003, epoch) if parallel else None,
-                channels_last=_is_conv_net(model),
+                nhwc_input=is_conv_net(model),
             )
             val = evaluate(model, bundle, bundle.val, device) if len(bundle.val) else None
             row = {
