@@ -73,7 +73,8 @@ def _compare(model, sample, expected, threads):
     diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if got.size else 0.0
     same = int(np.sum(got.argmax(1) == want.argmax(1)))
     return {"ok": True, "kind": None, "error": None, "max_abs_diff": diff, "top1_same": same,
-            "count": int(len(want)), "finite": bool(np.isfinite(got).all())}
+            "count": int(len(want)), "finite": bool(np.isfinite(got).all()),
+            "top1": [int(i) for i in got.argmax(1)]}
 
 
 _result = _compare(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
