@@ -161,6 +161,12 @@ def test_results_hold_every_variant_with_sane_numbers(cifar_run: CifarRun) -> No
 
     for row in cifar_run.rows:
         where = f"{row['variant']} [{row['runtime']}]"
+        if row["status"] == "export_failed" and row["variant"] in int8 and row["runtime"] == "openvino":
+            # OpenVINO's own int8 kernels round differently from onnxruntime's; on x86 without
+            # VNNI some trained weights put them past 1 % of the largest logit. Such a file is
+            # refused with the measured difference, never shipped as if it matched.
+            assert row["error"].startswith("parity: "), (where, row["error"])
+            continue
         assert row["status"] == "ok", (where, row["error"])
         assert row["test_count"] == TEST_IMAGES, where
         assert 0 <= row["accuracy"] <= 1 and row["correct"] == round(row["accuracy"] * TEST_IMAGES), where
