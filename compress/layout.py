@@ -23,7 +23,7 @@ def channels_last(*models: nn.Module) -> Iterator[None]:
     """Conv nets in channels-last memory inside the block, in the standard layout after it.
 
     oneDNN's (CPU) and cuDNN's conv kernels are fastest in it: on a 2-core CPU LeNet-5 trains
-    1.3-1.7x and evaluates 2x faster, ResNet-20 trains 1.2x faster. Callers save, prune and
+    1.3-1.7x and evaluates 1.7-2x faster, ResNet-20 trains 1.2x faster. Callers save, prune and
     export the standard layout; a model that is already channels-last (``fit`` evaluates its
     model every epoch) is left as it is.
     """

@@ -392,6 +392,7 @@ def fit(
         result.history = list(state["history"])
         start_epoch = result.resumed_from_epoch = int(state["epoch"])
         log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, start_epoch)
+    nhwc_input = is_conv_net(model)
     with channels_last(model, *([distill.teacher] if distill is not None else [])):
         net = model
         if parallel:
@@ -423,7 +424,7 @@ def fit(
                 precision=precision,
                 # DistributedSampler(seed=seed * 100_003).set_epoch(epoch): the single-process shuffle
                 shard=distributed.epoch_shard(len(bundle.train), seed * 100_003, epoch) if parallel else None,
-                nhwc_input=is_conv_net(model),
+                nhwc_input=nhwc_input,
             )
             val = evaluate(model, bundle, bundle.val, device) if len(bundle.val) else None
             row = {
@@ -446,10 +447,8 @@ def fit(
                 row["seconds"],
             )
             if distributed.is_main():  # the other ranks' workdirs are scratch copies
-                with (
-                    no_interrupt(),
-                    atomic_path(checkpoint_path) as tmp,
-                ):  # Ctrl-C here: finish the file first
+                # Ctrl-C here: finish the file first
+                with no_interrupt(), atomic_path(checkpoint_path) as tmp:
                     torch.save(
                         {
                             "model": model.state_dict(),

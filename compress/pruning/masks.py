@@ -80,10 +80,10 @@ def _standard_layout(layers: dict[str, nn.Module]) -> Iterator[None]:
 
     ``fit`` trains conv nets in channels-last memory (``compress.layout``), and
     ``torch.nn.utils.prune``'s global threshold flattens weights with ``view``, which only a
-    contiguous tensor allows. The exact
-    strides come back too: a 1-input-channel conv weight is "contiguous" in both layouts, but
-    left with the standard strides it makes oneDNN run that conv in the slow layout and
-    convert every batch (LeNet-5's gradual pruning trained 1.6x slower).
+    contiguous tensor allows. The exact strides come back too: a 1-input-channel conv weight
+    is "contiguous" in both layouts, but left with the standard strides it makes oneDNN run
+    that conv in the slow layout and convert every batch (LeNet-5's gradual pruning trained
+    1.6x slower).
     """
     originals = {name: module.weight.data for name, module in layers.items()}
     for module in layers.values():
