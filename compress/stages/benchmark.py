@@ -20,10 +20,9 @@ import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
 
@@ -36,6 +35,9 @@ from compress.stages import stage
 from compress.targets import TARGETS
 from compress.targets.runners import runner as target_runner
 from compress.variants import StageResult, Variant
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EDGE = {t.runtime: t for t in TARGETS.values() if t.name != "onnx"}
 RUNTIMES = ("pytorch", "torchscript", "onnxruntime", *EDGE)
@@ -231,6 +233,8 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
         _time_all(cfg, timed, timing_inputs)
         for row, _ in timed:
             ctx.log.info("benchmark: %s", _summary_line(row, cfg.batch_sizes))
+
+    import pandas as pd  # here, not at the top: every CLI run imports the stages (0.5 s)
 
     frame = _with_deltas(pd.DataFrame(rows), cfg)
     frame = frame.reindex(columns=columns(cfg.batch_sizes))

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import pandas as pd
 from pydantic import Field
 
 from compress import faults
@@ -74,6 +73,8 @@ def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
     publish: dict[str, str] = {}
     if rows is None:
         rows = _rows_from_variants(inputs, cfg.baseline or "baseline")
+        import pandas as pd  # here, not at the top: every CLI run imports the stages (0.5 s)
+
         frame = pd.DataFrame(rows)
         frame.to_csv(out_dir / "results.csv", index=False)
         write_text(out_dir / "results.json", frame.to_json(orient="records", indent=2) + "\n")

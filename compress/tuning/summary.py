@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from compress.tuning.selection import choose, is_feasible
 from compress.tuning.spec import SearchSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def state_counts(study: optuna.Study) -> dict[TrialState, int]:
@@ -118,6 +120,8 @@ def _trial_json(t: FrozenTrial) -> dict[str, Any]:
 
 def trials_frame(summary: dict[str, Any]) -> pd.DataFrame:
     """``trials.csv``: one row a trial, its values, parameters and metrics in columns."""
+    import pandas as pd  # here, not at the top: every CLI run imports the stages (0.5 s)
+
     rows = []
     metrics = [o["metric"] for o in summary["objectives"]]
     for t in summary["trials"]:
