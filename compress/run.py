@@ -16,8 +16,8 @@ from compress import distributed
 from compress.config import load_pipeline, mask_secrets
 from compress.engine import RunOptions, RunSummary, StageFailed, run_pipeline
 from compress.errors import CompressError, StorageError
-from compress.fileio import write_text
-from compress.gating import Outcome, format_table
+from compress.fileio import read_json, write_text
+from compress.gating import Outcome, chance, format_table
 from compress.stages import config_registry
 from compress.tuning import with_storage
 
@@ -169,7 +169,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     gates_text, failed_gates = format_gates(summary)
     if not distributed.is_main():  # rank 0 prints and writes the summary
         return EXIT_GATE_FAILED if failed_gates else 0
-    text += gates_text
+    text += gates_text + format_chance(summary)
     print(text)
     try:
         write_text(summary.run_dir / "summary.txt", text.lstrip() + "\n")
@@ -206,6 +206,44 @@ def format_gates(summary: RunSummary) -> tuple[str, int]:
         failed += int(record.result.metrics.get("failed", 0))
         text += "\n" + format_table(outcomes, title=record.label)
     return text, failed
+
+
+def chance_findings(summary: RunSummary) -> list[chance.AtChance]:
+    """The variants at chance: by the last benchmark's table, else by each variant's own test
+    accuracy, and by the training losses of the stages that trained them."""
+    rows: list[dict] = []
+    for record in summary.records:
+        path = record.directory / "results.json"
+        if record.kind == "benchmark" and path.is_file():
+            try:
+                table = read_json(path)
+            except (OSError, ValueError):
+                continue  # the run finished; a missing table only leaves this check to the variants
+            rows = [r for r in table if isinstance(r, dict)] if isinstance(table, list) else []
+    measured = {r.get("variant") for r in rows}
+    for variant in summary.variants.values():
+        if variant.name not in measured:
+            own = variant.metrics.get("per_class_accuracy")
+            rows.append(
+                {
+                    "variant": variant.name,
+                    "runtime": "own stage",
+                    "accuracy": variant.metrics.get("test_accuracy"),
+                }
+                | ({"per_class_accuracy": own} if own else {})
+            )
+    made = [(r.kind, r.result.metrics, [v.name for v in r.result.variants]) for r in summary.records]
+    classes = chance.find_num_classes(rows, summary.variants.values())
+    return chance.at_chance(rows, chance.trained_histories(made), classes)
+
+
+def format_chance(summary: RunSummary) -> str:
+    """The closing summary's last word when a variant learned nothing ('' when none did).
+
+    Without a ``min_above_chance_pp`` gate this is a warning, never an exit code.
+    """
+    text = chance.warning(chance_findings(summary))
+    return f"\nWARNING: {text}" if text else ""
 
 
 def format_summary(summary: RunSummary) -> str:

@@ -63,6 +63,25 @@ stages:
 """
 
 
+# A pruned copy of the tiny baseline, exported and timed briefly: a results table to gate and report.
+BENCH = """\
+  - stage: prune
+    schedule: oneshot
+    amount: 0.5
+    finetune: null
+  - stage: export
+    formats: [onnx]
+    parity_samples: 64
+  - stage: benchmark
+    runtimes: [pytorch, onnxruntime]
+    batch_sizes: [1]
+    warmup: 2
+    repeats: 5
+    min_seconds: 0.02
+    max_seconds: 1
+"""
+
+
 def _data_root() -> Path:
     configured = os.environ.get("COMPRESS_DATA_ROOT")
     root = Path(configured) if configured else REPO.parent / "shared" / "datasets"

@@ -16,7 +16,7 @@ from compress.gating import GateRule, evaluate
 from compress.run import main
 from compress.stages import config_registry
 from compress.stages.benchmark import columns
-from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
+from tests.conftest import BENCH, TINY_PIPELINE, run_cli, write_pipeline
 
 
 def row(variant, runtime="pytorch", **values):
@@ -167,23 +167,6 @@ def test_junit_xml_has_one_case_per_outcome_with_failures_carrying_both_numbers(
 
 
 # ---------------------------------------------------------------- the YAML schema
-
-BENCH = """\
-  - stage: prune
-    schedule: oneshot
-    amount: 0.5
-    finetune: null
-  - stage: export
-    formats: [onnx]
-    parity_samples: 64
-  - stage: benchmark
-    runtimes: [pytorch, onnxruntime]
-    batch_sizes: [1]
-    warmup: 2
-    repeats: 5
-    min_seconds: 0.02
-    max_seconds: 1
-"""
 
 
 def validate(tmp_path, capsys, gates, bench=BENCH):

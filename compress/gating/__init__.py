@@ -7,7 +7,8 @@ JUnit XML. Both work on rows of the benchmark stage's ``results.json`` (one row 
 and runtime; see ``compress/stages/benchmark.py`` for its columns).
 
 Modules: ``numbers``, ``rules`` (the YAML schema), ``outcome`` (judging one number),
-``evaluation`` (rules over a table), ``comparison`` (two tables), ``output`` (table, JUnit).
+``evaluation`` (rules over a table), ``comparison`` (two tables), ``output`` (table, JUnit),
+``chance`` (whether a variant learned anything: the report, the CLI and a gate share it).
 """
 
 from compress.gating.comparison import Thresholds, compare

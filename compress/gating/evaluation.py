@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from compress.gating.chance import above_chance_pp, row_num_classes
 from compress.gating.numbers import (
     Row,
     accuracy_drop_pp,
@@ -97,6 +98,8 @@ def _evaluate_row(gate: str, rule: GateRule, row: Row, by_key: dict[tuple[str, s
         )
     if metric.key == "min_accuracy":
         return judge(gate, metric, row, number(row.get("accuracy")), threshold)
+    if metric.key == "min_above_chance_pp":
+        return _above_chance(gate, rule, row)
     if metric.key == "min_sparsity":
         return judge(gate, metric, row, number(row.get("sparsity")), threshold)
     against = by_key.get((rule.reference, runtime))
@@ -139,3 +142,15 @@ def _evaluate_row(gate: str, rule: GateRule, row: Row, by_key: dict[tuple[str, s
     return judge(
         gate, metric, row, value, threshold, rule.reference, detail, missing=f"not measured at batch {batch}"
     )
+
+
+def _above_chance(gate: str, rule: GateRule, row: Row) -> Outcome:
+    value, classes = above_chance_pp(row), row_num_classes(row)
+    detail = ""
+    if value is not None and classes:
+        accuracy = 100 * float(row["accuracy"])
+        detail = f" (accuracy {accuracy:.2f}%, chance {100 / classes:.2f}% with {classes} classes)"
+    missing = "not measured"
+    if not classes:
+        missing += ": the row has no per-class accuracy, so its number of classes is unknown"
+    return judge(gate, rule.metric, row, value, rule.threshold, detail=detail, missing=missing)

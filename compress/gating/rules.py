@@ -49,6 +49,14 @@ METRICS: dict[str, MetricDef] = {
         ),
         MetricDef("min_accuracy", ">=", False, "accuracy", pct, "test accuracy as a fraction, e.g. 0.97"),
         MetricDef(
+            "min_above_chance_pp",
+            ">=",
+            False,
+            "accuracy above chance",
+            pp,
+            "percentage points of test accuracy above chance (100 / number of classes), e.g. 20",
+        ),
+        MetricDef(
             "max_size_ratio",
             "<=",
             True,
@@ -88,6 +96,7 @@ class GateRule(StrictModel):
     batch_size: int | None = Field(None, ge=1, le=65536)
     max_accuracy_drop: float | None = Field(None, ge=-100, le=100)
     min_accuracy: float | None = None
+    min_above_chance_pp: float | None = Field(None, ge=-100, le=100)
     max_size_ratio: float | None = Field(None, gt=0)
     max_gzip_ratio: float | None = Field(None, gt=0)
     max_latency_ratio: float | None = Field(None, gt=0)

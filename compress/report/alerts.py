@@ -1,12 +1,15 @@
-"""The page's warnings: slower variants, failed exports, measurements and parity checks, failed gates.
+"""The page's warnings: a model at chance, slower variants, failed exports, measurements and
+parity checks, failed gates.
 
 Never claim a speed-up that was not measured: a variant slower than its parent is said plainly.
+Never present a model that learned nothing as a result: a variant at chance comes first.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from compress.gating import chance
 from compress.gating.numbers import latency_batch_sizes
 from compress.report.formatting import SPEED_NOISE, fmt_ms, fmt_pct, is_number, runtime_label, threads_text
 from compress.report.inputs import ReportInputs
@@ -28,8 +31,23 @@ def precision_kind(row: dict[str, Any], variants: dict[str, Any]) -> str | None:
     return None
 
 
+def chance_findings(rows: list[dict[str, Any]], inputs: ReportInputs) -> list[chance.AtChance]:
+    """The variants at chance, by the table's rows and the training histories of their stages."""
+    made = [
+        (
+            stage["kind"],
+            stage["metrics"],
+            [name for name, v in inputs.variants.items() if getattr(v, "stage", None) == stage["label"]],
+        )
+        for stage in inputs.stages
+    ]
+    classes = chance.find_num_classes(rows, inputs.variants.values())
+    return chance.at_chance(rows, chance.trained_histories(made), classes)
+
+
 def collect_warnings(rows: list[dict[str, Any]], inputs: ReportInputs) -> list[str]:
-    warnings: list[str] = []
+    at_chance = chance.warning(chance_findings(rows, inputs))
+    warnings: list[str] = [at_chance] if at_chance else []
     by_key = {(r.get("variant"), r.get("runtime")): r for r in ok_rows(rows)}
     batches = latency_batch_sizes(rows)
     slow_variants: set[str] = set()

@@ -43,6 +43,8 @@ MARKDOWN_COLUMNS = ("variant", "runtime", "accuracy", "accuracy_delta_pp", "size
 def render_markdown(page: dict[str, Any]) -> str:
     s = page["summary"]
     lines = [f"# {page['title']}", "", f"Run `{page['run_id']}`.", ""]
+    alarm = s.get("at_chance")
+    lines += [f"> ⚠ **{alarm}**", ""] if alarm else []
     lines += [f"**{s['headline']}**", ""] if s.get("headline") else []
     if s.get("baseline"):
         lines += [s["baseline"], ""]
@@ -51,8 +53,9 @@ def render_markdown(page: dict[str, Any]) -> str:
         labels = {"smallest": "Smallest", "fastest": "Fastest", "most_accurate": "Most accurate"}
         lines += [f"- **{labels[r['objective']]}:** {r['sentence']}" for r in s["recommendations"]]
         lines.append("")
-    if page["warnings"]:
-        lines += ["## Warnings", ""] + [f"- ⚠ {w}" for w in page["warnings"]] + [""]
+    others = [w for w in page["warnings"] if w != alarm]  # the alarm is already at the top
+    if others:
+        lines += ["## Warnings", ""] + [f"- ⚠ {w}" for w in others] + [""]
     batches = latency_batch_sizes(page["results"])
     keys = list(MARKDOWN_COLUMNS)
     for b in batches:

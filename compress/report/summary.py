@@ -1,7 +1,8 @@
 """The page's summary: the one-line headline for the edge team and one recommendation per objective.
 
 Candidates are the baseline and the shipped variants within the accuracy tolerance; a
-from-scratch control is never recommended.
+from-scratch control is never recommended, nor is a variant at chance (it learned nothing:
+``compress.gating.chance``). When the baseline itself is at chance nothing is recommended.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import math
 from typing import Any
 
 from compress import gating
+from compress.gating import chance
+from compress.report.alerts import chance_findings
 from compress.report.formatting import (
     SPEED_NOISE,
     file_name,
@@ -88,6 +91,10 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
     if not good:
         summary["headline"] = "No variant was measured successfully, so there is nothing to recommend."
         return summary
+    found = chance_findings(rows, inputs)
+    if found:
+        summary["at_chance"] = chance.warning(found)
+    useless = {f.variant for f in found}
     reference = bases.get("pytorch") or next(iter(bases.values()), None)
     if reference is not None:
         latency = reference.get("latency_b1_p50_ms")
@@ -102,14 +109,23 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
             f"No baseline named `{inputs.baseline}` was measured, so deltas and ratios are missing; "
             "set `baseline:` in the benchmark stage."
         )
-    within = [  # candidates to recommend: never a from-scratch control
+    if inputs.baseline in useless:
+        summary["headline"] = (
+            f"Nothing to recommend: the baseline `{inputs.baseline}` is at chance level (it learned "
+            "nothing), so no variant made from it is worth shipping; see the warning."
+        )
+        return summary
+    within = [  # candidates to recommend: never a from-scratch control, never one at chance
         r
         for r in good
-        if r.get("variant") == inputs.baseline
-        or (
-            gating.shipped(str(r.get("variant")))
-            and is_number(r.get("accuracy_delta_pp"))
-            and float(r["accuracy_delta_pp"]) >= -inputs.tolerance_pp
+        if r.get("variant") not in useless
+        and (
+            r.get("variant") == inputs.baseline
+            or (
+                gating.shipped(str(r.get("variant")))
+                and is_number(r.get("accuracy_delta_pp"))
+                and float(r["accuracy_delta_pp"]) >= -inputs.tolerance_pp
+            )
         )
     ]
     for objective in OBJECTIVES:

@@ -6,6 +6,7 @@ Each rule names one gate and where it applies::
       rules:
         - max_accuracy_drop: 1.0          # pp vs 'against' (default baseline), same runtime
         - min_accuracy: 0.97              # absolute, fraction of the test set
+        - min_above_chance_pp: 20         # pp of test accuracy above chance (100 / classes)
         - max_size_ratio: 0.5             # bytes / bytes of 'against'
           variants: [pruned.int8-dynamic]
         - max_latency_ratio: 1.2          # median latency / 'against', same runtime
