@@ -487,7 +487,8 @@ def test_pruned_models_are_spec_and_state_dict_and_reload_without_code(tmp_path:
     models.save_model(model, spec, tmp_path / "slim.pt")
 
     payload = torch.load(tmp_path / "slim.pt", weights_only=True)
-    assert set(payload) == {"format", "spec", "state", "groups"}  # groups: grouped convolutions' counts
+    # groups: grouped convolutions' counts; metadata: the state dict's module versions
+    assert set(payload) == {"format", "spec", "state", "groups", "metadata"}
     assert all(isinstance(v, torch.Tensor) for v in payload["state"].values())
     reloaded, _ = models.load_model(tmp_path / "slim.pt")
     x = torch.randn(4, 1, 28, 28)

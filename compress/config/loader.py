@@ -91,6 +91,9 @@ def _check_graph(path: Path, config: PipelineConfig) -> None:
                 )
         try:
             stage.check(config)
+        except ValueError as exc:  # its outputs still count: later stages get no second, false error
+            problems.append(f"{where}.{exc}")
+        try:
             inputs = stage.consumes(list(available))
         except ValueError as exc:
             problems.append(f"{where}.{exc}")

@@ -8,7 +8,7 @@ ImageNet designs to the data), ``anatomy`` (finding a model's stem and classifie
 """
 
 from compress.models.anatomy import Anatomy, inspect
-from compress.models.builders import build_model
+from compress.models.builders import build_model, forward_problem, size_problem
 from compress.models.files import apply_state, is_model_payload, load_model, save_model
 from compress.models.weights import load_checkpoint
 from compress.models.zoo import ModelSpec
@@ -18,9 +18,11 @@ __all__ = [
     "ModelSpec",
     "apply_state",
     "build_model",
+    "forward_problem",
     "inspect",
     "is_model_payload",
     "load_checkpoint",
     "load_model",
     "save_model",
+    "size_problem",
 ]

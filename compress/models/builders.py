@@ -18,6 +18,8 @@ every time (the rule is part of the spec, so a saved model rebuilds identically)
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from typing import Any
 
@@ -178,6 +180,92 @@ def _anatomy(model: nn.Module, stem_channels: int, spec: ModelSpec) -> Any:
         f"{spec.get('torchvision') or spec.get('timm')}: cannot run on {stem_channels}x{size}x{size} images "
         "(some architectures need a fixed size, e.g. ViT 224 px, Inception 299 px: set data.image_size)"
     )
+
+
+# what a forward pass raises when a feature map is too small or not the size a layer expects
+RUN_ERRORS = (RuntimeError, ValueError, AssertionError, IndexError)
+TRIED_SIDES = (48, 64, 96, 128, 160, 224, 299, 384, 512)
+
+
+def forward_problem(model: nn.Module, example: torch.Tensor) -> str | None:
+    """Why ``model`` cannot take ``example`` (torch's reason on one line), or None if it can; run
+    in eval mode, the model's mode is restored."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except RUN_ERRORS as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"{type(exc).__name__}: {first[:200]}"
+    finally:
+        model.train(training)
+    return None
+
+
+def size_problem(spec: ModelSpec) -> str | None:
+    """``_size_problem`` for a spec, remembered: the loader checks a pipeline more than once."""
+    return _size_problem(json.dumps(spec, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=32)
+def _size_problem(spec_json: str) -> str | None:
+    """Why the model of ``spec`` cannot run on its data's images, and what to do, in one line; None
+    if it runs.
+
+    Many ImageNet designs shrink a 32 px image to nothing (AlexNet's pools, Inception's
+    stride-2 stem) or need a fixed size (ViT's position embedding, MaxViT's windows). Found
+    here, before any data is read, the pipeline is refused with the smallest size that works
+    instead of failing in the train stage's first batch. Each size is tried on a model built
+    for it, since the small-image rule changes the stem with the size.
+    """
+    spec = json.loads(spec_json)
+    side = int(spec["image_size"])
+    built: dict[object, nn.Module | str] = {}
+    problem = _problem_at(spec, side, built)
+    if problem is None:
+        return None
+    if small_stem(spec) and _problem_at({**spec, "small_stem": False}, side, {}) is None:
+        return (
+            f"{model_label(spec)} cannot run on {side} px images with the small-image stem ({problem}); "
+            "set model.small_stem: false (its stem has more than one stride-2 branch), or choose another "
+            "model"
+        )
+    works = next((s for s in TRIED_SIDES if s > side and _problem_at(spec, s, built) is None), None)
+    hint = (
+        f"the smallest size tried that works is {works} px: set data.image_size: {works}"
+        if works
+        else f"no size up to {TRIED_SIDES[-1]} px worked"
+    )
+    channels = int(spec["in_channels"])
+    return (
+        f"{model_label(spec)} cannot run on {channels}x{side}x{side} images ({problem}); {hint}, "
+        "or choose another model"
+    )
+
+
+def model_label(spec: ModelSpec) -> str:
+    """'torchvision alexnet', 'timm resnet18', a user's import path, or the zoo name."""
+    arch = spec.get("arch")
+    if arch in ("torchvision", "timm"):
+        return f"{arch} {spec.get(arch)}"
+    return str(spec.get("import_path") if arch == "custom" else arch)
+
+
+def _problem_at(spec: ModelSpec, side: int, built: dict[object, nn.Module | str]) -> str | None:
+    """``forward_problem`` at ``side`` px. A torchvision or timm model depends on the size only
+    through the small-image rule, so ``built`` keeps one model per rule (a ViT-B builds twice,
+    not once per size); a user's factory may read the size, so it is built for each."""
+    sized = {**spec, "image_size": side}
+    key = small_stem(sized) if spec.get("arch") in ("torchvision", "timm") else side
+    if key not in built:
+        try:
+            built[key] = build_model(sized)
+        except ArtifactError as exc:
+            built[key] = str(exc)
+    model = built[key]
+    if isinstance(model, str):
+        return model
+    return forward_problem(model, torch.zeros(1, int(spec["in_channels"]), side, side))
 
 
 def _with_channels(conv: nn.Conv2d, channels: int, state: dict | None, name: str) -> nn.Conv2d:

@@ -2,7 +2,8 @@
 
 ``masks`` (unstructured: global L1 masks, the gradual schedule) and ``channels`` (structured:
 torch-pruning's dependency graph, reaching a MACs target) and ``allocation`` (channels
-allocated by importance per MAC saved) know *how* to prune; the jobs
+allocated by importance per MAC saved) know *how* to prune, and ``probe`` (an untrained copy
+slimmed, run and rebuilt) tells before any work whether an architecture can be slimmed; the jobs
 ``magnitude_job`` and ``structured_job`` prune, fine-tune, save and measure one model, sharing
 what ``job`` defines. The ``prune`` stage (``compress/stages/prune.py``) checks the settings and
 picks the job.

@@ -8,7 +8,9 @@ channel counts at multiples mobile kernels prefer.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from compress import measure
+from compress.models import forward_problem
 from compress.pruning import allocation
 from compress.pruning.masks import LAYER_TYPES
 
@@ -24,15 +27,71 @@ if TYPE_CHECKING:
     import torch_pruning as tp
 
 
+# More channel indices than any layer of an image model has (VGG's flattened 512x7x7 is 25,088;
+# a 64-channel 224 px map flattened is 3.2 M)
+MAX_INDICES = 1 << 22
+
+
+class IndexExplosion(RuntimeError):
+    """torch-pruning's flatten index mapping grew past ``MAX_INDICES``."""
+
+
+@functools.cache
 def _torch_pruning():
     """torch-pruning, imported on first use: it pulls in timm and torchvision (about 3 s), which
-    a ``--validate`` or any run without structured pruning never needs."""
-    import torch_pruning
+    a ``--validate`` or any run without structured pruning never needs.
 
+    Its flatten index mapping multiplies a group's indices by the flattened size at every
+    reshape it passes; through Swin's window partitions (reshape after reshape) that is 32, 1 K,
+    32 K, 1 M, 32 M... indices, and tracing swin_t ate 6 GB in a minute before the kernel killed
+    it. A guard raises once a mapping would exceed ``MAX_INDICES``, so the model is refused as
+    untraceable within seconds; real mappings stay far below it.
+    """
+    import torch_pruning
+    from torch_pruning.dependency import index_mapping
+
+    flatten = index_mapping._FlattenIndexMapping
+    unguarded = flatten.__call__
+
+    def guarded(self, idxs):  # noqa: ANN001, ANN202 - torch-pruning's signature
+        if not self.reverse and len(idxs) * self._stride > MAX_INDICES:
+            raise IndexExplosion(
+                f"a flatten maps {len(idxs)} channel indices to {len(idxs) * self._stride} (reshapes "
+                "torch-pruning cannot follow, e.g. window attention)"
+            )
+        return unguarded(self, idxs)
+
+    flatten.__call__ = guarded
     return torch_pruning
 
 
 log = logging.getLogger("compress.pruning")
+
+
+@functools.cache
+def _pruner_class() -> type:
+    """torch-pruning's BasePruner, with the channel grouping every coupled layer can take.
+
+    A dependency group through GroupNorm(4, C) and a convolution of 3 groups must keep a
+    multiple of 12 channels; torch-pruning 1.6 takes the largest of the group counts (4), so
+    the convolution ends with a width it cannot split and the model fails in its first forward.
+    The least common multiple keeps every count valid: channels are cut at the same offset in
+    each of that many equal slices, which is a whole cut in every GroupNorm group and in every
+    convolution group.
+    """
+    tp = _torch_pruning()
+
+    class Pruner(tp.pruner.BasePruner):
+        def _get_channel_groups(self, group) -> int:  # noqa: ANN001 - torch-pruning's Group
+            counts = []
+            for dep, _ in group:
+                out = self.DG.is_out_channel_pruning_fn(dep.handler)
+                known = self.out_channel_groups if out else self.in_channel_groups
+                if dep.target.module in known:
+                    counts.append(int(known[dep.target.module]))
+            return math.lcm(*counts) if counts else 1
+
+    return Pruner
 
 
 def make_importance(kind: str) -> tp.importance.Importance:
@@ -78,7 +137,7 @@ def _pruner(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return _torch_pruning().pruner.BasePruner(
+            return _pruner_class()(
                 model,
                 example,
                 importance=make_importance(plan.importance),
@@ -107,6 +166,18 @@ def structured_prune(model: nn.Module, example: torch.Tensor, ratio: float, plan
     ``global`` or ``uniform``)."""
     if ratio > 0:
         _step(_pruner(model, example, plan, ratio))
+        _check_runs(model, example)
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """A cut the dependency graph allowed can still break a reshape it did not follow (timm's
+    MobileViT); UntraceableModel then, which the prune stage reports in one line."""
+    problem = forward_problem(model, example)
+    if problem is not None:
+        raise UntraceableModel(
+            f"the channel-pruned model cannot run ({problem}); use method: magnitude for it, or "
+            "exclude the layers involved"
+        )
 
 
 def prune_to_macs(
@@ -144,6 +215,7 @@ def prune_to_macs(
             break
         with torch.no_grad():
             allocation.apply_cut(pruner, prices, cut, plan.round_to)
+        _check_runs(model, example)
         macs = measure.count_macs(model, example).macs
     return macs
 
