@@ -192,6 +192,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values in ``tensors``, in place, on every rank (e.g. re-estimated statistics, which
+    every rank computes alike on a CPU but a GPU's kernels need not reproduce bit for bit)."""
+    if active():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only; every rank returns its value, or raises if it failed."""
     if not initialized():

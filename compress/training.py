@@ -20,19 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from compress import distributed, faults
+from compress import distributed, faults, training_defaults
+from compress.batchnorm import adapt_batchnorm
 from compress.config import TrainingConfig
-from compress.data import DataBundle, Split, iterate_batches
+from compress.data import DataBundle, iterate_batches
 from compress.distill_losses import FeatureDistillation
 from compress.errors import ConfigError
+from compress.evaluation import EVAL_BATCH, evaluate
 from compress.fileio import atomic_path, no_interrupt, write_json
 from compress.layout import channels_last, is_conv_net
 from compress.models import load_checkpoint
 
 log = logging.getLogger(__name__)
-# Evaluation batch: a conv net in channels-last memory scores 10,000 MNIST images in 0.7 s on 2
-# CPU cores at batch 256-500 and in 1.1 s at batch 1000 (its caches overflow).
-EVAL_BATCH = 256
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
@@ -73,6 +72,16 @@ class FitResult:
     seconds: float = 0.0
     precision: str = "fp32"  # what the forward passes computed in (resolve_precision)
     world_size: int = 1  # processes that trained it together (DDP)
+    # the settings derived from the data (training_defaults): batch size, lr auto's range test
+    derived: dict[str, Any] = field(default_factory=dict)
+    batchnorm: dict[str, Any] | None = None  # the BatchNorm adaptation's record (compress.batchnorm)
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """The fitted model's validation accuracy: after BatchNorm adaptation, when that ran."""
+        if self.batchnorm is not None and self.batchnorm["kept"]:
+            return self.batchnorm["val_accuracy_after"]
+        return self.history[-1]["val_accuracy"] if self.history else None
 
 
 def kd_loss(
@@ -280,49 +289,6 @@ def train_one_epoch(
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    bundle: DataBundle,
-    split: Split,
-    device: torch.device,
-    batch_size: int = EVAL_BATCH,
-) -> dict[str, Any]:
-    """Loss, top-1 accuracy and per-class accuracy of ``model`` on ``split``.
-
-    Under DDP every rank scores every world-size-th image and the counts are summed, so each
-    image is scored exactly once overall and the result equals the single-process one.
-    """
-    model.eval()
-    num_classes = bundle.num_classes
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    totals = torch.zeros(num_classes, dtype=torch.long)
-    loss_sum = 0.0
-    shard = distributed.eval_shard(len(split)) if distributed.active() else None
-    with channels_last(model):
-        for x, y in iterate_batches(bundle, split, batch_size, device, indices=shard):
-            logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            hits = (logits.argmax(1) == y).cpu()
-            y_cpu = y.cpu()
-            totals += torch.bincount(y_cpu, minlength=num_classes)
-            correct += torch.bincount(y_cpu[hits], minlength=num_classes)
-    if shard is not None:
-        correct, totals = distributed.all_reduce_sum(torch.stack([correct, totals])).unbind(0)
-        loss_sum = distributed.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64)).item()
-    n = int(totals.sum())
-    per_class = {
-        bundle.classes[i]: (correct[i] / totals[i]).item() if totals[i] else None for i in range(num_classes)
-    }
-    return {
-        "loss": loss_sum / max(n, 1),
-        "accuracy": int(correct.sum()) / max(n, 1),
-        "correct": int(correct.sum()),
-        "count": n,
-        "per_class_accuracy": per_class,
-    }
-
-
 def fit(
     model: nn.Module,
     bundle: DataBundle,
@@ -354,6 +320,9 @@ def fit(
     torch.manual_seed(seed)
     model.to(device)
     precision = resolve_precision(cfg, device)
+    # the batch size and learning rate the YAML left open, derived from the data (before any
+    # hook is bound: the range test trains a copy of the bare model)
+    cfg, derived = training_defaults.resolve(cfg, model, bundle, device, seed, workdir, make_optimizer, desc)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     features = distill.features if distill is not None else None
@@ -364,7 +333,7 @@ def fit(
     if features is not None:  # hooks both models; the hint regressor trains with the student
         features.bind(model, distill.teacher, torch.zeros(2, *bundle.input_shape, device=device))
     optimizer = make_optimizer(model if features is None else nn.ModuleList([model, features]), cfg)
-    batch_size = cfg.batch_size or 128
+    batch_size = int(cfg.batch_size)  # concrete: training_defaults.resolve
     parallel = distributed.active()
     if parallel:
         per_rank = distributed.per_rank_batch(batch_size, f"{desc}: batch_size")
@@ -375,7 +344,9 @@ def fit(
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    result = FitResult(precision=precision, world_size=distributed.world_size() if parallel else 1)
+    result = FitResult(
+        precision=precision, world_size=distributed.world_size() if parallel else 1, derived=derived
+    )
     start_epoch = 0
     if parallel:  # rank 0's checkpoint, if any, on every rank (other nodes may not see its disk)
         state = distributed.on_main(
@@ -466,6 +437,11 @@ def fit(
     result.seconds = time.perf_counter() - started
     if features is not None:
         features.unbind()
+    # after every epoch, also when all were done before a resume: it depends on the weights alone
+    measured = result.history[-1]["val_accuracy"] if result.history else None
+    result.batchnorm = adapt_batchnorm(
+        model, bundle, device, cfg.bn_adapt_batches, seed, desc, batch_size, log, val_before=measured
+    )
     if distributed.is_main():
         write_json(workdir / "history.json", result.history)
     return result

@@ -20,10 +20,20 @@ from compress.config.model import ModelConfig
 from compress.config.paths import apply_override, locate, split_path
 from compress.config.pipeline import Pipeline, PipelineConfig, StageConfig
 from compress.config.safety import import_factory, mask_secrets, project_file, safe_name
-from compress.config.sections import MAX_EPOCHS, OptimizerConfig, SoftLabels, StrictModel, TrainingConfig
+from compress.config.sections import (
+    BN_ADAPT_BATCHES,
+    MAX_BN_ADAPT_BATCHES,
+    MAX_EPOCHS,
+    OptimizerConfig,
+    SoftLabels,
+    StrictModel,
+    TrainingConfig,
+)
 from compress.config.yaml_file import read_yaml
 
 __all__ = [
+    "BN_ADAPT_BATCHES",
+    "MAX_BN_ADAPT_BATCHES",
     "MAX_EPOCHS",
     "DataConfig",
     "ModelConfig",

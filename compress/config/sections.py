@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 MAX_EPOCHS = 10_000
+# BatchNorm adaptation (compress.batchnorm): the default and the largest number of batches
+BN_ADAPT_BATCHES = 50
+MAX_BN_ADAPT_BATCHES = 100_000
 
 
 class StrictModel(BaseModel):
@@ -22,10 +25,31 @@ class StrictModel(BaseModel):
 
 class OptimizerConfig(StrictModel):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0, le=10)
+    # the peak learning rate; auto: a range test on training images picks it (compress.lr_find)
+    lr: float | Literal["auto"] = 0.05
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0, lt=1)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value: Any) -> Any:
+        """One message for a bad rate (a plain union would report each of its members)."""
+        if value == "auto":
+            return value
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string; --set too
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PydanticCustomError(
+                "lr",
+                "should be a number such as 0.05, or auto (a range test picks it)",
+            )
+        if not 0 < value <= 10:
+            raise PydanticCustomError("lr", "should be > 0 and <= 10, or auto")
+        return float(value)
 
 
 class TrainingConfig(StrictModel):
@@ -42,6 +66,10 @@ class TrainingConfig(StrictModel):
     # auto: mixed precision on CUDA (bf16 where the GPU supports it, else fp16 with a grad
     # scaler), fp32 on a CPU. bf16/fp16 need a CUDA device; fp32 turns mixed precision off.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # BatchNorm adaptation after the last epoch: re-estimate every BatchNorm layer's running
+    # statistics on this many training batches (a cumulative average with the final weights);
+    # 0 keeps the statistics training left. See compress.batchnorm.
+    bn_adapt_batches: int = Field(BN_ADAPT_BATCHES, ge=0, le=MAX_BN_ADAPT_BATCHES)
 
     @field_validator("warmup_epochs")
     @classmethod
@@ -53,6 +81,19 @@ class TrainingConfig(StrictModel):
                 "{value} is not less than epochs ({epochs}): the learning rate would never leave its "
                 "warm-up; use warmup_epochs: 0 for short runs",
                 {"value": value, "epochs": epochs},
+            )
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _auto_lr_needs_a_peak(cls, value: str, info: Any) -> str:
+        optimizer = info.data.get("optimizer")
+        if value == "constant" and getattr(optimizer, "lr", None) == "auto":
+            raise PydanticCustomError(
+                "lr_auto",
+                "constant cannot take optimizer.lr: auto: the range test picks the peak of a schedule "
+                "that warms up and anneals, and a constant rate would stay at that peak; use "
+                "schedule: onecycle or cosine, or give optimizer.lr a number",
             )
         return value
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from compress.batchnorm import adapt_batchnorm
 from compress.context import Context
 from compress.data import DataBundle
 from compress.training import Distillation, FitResult, evaluate, fit
@@ -42,6 +43,7 @@ class PruneSpec(Protocol):
     finetune: Any  # TrainingConfig | None
     final_finetune: int
     sensitivity: bool
+    bn_adapt_batches: int  # BatchNorm adaptation after a cut that is not fine-tuned (0: off)
 
 
 class PruneProblem(ValueError):
@@ -101,6 +103,16 @@ class PruneJob:
             metrics=metrics,
             info={"method": method, "spec": self.spec, **info},
         )
+
+
+def adapt_unfinetuned(model: nn.Module, job: PruneJob) -> dict | None:
+    """Re-estimate BatchNorm statistics of a model pruned without fine-tuning (``finetune: null``):
+    zeroed weights and removed channels shift every later layer's inputs. A fine-tuned model gets
+    this at the end of ``fit``. The stage's ``bn_adapt_batches``."""
+    batches = job.cfg.bn_adapt_batches
+    return adapt_batchnorm(
+        model, job.bundle, job.ctx.device, batches, job.ctx.seed, job.cfg.label, logger=job.ctx.log
+    )
 
 
 def model_name(spec: dict) -> str:

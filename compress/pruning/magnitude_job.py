@@ -14,8 +14,9 @@ from compress import measure
 from compress.fileio import write_json
 from compress.models import load_model, save_model
 from compress.pruning import masks, sensitivity
-from compress.pruning.job import PruneJob, PruneProblem, accuracies
+from compress.pruning.job import PruneJob, PruneProblem, accuracies, adapt_unfinetuned
 from compress.training import evaluate
+from compress.training_defaults import DEFAULT_BATCH
 from compress.variants import StageResult
 
 
@@ -74,9 +75,10 @@ def run_magnitude(job: PruneJob) -> StageResult:
     history: list[dict] = []
     if cfg.finetune is None:
         masks.magnitude_masks(layers, cfg.amount, limits)
+        batchnorm = adapt_unfinetuned(model, job)
     else:
         ft = cfg.finetune
-        steps_per_epoch = -(-len(bundle.train) // (ft.batch_size or 128))
+        steps_per_epoch = -(-len(bundle.train) // (ft.batch_size or DEFAULT_BATCH))
         sparsities, iters = masks.event_schedule(
             initial, cfg.amount, cfg.steps, ft.epochs * steps_per_epoch, cfg.ramp
         )
@@ -95,6 +97,7 @@ def run_magnitude(job: PruneJob) -> StageResult:
         write_json(out_dir / "work" / "schedule.json", {"sparsity": sparsities, "after_step": iters})
         result = job.finetune(model, ft, workdir, f"{cfg.label} prune", after_step=hook)
         history += result.history
+        batchnorm = result.batchnorm
         masks.apply_masks(layers, hook.masks)
         if cfg.final_finetune:
             final = ft.model_copy(update={"epochs": cfg.final_finetune})
@@ -107,6 +110,7 @@ def run_magnitude(job: PruneJob) -> StageResult:
                 after_step=lambda: masks.apply_masks(layers, zeros_kept),
             )
             history += result.history
+            batchnorm = result.batchnorm
             masks.apply_masks(layers, zeros_kept)
 
     model = model.cpu()
@@ -159,6 +163,7 @@ def run_magnitude(job: PruneJob) -> StageResult:
             **metrics,
             "per_layer_sparsity": per_layer,
             "history": history,
+            "batchnorm": batchnorm,
             **({"layer_sensitivity": drops} if drops else {}),
         },
         publish={"per_layer_sparsity.json": f"{cfg.output_name}.per_layer_sparsity.json"},

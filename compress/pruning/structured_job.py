@@ -14,7 +14,7 @@ from compress import measure
 from compress.fileio import read_json, write_json
 from compress.models import load_model, save_model
 from compress.pruning import channels
-from compress.pruning.job import PruneJob, PruneProblem, PruneSpec, accuracies, model_name
+from compress.pruning.job import PruneJob, PruneProblem, PruneSpec, accuracies, adapt_unfinetuned, model_name
 from compress.variants import StageResult
 
 
@@ -58,12 +58,14 @@ def run_structured(job: PruneJob) -> StageResult:
     if ft is not None:
         per_step = [ft.epochs // steps + (1 if k >= steps - ft.epochs % steps else 0) for k in range(steps)]
     history: list[dict] = []
+    batchnorm = None  # the last BatchNorm adaptation's record
     previous = 0.0
     for k in range(1, steps + 1):
         step_dir = work / f"step{k}"
         if k <= len(done):
             model, _ = load_model(step_dir / "model.pt")
             previous = done[k - 1]["ratio"] or 0.0
+            batchnorm = done[k - 1].get("batchnorm", batchnorm)
             continue
         model = model.cpu()
         if target is not None:
@@ -87,7 +89,8 @@ def run_structured(job: PruneJob) -> StageResult:
             step_cfg = ft.model_copy(update={"epochs": per_step[k - 1]})
             result = job.finetune(model, step_cfg, step_dir, f"{cfg.label} step {k}")
             history += result.history
-            record["val_accuracy"] = result.history[-1]["val_accuracy"] if result.history else None
+            batchnorm = record["batchnorm"] = result.batchnorm
+            record["val_accuracy"] = result.val_accuracy
         save_model(model.cpu(), spec, step_dir / "model.pt")
         done.append(record)
         write_json(done_file, done)
@@ -97,6 +100,9 @@ def run_structured(job: PruneJob) -> StageResult:
         final = ft.model_copy(update={"epochs": cfg.final_finetune})
         result = job.finetune(model, final, work / "final", f"{cfg.label} final")
         history += result.history
+        batchnorm = result.batchnorm
+    if ft is None:  # removed channels shift every later layer's inputs; nothing re-estimated them
+        batchnorm = adapt_unfinetuned(model, job)
 
     model = model.cpu()
     save_model(model, spec, out_dir / "model.pt")
@@ -143,7 +149,9 @@ def run_structured(job: PruneJob) -> StageResult:
             "steps": done,
         },
     )
-    return StageResult(variants=[variant], metrics={**metrics, "history": history, "steps": done})
+    return StageResult(
+        variants=[variant], metrics={**metrics, "history": history, "steps": done, "batchnorm": batchnorm}
+    )
 
 
 def unreachable(cfg: PruneSpec, spec: dict, limit: float) -> str:

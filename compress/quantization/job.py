@@ -7,14 +7,16 @@ import the stages.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from compress.batchnorm import adapt_batchnorm
 from compress.context import Context
 from compress.data import DataBundle
 from compress.measure import count_parameters
@@ -34,6 +36,7 @@ class QuantizeSpec(Protocol):
     sensitivity: bool
     calibration: Any
     latency: Any
+    bn_adapt_batches: int  # BatchNorm adaptation before static calibration and QAT (0: off)
     qat: Any  # QatConfig: a TrainingConfig plus distill, weight_bits and the freezing points
 
     def output_name(self, parent: str, mode: str) -> str: ...
@@ -53,6 +56,31 @@ class Job:
     sample: torch.Tensor  # the latency batch
     ctx: Context
     out_dir: Path
+    batchnorm: dict[str, Any] | None = None  # the BatchNorm adaptation's record, once it ran
+    _calibrated: nn.Module | None = field(default=None, repr=False)
+
+    def calibration_model(self) -> nn.Module:
+        """The parent with its BatchNorm statistics re-estimated on training images, for the
+        modes that calibrate or train (static, PTQ, QAT): a stale running average would become
+        the int8 file's folded scales. In a PT2E graph BatchNorm is no longer a module, so the
+        eager fp32 model is adapted before export. The parent itself stays untouched: it is the
+        fp32 reference every variant is compared with. The parent when nothing changed (no
+        BatchNorm, ``bn_adapt_batches: 0``, or its own statistics score higher on validation).
+        """
+        if self._calibrated is None:
+            model = copy.deepcopy(self.model)
+            self.batchnorm = adapt_batchnorm(
+                model,
+                self.bundle,
+                self.ctx.device,
+                self.cfg.bn_adapt_batches,
+                self.ctx.seed,
+                f"quantize {self.parent.name}",
+                logger=self.ctx.log,
+            )
+            changed = self.batchnorm is not None and self.batchnorm["kept"]
+            self._calibrated = model.cpu().eval() if changed else self.model
+        return self._calibrated
 
 
 @dataclass

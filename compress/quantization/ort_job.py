@@ -66,9 +66,10 @@ def quantize_with_onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, 
             quantizable = [n for n, t in nodes if t in QDQRegistry]
             reader = ort.ImageReader(job.images, cfg.calibration.batch_size)
             cache = work / "calibration.json"
+            calibrated = _calibration_onnx(job, pre, meta)
 
-            def make(excluded: list[str], path: Path, reader=reader, cache=cache) -> Path:
-                return ort.quantize_onnx_static(pre, path, reader, settings, excluded, cache)
+            def make(excluded: list[str], path: Path, reader=reader, cache=cache, src=calibrated) -> Path:
+                return ort.quantize_onnx_static(src, path, reader, settings, excluded, cache)
 
         def val_accuracy(excluded: list[str], make=make, work=work, counter=counter) -> float:
             path = make(excluded, work / f"try-{next(counter)}.onnx")
@@ -180,3 +181,18 @@ def quantize_with_onnxruntime(job: Job) -> list[tuple[Variant | None, dict[str, 
         )
         results.append((variant, record))
     return results
+
+
+def _calibration_onnx(job: Job, pre: Path, meta: dict[str, str]) -> Path:
+    """The pre-processed fp32 ONNX that static calibration starts from: the parent's, or its copy
+    with re-estimated BatchNorm statistics (``Job.calibration_model``), exported once per parent
+    into the work directory (the stage deletes it; the fp32 reference stays the parent's)."""
+    model = job.calibration_model()
+    if model is job.model:
+        return pre
+    work = job.out_dir / "work" / job.parent.name
+    adapted = work / "fp32-bn-pre.onnx"
+    if not adapted.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        ort.prepare_onnx(model, job.sample[:2], work / "fp32-bn.onnx", adapted, meta)
+    return adapted

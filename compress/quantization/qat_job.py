@@ -22,6 +22,7 @@ from compress.quantization import evaluate, ort, qat
 from compress.quantization import search as fallbacks
 from compress.quantization.job import Job, Reference, log_variant, test_accuracy, variant_metrics
 from compress.training import Distillation, fit, teacher_logits
+from compress.training_defaults import DEFAULT_BATCH
 from compress.variants import Variant
 
 QAT_MODES = ("qat", "auto")
@@ -66,7 +67,9 @@ def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[s
         return ok
 
     if mode == "auto":
-        converted = qat.ptq(job.model, sample2, job.images, weight_bits(job), cfg.calibration.batch_size)
+        converted = qat.ptq(
+            job.calibration_model(), sample2, job.images, weight_bits(job), cfg.calibration.batch_size
+        )
         ok = measured("ptq", converted, "static PTQ (the QAT quantizer, calibrated, no training)")
         log.info(
             "quantize: %s static PTQ val %s (%s the %.2f pp tolerance)%s",
@@ -181,8 +184,9 @@ def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[s
 def _train(job: Job, name: str, work: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune the fake-quantized parent (optionally against its fp32 self), then convert."""
     settings, bundle, ctx = job.cfg.qat, job.bundle, job.ctx
-    prepared = qat.prepare(job.model, job.sample[:2], weight_bits(job))
-    per_epoch = math.ceil(len(bundle.train) / (settings.batch_size or 128))
+    # the eager model adapted: in the exported graph BatchNorm is no longer a module to re-estimate
+    prepared = qat.prepare(job.calibration_model(), job.sample[:2], weight_bits(job))
+    per_epoch = math.ceil(len(bundle.train) / (settings.batch_size or DEFAULT_BATCH))
     steps = settings.epochs * per_epoch
     checkpoint = work / "fit" / "checkpoint.pt"  # a resumed fit: count the steps it already took
     done = int(load_checkpoint(checkpoint)["epoch"]) * per_epoch if checkpoint.is_file() else 0
@@ -197,7 +201,7 @@ def _train(job: Job, name: str, work: Path) -> tuple[nn.Module, dict[str, Any]]:
 
     distill = None
     if settings.distill is not None:
-        teacher = copy.deepcopy(job.model).eval()
+        teacher = copy.deepcopy(job.calibration_model()).eval()
         logits = teacher_logits(teacher, bundle, ctx.device) if settings.augment == "none" else None
         distill = Distillation(teacher, settings.distill.temperature, settings.distill.alpha, logits)
     result = fit(

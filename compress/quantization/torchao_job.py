@@ -28,6 +28,8 @@ def quantize_with_torchao(job: Job) -> list[tuple[Variant | None, dict[str, Any]
         log.warning("quantize: cannot save %s as an exported program (%s)", job.parent.name, exc)
         fp32_sizes = evaluate.file_sizes(job.parent.file)
     weight_modules = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    # static calibration starts from the parent with re-estimated BatchNorm statistics (or the parent)
+    calibrated = job.calibration_model().cpu().eval() if "static" in cfg.modes else model
     results = []
     for mode in cfg.modes:
         name = cfg.output_name(job.parent.name, mode)
@@ -38,7 +40,12 @@ def quantize_with_torchao(job: Job) -> list[tuple[Variant | None, dict[str, Any]
 
             def val_accuracy(ex: list[str]) -> float:
                 quantized = torchao.pt2e_static(
-                    model, sample2, job.images, ex, cfg.effective_reduce_range, cfg.calibration.batch_size
+                    calibrated,
+                    sample2,
+                    job.images,
+                    ex,
+                    cfg.effective_reduce_range,
+                    cfg.calibration.batch_size,
                 )
                 return evaluate.accuracy_of(torchao.torch_predictor(quantized), bundle, bundle.val)[
                     "accuracy"
@@ -48,7 +55,12 @@ def quantize_with_torchao(job: Job) -> list[tuple[Variant | None, dict[str, Any]
                 cfg, mode, weight_modules, val_accuracy, parent_val, has_val
             )
             quantized = torchao.pt2e_static(
-                model, sample2, job.images, excluded, cfg.effective_reduce_range, cfg.calibration.batch_size
+                calibrated,
+                sample2,
+                job.images,
+                excluded,
+                cfg.effective_reduce_range,
+                cfg.calibration.batch_size,
             )
             path_used = (
                 "torchao PT2E: torch.export + prepare_pt2e/convert_pt2e, X86InductorQuantizer (static)"

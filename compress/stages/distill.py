@@ -24,13 +24,14 @@ from torch import nn
 
 from compress.config import ModelConfig, StageConfig, TrainingConfig
 from compress.context import Context
-from compress.data import DataBundle
+from compress.data import DataBundle, nominal_model_fields
 from compress.distill_losses import FeatureDistillation
 from compress.errors import ConfigError
 from compress.fileio import sha256_file, write_json
 from compress.gating import SCRATCH_SUFFIX
 from compress.measure import count_macs, count_parameters
 from compress.models import ModelSpec, build_model, save_model
+from compress.models.builders import size_problem
 from compress.stages import stage
 from compress.training import Distillation, evaluate, fit, teacher_logits
 from compress.variants import StageResult, Variant
@@ -60,6 +61,13 @@ class DistillConfig(StageConfig, TrainingConfig):
                 f"{self.student.arch!r} has none; use loss: hint (the penultimate feature) or kd"
             )
         return self
+
+    def check(self, pipeline: Any) -> None:
+        """A student that cannot run on the data's images is refused before anything trains."""
+        fields = nominal_model_fields(pipeline.data)
+        problem = size_problem({**self.student.spec(), **fields}) if fields else None
+        if problem:
+            raise ValueError(f"student: {problem}")
 
     def consumes(self, available: list[str]) -> list[str]:
         if self.from_ is None and "baseline" not in available:
@@ -271,6 +279,8 @@ def _train_one(
         "train_cpu_seconds": round(cpu, 2),
         "resumed_from_epoch": result.resumed_from_epoch,
         "curves": f"work/{workdir.name}/history.json",
+        "batchnorm": result.batchnorm,  # the BatchNorm adaptation after training (compress.batchnorm)
+        "training_settings": result.derived,  # batch size and lr auto's rate when left open
     }
     ctx.log.info(
         "%s: seed %d %s student: test %s val %s (%.1fs)",

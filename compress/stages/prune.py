@@ -21,13 +21,21 @@ import torch
 from pydantic import Field, model_validator
 
 from compress import pruning
-from compress.config import OptimizerConfig, SoftLabels, StageConfig, TrainingConfig
+from compress.config import (
+    BN_ADAPT_BATCHES,
+    MAX_BN_ADAPT_BATCHES,
+    OptimizerConfig,
+    SoftLabels,
+    StageConfig,
+    TrainingConfig,
+)
 from compress.context import Context
 from compress.data import nominal_model_fields
 from compress.errors import ConfigError
 from compress.models import build_model, inspect
 from compress.pruning.job import PruneJob, PruneProblem, model_name
 from compress.pruning.magnitude_job import run_magnitude
+from compress.pruning.probe import slim_problem
 from compress.pruning.structured_job import run_structured, unreachable
 from compress.stages import stage
 from compress.training import Distillation, teacher_logits
@@ -75,6 +83,9 @@ class PruneConfig(StageConfig):
     distill: SoftLabels | None = None
     # magnitude: each layer alone pruned to ``amount``, its validation drop (Distiller's analysis)
     sensitivity: bool = False
+    # with finetune: null, BatchNorm statistics re-estimated on this many training batches after
+    # the cut (a fine-tune re-estimates with its own finetune.bn_adapt_batches); 0: off
+    bn_adapt_batches: int = Field(BN_ADAPT_BATCHES, ge=0, le=MAX_BN_ADAPT_BATCHES)
 
     @model_validator(mode="after")
     def _defaults(self) -> PruneConfig:
@@ -136,18 +147,19 @@ class PruneConfig(StageConfig):
     def check(self, pipeline) -> None:
         for key, message in self.problems():
             raise ValueError(f"{key}: {message}")
-        if self.method == "structured" and self.target_macs_reduction is not None:
-            self._check_reachable(pipeline)
+        if self.method == "structured":
+            self._check_structured(pipeline)
 
-    def _check_reachable(self, pipeline) -> None:
-        """A MACs target the architecture cannot reach fails now, before anything trains: the
-        limit (every prunable layer at ``max_layer_amount``) does not depend on the weights."""
+    def _check_structured(self, pipeline) -> None:
+        """An architecture channel pruning cannot handle (untraceable, or its cut copy fails to
+        run or to rebuild), or a MACs target it cannot reach, fails now, before anything trains:
+        neither depends on the weights (``compress.pruning.probe``)."""
         (source,) = self.consumes([])
         spec = pipeline.architecture_of(source, self)
         fields = nominal_model_fields(pipeline.data)
         if spec is None or fields is None:
             return  # known only when the stage runs (it checks again then)
-        limit = _macs_limit(
+        limit, problem = _probe(
             json.dumps({**spec, **fields}, sort_keys=True),
             tuple(self.exclude),
             tuple(self.layer_types),
@@ -155,7 +167,10 @@ class PruneConfig(StageConfig):
             self.importance,
             self.round_to,
         )
-        if limit is not None and limit < self.target_macs_reduction:
+        if problem is not None:
+            raise ValueError(f"method: structured pruning of {model_name(spec)}: {problem}")
+        target = self.target_macs_reduction
+        if limit is not None and target is not None and limit < target:
             raise ValueError(f"target_macs_reduction: {unreachable(self, spec, limit)}")
 
     def architecture(self, variant: str, inputs: list[str], pipeline) -> dict | None:
@@ -173,33 +188,34 @@ class PruneConfig(StageConfig):
 
 
 @functools.lru_cache(maxsize=32)
-def _macs_limit(
+def _probe(
     spec_json: str,
     exclude: tuple[str, ...],
     layer_types: tuple[str, ...],
     max_layer_amount: float,
     importance: str,
     round_to: int | None,
-) -> float | None:
-    """The architecture's largest MACs reduction, from an untrained model of ``spec_json`` (None if
-    it cannot be built or traced here: the stage reports that when it runs)."""
+) -> tuple[float | None, str | None]:
+    """(the architecture's largest MACs reduction, why channel pruning cannot handle it) from an
+    untrained model of ``spec_json``; (None, None) if it cannot be built or run here: the train
+    stage's check reports that."""
     spec = json.loads(spec_json)
     try:
         torch.manual_seed(0)
         model = build_model(spec).eval()
         example = torch.randn(1, spec["in_channels"], spec["image_size"], spec["image_size"])
         classifier = inspect(model, example, spec["num_classes"]).classifier
-        plan = pruning.ChannelPlan(
-            importance=importance,
-            scope="macs",
-            max_layer_amount=max_layer_amount,
-            ignored=[*([classifier] if classifier else []), *exclude],
-            layer_types=list(layer_types),
-            round_to=round_to,
-        )
-        return pruning.max_macs_reduction(model, example, plan)
-    except Exception:  # noqa: BLE001 - any failure here is reported by the stage itself, with context
-        return None
+    except Exception:  # noqa: BLE001 - any failure here is reported by the train stage, with context
+        return None, None
+    plan = pruning.ChannelPlan(
+        importance=importance,
+        scope="macs",
+        max_layer_amount=max_layer_amount,
+        ignored=[*([classifier] if classifier else []), *exclude],
+        layer_types=list(layer_types),
+        round_to=round_to,
+    )
+    return slim_problem(spec, model, example, plan)
 
 
 def _fail(ctx: Context, cfg: PruneConfig, key: str, message: str) -> ConfigError:

@@ -22,7 +22,15 @@ from pydantic import Field, field_validator, model_validator
 
 from compress import measure
 from compress import quantization as q
-from compress.config import OptimizerConfig, SoftLabels, StageConfig, StrictModel, TrainingConfig
+from compress.config import (
+    BN_ADAPT_BATCHES,
+    MAX_BN_ADAPT_BATCHES,
+    OptimizerConfig,
+    SoftLabels,
+    StageConfig,
+    StrictModel,
+    TrainingConfig,
+)
 from compress.context import Context
 from compress.data import calibration_images
 from compress.errors import ArtifactError
@@ -72,6 +80,14 @@ class QatConfig(TrainingConfig):
     freeze_observers_at: float = Field(0.6, ge=0, le=1)
     freeze_bn_at: float = Field(0.6, ge=0, le=1)
 
+    @field_validator("bn_adapt_batches")
+    @classmethod
+    def _adapted_before_qat(cls, value: int) -> int:
+        raise ValueError(
+            "the batch norms are re-estimated once, before QAT starts (in the exported graph they are "
+            "no longer modules); set bn_adapt_batches on the quantize stage instead"
+        )
+
 
 class QuantizeConfig(StageConfig):
     stage: Literal["quantize"]
@@ -95,6 +111,9 @@ class QuantizeConfig(StageConfig):
     sensitivity: bool = False
     latency: LatencyConfig = LatencyConfig()
     qat: QatConfig = QatConfig()
+    # BatchNorm adaptation before static calibration and QAT: re-estimate the parent's running
+    # statistics on this many training batches (on a copy; the parent stays the fp32 reference)
+    bn_adapt_batches: int = Field(BN_ADAPT_BATCHES, ge=0, le=MAX_BN_ADAPT_BATCHES)
     suffix: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
     @field_validator("modes")
@@ -220,6 +239,7 @@ def run(cfg: QuantizeConfig, inputs: list[Variant], ctx: Context, out_dir: Path)
     variants: list[Variant] = []
     report: dict[str, Any] = {"backend": cfg.backend, "calibration_images": count, "variants": {}}
     problems: dict[str, str] = {}
+    adapted: dict[str, Any] = {}  # parent -> its BatchNorm adaptation's record
     for parent in inputs:
         model, _ = parent.load_torch()
         model.eval()
@@ -231,6 +251,8 @@ def run(cfg: QuantizeConfig, inputs: list[Variant], ctx: Context, out_dir: Path)
                 variants.append(variant)
             else:
                 problems[record["name"]] = record.get("save_error", "not saved")
+        if job.batchnorm is not None:
+            adapted[parent.name] = report.setdefault("batchnorm", {})[parent.name] = job.batchnorm
     shutil.rmtree(out_dir / "work", ignore_errors=True)
     write_json(out_dir / "quantize.json", report)
     metrics = {
@@ -238,6 +260,8 @@ def run(cfg: QuantizeConfig, inputs: list[Variant], ctx: Context, out_dir: Path)
         "calibration_images": count,
         "variants": {name: _brief(r["metrics"]) for name, r in report["variants"].items()},
     }
+    if adapted:
+        metrics["batchnorm"] = adapted
     if problems:
         metrics["not_saved"] = problems
         ctx.log.warning("quantize: evaluated but could not save: %s", problems)

@@ -17,13 +17,17 @@ from torch import nn
 
 from compress.config import MAX_EPOCHS, ModelConfig, StageConfig, TrainingConfig, project_file
 from compress.context import Context
+from compress.data import nominal_model_fields
 from compress.errors import ArtifactError
 from compress.fileio import sha256_file
 from compress.measure import count_parameters
 from compress.models import apply_state, build_model, is_model_payload, load_checkpoint, save_model
+from compress.models.builders import forward_problem, size_problem
+from compress.models.files import payload_state
 from compress.models.weights import load_exact, state_dict_in
 from compress.stages import stage
 from compress.training import evaluate, fit
+from compress.training_defaults import baseline_batch_size
 from compress.variants import StageResult, Variant
 
 # the data a model is built for when only its layer names matter (validation, before any data)
@@ -68,6 +72,11 @@ class TrainConfig(StageConfig, TrainingConfig):
     def check(self, pipeline: object) -> None:
         if self.init is not None:
             init_state(self)  # a missing, foreign or mismatched file fails before anything runs
+        fields = nominal_model_fields(pipeline.data)
+        if fields is not None:  # an image folder without image_size: checked when the stage runs
+            problem = size_problem({**self.model.spec(), **fields})
+            if problem:
+                raise ValueError(f"model: {problem}")
 
     def cache_extras(self, pipeline: object) -> dict[str, str]:
         """The init file's content (or pretrained weights file's) is part of what this stage makes."""
@@ -100,7 +109,7 @@ def init_state(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict | None, 
             raise ValueError(
                 f"init: {cfg.init} holds a {spec.get('arch')!r} model, but model.arch is {cfg.model.arch!r}"
             )
-        return payload["state"], payload.get("groups"), True
+        return payload_state(payload), payload.get("groups"), True
     found = state_dict_in(payload)
     if found is None:
         keys = ", ".join(list(payload)[:6])
@@ -144,9 +153,18 @@ def _initialise(cfg: TrainConfig, model: nn.Module) -> None:
 
 
 def _check_outputs(cfg: TrainConfig, model: nn.Module, bundle) -> None:
-    """The model must give one logit per class of the data (a user's factory or weights may not)."""
+    """The model must run on the data's images and give one logit per class (a user's factory or
+    weights may not); an image folder's size is known only here, so this repeats ``check``."""
+    example = bundle.normalize(bundle.train.x[:2])
+    problem = forward_problem(model, example)
+    if problem is not None:
+        side = tuple(example.shape[1:])
+        raise ArtifactError(
+            f"stage {cfg.label!r}: {cfg.model.label} cannot run on the data's {side} images ({problem}); "
+            "set data.image_size to a size it takes, or choose another model"
+        )
     with torch.no_grad():
-        out = model.eval()(bundle.normalize(bundle.train.x[:2]))
+        out = model.eval()(example)
     if out.dim() != 2 or out.shape[1] != bundle.num_classes:
         raise ArtifactError(
             f"stage {cfg.label!r}: {cfg.model.label} outputs shape {tuple(out.shape)} for 2 images, but the "
@@ -174,12 +192,21 @@ def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
         ctx.device,
     )
     started = time.perf_counter()
-    history, resumed = [], 0
+    history, resumed, batchnorm, derived = [], 0, None, {}
     if cfg.epochs:
+        settings = baseline_batch_size(cfg, len(bundle.train), cfg.label)
         result = fit(
-            model, bundle, cfg, ctx.device, ctx.seed, out_dir / "work", desc=cfg.label, on_epoch=ctx.on_epoch
+            model,
+            bundle,
+            settings,
+            ctx.device,
+            ctx.seed,
+            out_dir / "work",
+            desc=cfg.label,
+            on_epoch=ctx.on_epoch,
         )
-        history, resumed = result.history, result.resumed_from_epoch
+        history, resumed, batchnorm = result.history, result.resumed_from_epoch, result.batchnorm
+        derived = {**result.derived, "batch_size_auto": cfg.batch_size is None}  # and lr auto's rate
     else:
         ctx.log.info("train: epochs 0: the weights in %s are taken as they are", cfg.init)
     wall = time.perf_counter() - started
@@ -208,4 +235,7 @@ def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
         metrics=metrics,
         info={"arch": cfg.model.arch, "model": cfg.model.label, "spec": spec, "curves": "work/history.json"},
     )
-    return StageResult(variants=[variant], metrics={"history": history, **metrics})
+    return StageResult(
+        variants=[variant],
+        metrics={"history": history, **metrics, "batchnorm": batchnorm, "training_settings": derived},
+    )

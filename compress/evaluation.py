@@ -1,0 +1,64 @@
+"""Scoring a model on one split: loss, top-1 and per-class accuracy, the same way everywhere.
+
+Its own module so that what evaluates a model after training (``training.fit``) and what
+adjusts one before it is scored (``batchnorm``) share it without importing each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress import distributed
+from compress.data import DataBundle, Split, iterate_batches
+from compress.layout import channels_last
+
+# Evaluation batch: a conv net in channels-last memory scores 10,000 MNIST images in 0.7 s on 2
+# CPU cores at batch 256-500 and in 1.1 s at batch 1000 (its caches overflow).
+EVAL_BATCH = 256
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    bundle: DataBundle,
+    split: Split,
+    device: torch.device,
+    batch_size: int = EVAL_BATCH,
+) -> dict[str, Any]:
+    """Loss, top-1 accuracy and per-class accuracy of ``model`` on ``split``.
+
+    Under DDP every rank scores every world-size-th image and the counts are summed, so each
+    image is scored exactly once overall and the result equals the single-process one.
+    """
+    model.eval()
+    num_classes = bundle.num_classes
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    totals = torch.zeros(num_classes, dtype=torch.long)
+    loss_sum = 0.0
+    shard = distributed.eval_shard(len(split)) if distributed.active() else None
+    with channels_last(model):
+        for x, y in iterate_batches(bundle, split, batch_size, device, indices=shard):
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            hits = (logits.argmax(1) == y).cpu()
+            y_cpu = y.cpu()
+            totals += torch.bincount(y_cpu, minlength=num_classes)
+            correct += torch.bincount(y_cpu[hits], minlength=num_classes)
+    if shard is not None:
+        correct, totals = distributed.all_reduce_sum(torch.stack([correct, totals])).unbind(0)
+        loss_sum = distributed.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64)).item()
+    n = int(totals.sum())
+    per_class = {
+        bundle.classes[i]: (correct[i] / totals[i]).item() if totals[i] else None for i in range(num_classes)
+    }
+    return {
+        "loss": loss_sum / max(n, 1),
+        "accuracy": int(correct.sum()) / max(n, 1),
+        "correct": int(correct.sum()),
+        "count": n,
+        "per_class_accuracy": per_class,
+    }

@@ -1,0 +1,148 @@
+"""Training settings a run derives when the YAML leaves them open: the batch size that gives a
+short run enough steps, and ``optimizer.lr: auto`` (a learning-rate range test on training data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from compress import lr_find
+from compress.config import TrainingConfig
+from compress.config.data import DataConfig
+from compress.data import load_data
+from compress.models import build_model
+from compress.training import make_optimizer
+from compress.training_defaults import FALLBACK_LR, MIN_STEPS, baseline_batch_size, resolve
+from tests.conftest import run_cli, write_pipeline
+
+
+@pytest.mark.parametrize(
+    ("images", "epochs", "expected"),
+    [
+        (2_000, 1, 16),  # 125 steps at 16; 63 at 32 is too few
+        (2_500, 2, 32),  # 158 steps at 32
+        (6_000, 1, 32),  # 47 steps at 128 and 94 at 64 are too few; 188 at 32
+        (55_000, 1, 128),  # a full data set keeps 128
+        (100, 1, 16),  # never below 16, however few the images
+    ],
+)
+def test_the_baseline_batch_gives_a_short_run_enough_steps(images: int, epochs: int, expected: int) -> None:
+    chosen = baseline_batch_size(TrainingConfig(epochs=epochs), images).batch_size
+    steps = epochs * -(-images // chosen)
+    assert chosen == expected
+    assert steps >= MIN_STEPS or chosen == 16
+    if chosen < 128:  # the next size up would have had too few steps
+        assert epochs * -(-images // (2 * chosen)) < MIN_STEPS
+
+
+def test_a_hand_set_batch_size_wins() -> None:
+    assert baseline_batch_size(TrainingConfig(epochs=1, batch_size=256), 2_000).batch_size == 256
+
+
+@pytest.fixture(scope="module")
+def small_mnist(data_root: Path):
+    return load_data(DataConfig(dataset="mnist", limit_train=1_000, limit_test=200, val_size=200), data_root)
+
+
+def test_range_test_picks_a_rate_from_real_losses_and_leaves_the_model_alone(small_mnist) -> None:
+    torch.manual_seed(0)
+    model = build_model({"arch": "lenet5", "in_channels": 1, "image_size": 28, "num_classes": 10})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainingConfig(optimizer={"name": "sgd", "lr": lr_find.MIN_LR})
+
+    def run(seed: int) -> lr_find.RangeTest:
+        return lr_find.range_test(
+            model, small_mnist, lambda m: make_optimizer(m, cfg), 32, "none", torch.device("cpu"), seed
+        )
+
+    found = run(0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy trained
+    assert found.rates == sorted(found.rates) and found.rates[0] == pytest.approx(lr_find.MIN_LR)
+    # LeNet-5 learns: the smoothed loss falls well below ln 10 before the rate gets too high
+    assert min(found.losses) < 0.85 * found.losses[0]
+    assert found.lr_at_minimum == found.rates[found.losses.index(min(found.losses))]
+    assert found.lr == pytest.approx(found.lr_at_minimum * lr_find.SHARE_OF_MINIMUM)
+    assert 1e-4 < found.lr < 1.0
+    assert run(0).lr == found.lr  # the same seed, the same rate
+
+
+class _CannotLearn(nn.Module):
+    """Logits that no parameter moves: the loss stays at ln 10 whatever the rate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(x), 10) + 0 * self.unused
+
+
+def test_a_range_test_that_finds_no_dip_falls_back_to_the_usual_rate(small_mnist, tmp_path: Path) -> None:
+    cfg = TrainingConfig(epochs=1, optimizer={"name": "adamw", "lr": "auto"})
+    resolved, record = resolve(
+        cfg, _CannotLearn(), small_mnist, torch.device("cpu"), 0, tmp_path, make_optimizer
+    )
+    assert record["lr_auto"]["lr"] is None  # nothing found, and the record says so
+    assert resolved.optimizer.lr == record["lr_auto"]["used"] == FALLBACK_LR["adamw"]
+    assert json.loads((tmp_path / "lr_find.json").read_text())["lr"] is None
+
+
+PIPELINE = """\
+seed: 0
+device: cpu
+data: {{dataset: mnist, val_size: 300, limit_train: 1000, limit_test: 500}}
+stages:
+  - stage: train
+    model: {{arch: lenet5, width: 0.5}}
+    epochs: 1
+    optimizer: {optimizer}
+    schedule: {schedule}
+"""
+
+
+def _pipeline(cwd: Path, optimizer: str, schedule: str = "onecycle") -> Path:
+    return write_pipeline(cwd, PIPELINE.format(optimizer=optimizer, schedule=schedule))
+
+
+def test_lr_auto_trains_with_the_rate_the_range_test_chose(tmp_path: Path, data_root: Path) -> None:
+    pipeline = _pipeline(tmp_path, "{name: sgd, lr: auto}")
+    result = run_cli(pipeline, cwd=tmp_path, data_root=data_root)
+    assert result.returncode == 0, result.output
+    stage = tmp_path / "artifacts" / "tiny" / "latest" / "stages" / "train"
+    metrics = json.loads((stage / "result.json").read_text())["metrics"]
+    derived = metrics["training_settings"]
+    assert derived["batch_size"] == 16 and derived["batch_size_auto"]  # 1,000 images, 1 epoch
+    chosen = derived["lr_auto"]["lr"]
+    assert derived["lr_auto"]["used"] == chosen  # the test found a dip: no fallback
+    assert 1e-4 < chosen < 1.0
+    saved = json.loads((stage / "work" / "lr_find.json").read_text())  # what a resumed fit reuses
+    assert saved["lr"] == chosen
+    history = json.loads((stage / "work" / "history.json").read_text())
+    assert history[-1]["lr"] <= chosen  # onecycle anneals from the chosen peak
+    assert metrics["test_accuracy"] > 0.7  # LeNet-5 learns at the chosen rate (79 % measured; chance 10 %)
+    log = (stage.parent.parent / "run.log").read_text()
+    assert "lr auto: range test over" in log and f"{chosen:.2e}" in log
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "schedule", "key", "words"),
+    [
+        ("{name: sgd, lr: auto}", "constant", "stages[0] (train).schedule", "cannot take optimizer.lr: auto"),
+        ("{name: sgd, lr: -0.1}", "onecycle", "stages[0] (train).optimizer.lr", "> 0 and <= 10, or auto"),
+        ("{name: sgd, lr: fast}", "onecycle", "stages[0] (train).optimizer.lr", "a number such as 0.05"),
+    ],
+)
+def test_a_bad_lr_is_one_line_naming_the_key(
+    tmp_path: Path, data_root: Path, optimizer: str, schedule: str, key: str, words: str
+) -> None:
+    pipeline = _pipeline(tmp_path, optimizer, schedule)
+    result = run_cli(pipeline, "--validate", cwd=tmp_path, data_root=data_root)
+    assert result.returncode == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert str(pipeline.name) in lines[0] and key in lines[0] and words in lines[0], lines[0]
+    assert "Traceback" not in result.output
