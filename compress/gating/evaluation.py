@@ -63,28 +63,7 @@ def _evaluate_row(gate: str, rule: GateRule, row: Row, by_key: dict[tuple[str, s
     threshold = rule.threshold
     variant, runtime = str(row.get("variant")), str(row.get("runtime"))
     if metric.key == "require_parity":
-        ok = row.get("export_ok")
-        if ok is None:
-            return Outcome(
-                gate,
-                metric.key,
-                variant,
-                runtime,
-                SKIPPED,
-                "no export parity recorded for this file (not exported)",
-            )
-        agreement, diff = number(row.get("parity_top1_agreement")), number(row.get("parity_max_abs_diff"))
-        numbers = []
-        if diff is not None:
-            numbers.append(f"max|diff| {diff:.2e}")
-        if agreement is not None:
-            numbers.append(f"top-1 agreement {100 * agreement:.2f}%")
-        detail = f" ({', '.join(numbers)})" if numbers else ""
-        status = PASSED if ok is True else FAILED
-        reason = f": {row.get('error')}" if status == FAILED and row.get("error") else ""
-        text = f"export parity {'passed' if ok is True else 'FAILED'}{detail}{reason}"
-        value = 1.0 if ok is True else 0.0
-        return Outcome(gate, metric.key, variant, runtime, status, text, value, 1.0, "==")
+        return _parity(gate, rule, row)
     if row.get("status") != "ok":
         return Outcome(
             gate,
@@ -154,3 +133,31 @@ def _above_chance(gate: str, rule: GateRule, row: Row) -> Outcome:
     if not classes:
         missing += ": the row has no per-class accuracy, so its number of classes is unknown"
     return judge(gate, rule.metric, row, value, rule.threshold, detail=detail, missing=missing)
+
+
+def _parity(gate: str, rule: GateRule, row: Row) -> Outcome:
+    """``require_parity``: the export stage's parity check of this file, skipped when not exported."""
+    metric = rule.metric
+    variant, runtime = str(row.get("variant")), str(row.get("runtime"))
+    ok = row.get("export_ok")
+    if ok is None:
+        return Outcome(
+            gate,
+            metric.key,
+            variant,
+            runtime,
+            SKIPPED,
+            "no export parity recorded for this file (not exported)",
+        )
+    agreement, diff = number(row.get("parity_top1_agreement")), number(row.get("parity_max_abs_diff"))
+    numbers = []
+    if diff is not None:
+        numbers.append(f"max|diff| {diff:.2e}")
+    if agreement is not None:
+        numbers.append(f"top-1 agreement {100 * agreement:.2f}%")
+    detail = f" ({', '.join(numbers)})" if numbers else ""
+    status = PASSED if ok is True else FAILED
+    reason = f": {row.get('error')}" if status == FAILED and row.get("error") else ""
+    text = f"export parity {'passed' if ok is True else 'FAILED'}{detail}{reason}"
+    value = 1.0 if ok is True else 0.0
+    return Outcome(gate, metric.key, variant, runtime, status, text, value, 1.0, "==")

@@ -95,39 +95,14 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
     if found:
         summary["at_chance"] = chance.warning(found)
     useless = {f.variant for f in found}
-    reference = bases.get("pytorch") or next(iter(bases.values()), None)
-    if reference is not None:
-        latency = reference.get("latency_b1_p50_ms")
-        summary["baseline"] = (
-            f"The baseline `{inputs.baseline}` scores {fmt_pct(reference['accuracy'])} on the test split "
-            f"and takes {fmt_bytes(reference.get('size_bytes'))} in {runtime_label(reference['runtime'])}"
-            + (f", {fmt_ms(latency)} ms per image at batch 1" if is_number(latency) else "")
-            + "."
-        )
-    else:
-        summary["baseline"] = (
-            f"No baseline named `{inputs.baseline}` was measured, so deltas and ratios are missing; "
-            "set `baseline:` in the benchmark stage."
-        )
+    summary["baseline"] = _baseline_sentence(bases, inputs.baseline)
     if inputs.baseline in useless:
         summary["headline"] = (
             f"Nothing to recommend: the baseline `{inputs.baseline}` is at chance level (it learned "
             "nothing), so no variant made from it is worth shipping; see the warning."
         )
         return summary
-    within = [  # candidates to recommend: never a from-scratch control, never one at chance
-        r
-        for r in good
-        if r.get("variant") not in useless
-        and (
-            r.get("variant") == inputs.baseline
-            or (
-                gating.shipped(str(r.get("variant")))
-                and is_number(r.get("accuracy_delta_pp"))
-                and float(r["accuracy_delta_pp"]) >= -inputs.tolerance_pp
-            )
-        )
-    ]
+    within = _candidates(good, inputs, useless)
     for objective in OBJECTIVES:
         row = pick(within, objective, batch)
         if row is None:
@@ -144,12 +119,54 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
                 ),
             }
         )
-    # the one line for a newcomer: the smallest file within tolerance, preferably ONNX (what edge
-    # runtimes load), with what it costs
+    summary.update(_headline(within, bases, inputs, batch))
+    return summary
+
+
+def _baseline_sentence(bases: dict[str, dict[str, Any]], baseline: str) -> str:
+    reference = bases.get("pytorch") or next(iter(bases.values()), None)
+    if reference is None:
+        return (
+            f"No baseline named `{baseline}` was measured, so deltas and ratios are missing; "
+            "set `baseline:` in the benchmark stage."
+        )
+    latency = reference.get("latency_b1_p50_ms")
+    return (
+        f"The baseline `{baseline}` scores {fmt_pct(reference['accuracy'])} on the test split "
+        f"and takes {fmt_bytes(reference.get('size_bytes'))} in {runtime_label(reference['runtime'])}"
+        + (f", {fmt_ms(latency)} ms per image at batch 1" if is_number(latency) else "")
+        + "."
+    )
+
+
+def _candidates(good: list[dict[str, Any]], inputs: ReportInputs, useless: set[str]) -> list[dict[str, Any]]:
+    """The rows a recommendation may name: the baseline and shipped variants within the tolerance,
+    never a from-scratch control, never one at chance."""
+    return [
+        r
+        for r in good
+        if r.get("variant") not in useless
+        and (
+            r.get("variant") == inputs.baseline
+            or (
+                gating.shipped(str(r.get("variant")))
+                and is_number(r.get("accuracy_delta_pp"))
+                and float(r["accuracy_delta_pp"]) >= -inputs.tolerance_pp
+            )
+        )
+    ]
+
+
+def _headline(
+    within: list[dict[str, Any]], bases: dict[str, dict[str, Any]], inputs: ReportInputs, batch: int | None
+) -> dict[str, Any]:
+    """The one line for a newcomer (``headline``) and the file it names (``edge``): the smallest
+    file within tolerance, preferably ONNX (what edge runtimes load), with what it costs."""
+    out: dict[str, Any] = {}
     onnx = [r for r in within if r.get("runtime") == "onnxruntime"]
     edge = pick(onnx or within, "smallest", batch)
     if edge is None or edge.get("variant") == inputs.baseline:
-        summary["headline"] = (
+        out["headline"] = (
             f"No compressed variant stays within {inputs.tolerance_pp:g} pp of the baseline's accuracy "
             "while being smaller: hand the edge team the baseline"
             + (f", `{file_name(edge)}`." if edge is not None else ".")
@@ -161,7 +178,7 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
             if float(delta) < 0
             else "it loses no test accuracy"
         )
-        summary["headline"] = (
+        out["headline"] = (
             f"Hand the edge team `{file_name(edge)}` ({runtime_label(edge['runtime'])}): "
             f"{_compared(times(float(edge['size_ratio']), 'smaller', 'larger', 'as large'))} the baseline "
             f"and {cost} "
@@ -171,10 +188,10 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
         )
         ratio = edge.get(f"latency_ratio_b{batch}")
         if is_number(ratio) and float(ratio) > 1 + SPEED_NOISE:
-            summary["headline"] += f"; but it is {float(ratio):.1f}x slower at batch {batch} on this CPU"
-        summary["headline"] += "."
-        summary["edge"] = {"variant": edge["variant"], "runtime": edge["runtime"], "file": file_name(edge)}
-    return summary
+            out["headline"] += f"; but it is {float(ratio):.1f}x slower at batch {batch} on this CPU"
+        out["headline"] += "."
+        out["edge"] = {"variant": edge["variant"], "runtime": edge["runtime"], "file": file_name(edge)}
+    return out
 
 
 def _compared(phrase: str) -> str:
