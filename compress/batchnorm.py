@@ -31,8 +31,7 @@ from compress.config import BN_ADAPT_BATCHES
 from compress.data import DataBundle, iterate_batches
 from compress.evaluation import evaluate
 from compress.layout import channels_last, is_conv_net
-
-DEFAULT_BATCH_SIZE = 128  # fit's default batch
+from compress.training_defaults import DEFAULT_BATCH
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -81,7 +80,7 @@ def adapt_batchnorm(
     if not layers or batches <= 0:
         return None
     log = logger or logging.getLogger("compress")
-    size = batch_size or DEFAULT_BATCH_SIZE
+    size = batch_size or DEFAULT_BATCH
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
     flags = {m: m.training for m in model.modules()}
     has_val = len(bundle.val) > 0

@@ -20,16 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from compress import distributed, faults, training_defaults
+from compress import checkpoints, distributed, faults, training_defaults
 from compress.batchnorm import adapt_batchnorm
 from compress.config import TrainingConfig
 from compress.data import DataBundle, iterate_batches
 from compress.distill_losses import FeatureDistillation
 from compress.errors import ConfigError
 from compress.evaluation import EVAL_BATCH, evaluate
-from compress.fileio import atomic_path, no_interrupt, write_json
+from compress.fileio import write_json
 from compress.layout import channels_last, is_conv_net
-from compress.models import load_checkpoint
 
 log = logging.getLogger(__name__)
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -189,6 +188,48 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def _batch_loss(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: tuple[torch.Tensor, ...],
+    cfg: TrainingConfig,
+    device: torch.device,
+    distill: Distillation | None,
+) -> torch.Tensor:
+    """Cross-entropy, or the KD loss against the teacher's logits (cached ones are looked up by
+    the batch's row indices, ``batch[2]``) plus any feature loss."""
+    if distill is None:
+        return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    if distill.logits is not None:
+        teacher = distill.logits[batch[2]].to(device)
+    else:
+        with torch.no_grad():
+            teacher = distill.teacher(x)
+    loss = kd_loss(
+        logits.float(), teacher.float(), y, distill.temperature, distill.alpha, cfg.label_smoothing
+    )
+    return loss + distill.features.loss() if distill.features is not None else loss
+
+
+def _step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """One optimizer step (through the fp16 grad scaler when there is one) and one scheduler step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    scheduler.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     bundle: DataBundle,
@@ -212,7 +253,7 @@ def train_one_epoch(
     per-rank seed, and the returned loss and accuracy are summed over all ranks.
     """
     model.train()
-    batch_size = cfg.batch_size or 128
+    batch_size = cfg.batch_size or training_defaults.DEFAULT_BATCH
     precision = precision or resolve_precision(cfg, device)
     cached = distill is not None and distill.logits is not None
     if cached and (cfg.augment != "none" or len(distill.logits) != len(bundle.train)):
@@ -250,33 +291,8 @@ def train_one_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, precision):
             logits = model(x)
-            if distill is not None:
-                if cached:
-                    teacher_logits = distill.logits[batch[2]].to(device)
-                else:
-                    with torch.no_grad():
-                        teacher_logits = distill.teacher(x)
-                loss = kd_loss(
-                    logits.float(),
-                    teacher_logits.float(),
-                    y,
-                    distill.temperature,
-                    distill.alpha,
-                    cfg.label_smoothing,
-                )
-                if distill.features is not None:
-                    loss = loss + distill.features.loss()
-            else:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
+            loss = _batch_loss(logits, x, y, batch, cfg, device, distill)
+        _step(loss, optimizer, scheduler, scaler)
         if after_step is not None:
             after_step()
         total_loss += loss.item() * len(y)
@@ -308,75 +324,34 @@ def fit(
     it would have seen without the interruption.
 
     Conv nets train in channels-last memory (on any device). On CUDA: mixed precision as
-    ``cfg.precision`` says (``resolve_precision``) and cuDNN's autotuner. Under torchrun
-    (``distributed.active()``) the model trains in DistributedDataParallel: ``batch_size``
-    stays the global batch (each rank takes ``batch_size / world size`` of it, the epoch's
-    shuffle dealt out as ``DistributedSampler`` does), so a step sees the same images as the
-    single-process step and the schedule has the same length; only rank 0 writes checkpoints,
-    and a resumed fit takes rank 0's checkpoint on every rank.
+    ``cfg.precision`` says (``resolve_precision``) and cuDNN's autotuner. Under torchrun: see
+    ``_data_parallel``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = workdir / "checkpoint.pt"
     torch.manual_seed(seed)
     model.to(device)
     precision = resolve_precision(cfg, device)
-    # the batch size and learning rate the YAML left open, derived from the data (before any
-    # hook is bound: the range test trains a copy of the bare model)
+    # the batch size and lr the YAML left open, before any hook is bound (lr auto trains a copy)
     cfg, derived = training_defaults.resolve(cfg, model, bundle, device, seed, workdir, make_optimizer, desc)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    features = distill.features if distill is not None else None
-    if distill is not None:
-        distill.teacher.to(device).eval()
-        for p in distill.teacher.parameters():
-            p.requires_grad_(False)
-    if features is not None:  # hooks both models; the hint regressor trains with the student
-        features.bind(model, distill.teacher, torch.zeros(2, *bundle.input_shape, device=device))
+    features = _freeze_teacher(model, distill, bundle, device)
     optimizer = make_optimizer(model if features is None else nn.ModuleList([model, features]), cfg)
     batch_size = int(cfg.batch_size)  # concrete: training_defaults.resolve
     parallel = distributed.active()
-    if parallel:
-        per_rank = distributed.per_rank_batch(batch_size, f"{desc}: batch_size")
-        shard_size = -(-len(bundle.train) // distributed.world_size())
-        steps_per_epoch = -(-shard_size // per_rank)  # = ceil(len(train) / batch_size)
-    else:
-        steps_per_epoch = (len(bundle.train) + batch_size - 1) // batch_size
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    per_rank = distributed.per_rank_batch(batch_size, f"{desc}: batch_size") if parallel else batch_size
+    shard_size = -(-len(bundle.train) // distributed.world_size()) if parallel else len(bundle.train)
+    scheduler = make_scheduler(optimizer, cfg, -(-shard_size // per_rank))  # = ceil(len(train) / batch)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-    result = FitResult(
-        precision=precision, world_size=distributed.world_size() if parallel else 1, derived=derived
-    )
-    start_epoch = 0
-    if parallel:  # rank 0's checkpoint, if any, on every rank (other nodes may not see its disk)
-        state = distributed.on_main(
-            lambda: load_checkpoint(checkpoint_path, map_location="cpu") if checkpoint_path.exists() else None
-        )
-    else:
-        state = load_checkpoint(checkpoint_path, map_location=device) if checkpoint_path.exists() else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if features is not None and "features" in state:
-            features.load_state_dict(state["features"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        result.history = list(state["history"])
-        start_epoch = result.resumed_from_epoch = int(state["epoch"])
-        log.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, start_epoch)
+    trained = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "features": features}
+    trained = {key: part for key, part in trained.items() if part is not None}
+    start_epoch, history = checkpoints.resume(checkpoint_path, trained, device, desc)
+    world = distributed.world_size() if parallel else 1
+    result = FitResult(history, start_epoch, precision=precision, world_size=world, derived=derived)
     nhwc_input = is_conv_net(model)
     with channels_last(model, *([distill.teacher] if distill is not None else [])):
-        net = model
-        if parallel:
-            net = distributed.wrap(model, device)  # broadcasts rank 0's weights and buffers
-            torch.manual_seed(distributed.rank_seed(seed))  # dropout differs per rank
-            log.info(
-                "%s: DistributedDataParallel on %d processes, %d images per process per step, %s",
-                desc,
-                distributed.world_size(),
-                per_rank,
-                precision,
-            )
-
+        net = _data_parallel(model, device, seed, desc, per_rank, precision)
         started = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
             tic = time.perf_counter()
@@ -397,51 +372,111 @@ def fit(
                 shard=distributed.epoch_shard(len(bundle.train), seed * 100_003, epoch) if parallel else None,
                 nhwc_input=nhwc_input,
             )
-            val = evaluate(model, bundle, bundle.val, device) if len(bundle.val) else None
-            row = {
-                "epoch": epoch + 1,
-                **stats,
-                "val_loss": val["loss"] if val else None,
-                "val_accuracy": val["accuracy"] if val else None,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - tic,
-            }
+            row = _epoch_row(model, bundle, device, stats, epoch + 1, optimizer, time.perf_counter() - tic)
             result.history.append(row)
-            log.info(
-                "%s epoch %d/%d: loss %.4f train acc %.4f val acc %s (%.1fs)",
-                desc,
-                epoch + 1,
-                cfg.epochs,
-                row["train_loss"],
-                row["train_accuracy"],
-                f"{row['val_accuracy']:.4f}" if val else "n/a",
-                row["seconds"],
-            )
+            _log_epoch(row, cfg.epochs, desc)
             if distributed.is_main():  # the other ranks' workdirs are scratch copies
-                # Ctrl-C here: finish the file first
-                with no_interrupt(), atomic_path(checkpoint_path) as tmp:
-                    torch.save(
-                        {
-                            "model": model.state_dict(),
-                            **({"features": features.state_dict()} if features is not None else {}),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "history": result.history,
-                            "epoch": epoch + 1,
-                        },
-                        tmp,
-                    )
+                checkpoints.save(checkpoint_path, trained, result.history, epoch + 1)
             faults.checkpoint(f"fit:{workdir}:epoch{epoch + 1}")
             if on_epoch is not None:
                 on_epoch(epoch + 1, {**row, "epochs": cfg.epochs})  # epochs: so a hook knows the last one
     result.seconds = time.perf_counter() - started
     if features is not None:
         features.unbind()
-    # after every epoch, also when all were done before a resume: it depends on the weights alone
+    _adapt_and_record(model, bundle, cfg, device, seed, desc, result, workdir)
+    return result
+
+
+def _adapt_and_record(
+    model: nn.Module,
+    bundle: DataBundle,
+    cfg: TrainingConfig,
+    device: torch.device,
+    seed: int,
+    desc: str,
+    result: FitResult,
+    workdir: Path,
+) -> None:
+    """BatchNorm adaptation after the last epoch (also when every epoch was done before a resume:
+    it depends on the weights alone), then the history file."""
     measured = result.history[-1]["val_accuracy"] if result.history else None
     result.batchnorm = adapt_batchnorm(
-        model, bundle, device, cfg.bn_adapt_batches, seed, desc, batch_size, log, val_before=measured
+        model, bundle, device, cfg.bn_adapt_batches, seed, desc, cfg.batch_size, log, val_before=measured
     )
     if distributed.is_main():
         write_json(workdir / "history.json", result.history)
-    return result
+
+
+def _data_parallel(
+    model: nn.Module, device: torch.device, seed: int, desc: str, per_rank: int, precision: str
+) -> nn.Module:
+    """Under torchrun the model in DistributedDataParallel (rank 0's weights and buffers on every
+    rank, dropout seeded per rank); otherwise the model itself.
+
+    ``batch_size`` stays the global batch (each rank takes ``batch_size / world size`` of it, the
+    epoch's shuffle dealt out as ``DistributedSampler`` does), so a step sees the same images as
+    the single-process step and the schedule has the same length; only rank 0 writes
+    checkpoints, and a resumed fit takes rank 0's checkpoint on every rank.
+    """
+    if not distributed.active():
+        return model
+    net = distributed.wrap(model, device)
+    torch.manual_seed(distributed.rank_seed(seed))
+    log.info(
+        "%s: DistributedDataParallel on %d processes, %d images per process per step, %s",
+        desc,
+        distributed.world_size(),
+        per_rank,
+        precision,
+    )
+    return net
+
+
+def _freeze_teacher(
+    model: nn.Module, distill: Distillation | None, bundle: DataBundle, device: torch.device
+) -> FeatureDistillation | None:
+    """The teacher on ``device``, in eval mode and never updated; a feature loss hooked into both
+    models (the hint regressor trains with the student), which ``fit`` returns to optimise."""
+    if distill is None:
+        return None
+    distill.teacher.to(device).eval()
+    for p in distill.teacher.parameters():
+        p.requires_grad_(False)
+    if distill.features is not None:
+        distill.features.bind(model, distill.teacher, torch.zeros(2, *bundle.input_shape, device=device))
+    return distill.features
+
+
+def _epoch_row(
+    model: nn.Module,
+    bundle: DataBundle,
+    device: torch.device,
+    stats: dict[str, float],
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    seconds: float,
+) -> dict[str, Any]:
+    """The epoch's line of the history: training loss and accuracy, validation, rate, time."""
+    val = evaluate(model, bundle, bundle.val, device) if len(bundle.val) else None
+    return {
+        "epoch": epoch,
+        **stats,
+        "val_loss": val["loss"] if val else None,
+        "val_accuracy": val["accuracy"] if val else None,
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+    }
+
+
+def _log_epoch(row: dict[str, Any], epochs: int, desc: str) -> None:
+    val = row["val_accuracy"]
+    log.info(
+        "%s epoch %d/%d: loss %.4f train acc %.4f val acc %s (%.1fs)",
+        desc,
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["train_accuracy"],
+        f"{val:.4f}" if val is not None else "n/a",
+        row["seconds"],
+    )

@@ -201,3 +201,19 @@ def log_variant(log: Any, name: str, m: dict[str, Any]) -> None:
         " -- SLOWER than its fp32 parent" if m["slower_than_parent"] else "",
         ", ".join(m["fp32_layers"]) or "none",
     )
+
+
+def quantized_variant(
+    job: Job, name: str, file_format: str, file: Path, metrics: dict[str, Any], info: dict[str, Any]
+) -> Variant:
+    """A quantized child of the job's parent, made by this stage; its info ends with the data's
+    preprocessing, which the deploy bundle needs to feed the file."""
+    return Variant(
+        name=name,
+        format=file_format,
+        file=file,
+        stage=job.cfg.label,
+        parent=job.parent.name,
+        metrics=metrics,
+        info={**info, "preprocessing": job.bundle.preprocessing()},
+    )

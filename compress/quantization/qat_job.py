@@ -8,7 +8,7 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,14 @@ from compress.export_files import parity
 from compress.models import load_checkpoint
 from compress.quantization import evaluate, ort, qat
 from compress.quantization import search as fallbacks
-from compress.quantization.job import Job, Reference, log_variant, test_accuracy, variant_metrics
+from compress.quantization.job import (
+    Job,
+    Reference,
+    log_variant,
+    quantized_variant,
+    test_accuracy,
+    variant_metrics,
+)
 from compress.training import Distillation, fit, teacher_logits
 from compress.training_defaults import DEFAULT_BATCH
 from compress.variants import Variant
@@ -44,56 +51,123 @@ def weight_bits(job: Job) -> int:
 
 
 def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[str, Any]]:
-    cfg, bundle, log = job.cfg, job.bundle, job.ctx.log
-    settings = cfg.qat
+    """One ``qat`` or ``auto`` variant: the candidates are measured on validation, the better one
+    ships, and its int8 kernels and parity with its PyTorch program are checked and recorded."""
+    cfg, bundle = job.cfg, job.bundle
     name = cfg.output_name(job.parent.name, mode)
     work = job.out_dir / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     final = job.out_dir / f"{name}.onnx"
-    meta = {"compress.variant": name, "preprocessing": json.dumps(bundle.preprocessing())}
-    sample2 = job.sample[:2]
-    has_val = len(bundle.val) > 0
-    tries: list[fallbacks.Try] = []
-    made: list[tuple[str, nn.Module, Path, float | None]] = []  # (method, program, file, val accuracy)
-    training: dict[str, Any] | None = None
+    candidates, training = _candidates(job, mode, ref, name, work)
+    method, converted, chosen, val = _choose(job, mode, name, candidates.made)
+    # every candidate's test accuracy, for the record only (the choice above saw validation alone)
+    tested = [
+        test_accuracy(job, lambda split, f=m[2]: evaluate.onnx_accuracy(f, bundle, split))
+        for m in candidates.made
+    ]
+    test = tested[[m[0] for m in candidates.made].index(method)]
+    os.replace(chosen, final)
+    metrics = _measured_metrics(job, mode, ref, final, val, test)
+    kernels = qat.int8_kernels(final, work / "optimized.onnx")
+    checked = _parity(converted, final, bundle.normalize(bundle.test.x[:PARITY_SAMPLE]))
+    metrics.update(
+        runtime="onnxruntime",
+        quantization_method=method,
+        weight_bits=weight_bits(job),
+        reduce_range=job.cfg.effective_reduce_range,
+        calibration_images=len(job.images) if method == "ptq" else 0,
+        calibration_method="minmax (torchao X86, observers)" if method == "ptq" else None,
+        int8_kernels=kernels,
+        runs_in_int8=bool(kernels),
+        qdq_parity=checked,
+        qat=training,
+    )
+    if mode == "auto":
+        metrics.update(_auto_metrics(candidates.tries, tested))
+    if not kernels:
+        job.ctx.log.warning(
+            "quantize: onnxruntime runs %s without int8 kernels (no QLinear/QGemm after fusion)", name
+        )
+    if not checked["ok"]:
+        job.ctx.log.warning("quantize: %s differs from its PyTorch program: %s", name, checked["error"])
+    log_variant(job.ctx.log, name, metrics)
+    return _qat_variant(job, mode, name, method, final, ref, metrics, candidates, tested)
 
-    def measured(method: str, converted: nn.Module, note: str) -> bool:
-        file = work / f"{method}.onnx"
-        qat.export_qdq(converted, sample2, file, meta)
+
+@dataclass
+class _Candidates:
+    """The int8 programs one mode exported and measured, in order (PTQ first under ``auto``, then
+    QAT), so the choice and the record see every try with its file and validation accuracy."""
+
+    job: Job
+    ref: Reference
+    work: Path
+    meta: dict[str, str]
+    tries: list[fallbacks.Try] = field(default_factory=list)
+    made: list[tuple[str, nn.Module, Path, float | None]] = field(
+        default_factory=list
+    )  # (method, program, file, val accuracy)
+
+    def measure(self, method: str, converted: nn.Module, note: str) -> bool:
+        """Export ``converted`` as QDQ ONNX and score it on validation; whether it meets the tolerance."""
+        bundle, cfg = self.job.bundle, self.job.cfg
+        has_val = len(bundle.val) > 0
+        file = self.work / f"{method}.onnx"
+        qat.export_qdq(converted, self.job.sample[:2], file, self.meta)
         acc = evaluate.onnx_accuracy(file, bundle, bundle.val)["accuracy"] if has_val else None
-        ok = has_val and fallbacks.meets(ref.val, acc, cfg.tolerance)
-        tries.append(_try(ref.val, acc, ok, note))
-        made.append((method, converted, file, acc))
+        ok = has_val and fallbacks.meets(self.ref.val, acc, cfg.tolerance)
+        self.tries.append(_try(self.ref.val, acc, ok, note))
+        self.made.append((method, converted, file, acc))
         return ok
 
+
+def _candidates(
+    job: Job, mode: str, ref: Reference, name: str, work: Path
+) -> tuple[_Candidates, dict[str, Any] | None]:
+    """``auto`` calibrates first and trains only when PTQ misses the tolerance; ``qat`` always
+    trains. Returns the measured candidates and the training summary (None without training)."""
+    cfg, bundle, log = job.cfg, job.bundle, job.ctx.log
+    meta = {"compress.variant": name, "preprocessing": json.dumps(bundle.preprocessing())}
+    has_val = len(bundle.val) > 0
+    candidates = _Candidates(job, ref, work, meta)
+    training: dict[str, Any] | None = None
     if mode == "auto":
         converted = qat.ptq(
-            job.calibration_model(), sample2, job.images, weight_bits(job), cfg.calibration.batch_size
+            job.calibration_model(), job.sample[:2], job.images, weight_bits(job), cfg.calibration.batch_size
         )
-        ok = measured("ptq", converted, "static PTQ (the QAT quantizer, calibrated, no training)")
+        ok = candidates.measure("ptq", converted, "static PTQ (the QAT quantizer, calibrated, no training)")
         log.info(
             "quantize: %s static PTQ val %s (%s the %.2f pp tolerance)%s",
             name,
-            f"{tries[0].val_accuracy:.4f}" if has_val else "n/a",
+            f"{candidates.tries[0].val_accuracy:.4f}" if has_val else "n/a",
             "within" if ok else "misses",
             cfg.tolerance,
             "" if ok else ": quantization-aware training follows",
         )
-    if mode == "qat" or not tries[0].meets:
+    if mode == "qat" or not candidates.tries[0].meets:
         converted, training = _train(job, name, work)
-        measured("qat", converted, f"QAT, {settings.epochs} epoch(s)")
-    # auto ships QAT only when it beats PTQ on the validation split: training can also lose
-    method, converted, chosen, val = (
-        max(made, key=lambda m: -1.0 if m[3] is None else m[3]) if has_val else made[-1]
-    )
-    if mode == "auto" and len(made) == 2 and method == "ptq":
-        log.warning("quantize: %s: QAT did not beat static PTQ on the validation split; PTQ ships", name)
-    # every candidate's test accuracy, for the record only (the choice above saw validation alone)
-    tested = [
-        test_accuracy(job, lambda split, f=m[2]: evaluate.onnx_accuracy(f, bundle, split)) for m in made
-    ]
-    test = tested[[m[0] for m in made].index(method)]
-    os.replace(chosen, final)
+        candidates.measure("qat", converted, f"QAT, {cfg.qat.epochs} epoch(s)")
+    return candidates, training
+
+
+def _choose(
+    job: Job, mode: str, name: str, made: list[tuple[str, nn.Module, Path, float | None]]
+) -> tuple[str, nn.Module, Path, float | None]:
+    """auto ships QAT only when it beats PTQ on the validation split: training can also lose."""
+    has_val = len(job.bundle.val) > 0
+    chosen = max(made, key=lambda m: -1.0 if m[3] is None else m[3]) if has_val else made[-1]
+    if mode == "auto" and len(made) == 2 and chosen[0] == "ptq":
+        job.ctx.log.warning(
+            "quantize: %s: QAT did not beat static PTQ on the validation split; PTQ ships", name
+        )
+    return chosen
+
+
+def _measured_metrics(
+    job: Job, mode: str, ref: Reference, final: Path, val: float | None, test: dict[str, Any]
+) -> dict[str, Any]:
+    """The shipped file's latency and size against the fp32 reference, with its accuracies."""
+    cfg = job.cfg
     fp32_ms, int8_ms = evaluate.compare_latency(
         [ref.runner, evaluate.onnx_runner(final, job.sample, cfg.latency.threads)],
         rounds=cfg.latency.rounds,
@@ -114,39 +188,43 @@ def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[s
         [],
     )
     metrics.update(ort.int8_initializers(final))
-    kernels = qat.int8_kernels(final, work / "optimized.onnx")
-    checked = _parity(converted, final, bundle.normalize(bundle.test.x[:PARITY_SAMPLE]))
-    path_used = (
+    return metrics
+
+
+def _auto_metrics(tries: list[fallbacks.Try], tested: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``auto`` adds: how PTQ scored, whether QAT was needed and how it scored."""
+    return {
+        "ptq_val_accuracy": tries[0].val_accuracy,
+        "ptq_drop_val_pp": round(tries[0].drop_pp, 4) if tries[0].val_accuracy is not None else None,
+        "qat_needed": not tries[0].meets,
+        "qat_val_accuracy": tries[1].val_accuracy if len(tries) == 2 else None,
+        "ptq_test_accuracy": tested[0]["accuracy"],
+        "qat_test_accuracy": tested[1]["accuracy"] if len(tested) == 2 else None,
+    }
+
+
+def _path_used(job: Job, method: str) -> str:
+    """The human-readable recipe recorded with the variant."""
+    return (
         "torchao PT2E X86InductorQuantizer "
         + ("prepare_qat_pt2e + fine-tuning" if method == "qat" else "prepare_pt2e + calibration")
         + f" ({weight_bits(job)}-bit weights), convert_pt2e, QDQ ONNX"
     )
-    metrics.update(
-        runtime="onnxruntime",
-        quantization_method=method,
-        weight_bits=weight_bits(job),
-        reduce_range=job.cfg.effective_reduce_range,
-        calibration_images=len(job.images) if method == "ptq" else 0,
-        calibration_method="minmax (torchao X86, observers)" if method == "ptq" else None,
-        int8_kernels=kernels,
-        runs_in_int8=bool(kernels),
-        qdq_parity=checked,
-        qat=training,
-    )
-    if mode == "auto":
-        metrics["ptq_val_accuracy"] = tries[0].val_accuracy
-        metrics["ptq_drop_val_pp"] = round(tries[0].drop_pp, 4) if tries[0].val_accuracy is not None else None
-        metrics["qat_needed"] = not tries[0].meets
-        metrics["qat_val_accuracy"] = tries[1].val_accuracy if len(tries) == 2 else None
-        metrics["ptq_test_accuracy"] = tested[0]["accuracy"]
-        metrics["qat_test_accuracy"] = tested[1]["accuracy"] if len(tested) == 2 else None
-    if not kernels:
-        log.warning(
-            "quantize: onnxruntime runs %s without int8 kernels (no QLinear/QGemm after fusion)", name
-        )
-    if not checked["ok"]:
-        log.warning("quantize: %s differs from its PyTorch program: %s", name, checked["error"])
-    log_variant(log, name, metrics)
+
+
+def _qat_variant(
+    job: Job,
+    mode: str,
+    name: str,
+    method: str,
+    final: Path,
+    ref: Reference,
+    metrics: dict[str, Any],
+    candidates: _Candidates,
+    tested: list[dict[str, Any]],
+) -> tuple[Variant, dict[str, Any]]:
+    """The stage's record of one QAT/auto variant (every candidate's tries) and its ``Variant``."""
+    path_used = _path_used(job, method)
     record = {
         "name": name,
         "parent": job.parent.name,
@@ -155,27 +233,25 @@ def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[s
         "metrics": metrics,
         "accuracy_tries": [
             {**t.to_json(), "method": m[0], "test_accuracy": r["accuracy"]}
-            for t, m, r in zip(tries, made, tested, strict=True)
+            for t, m, r in zip(candidates.tries, candidates.made, tested, strict=True)
         ],
         "sensitivity": [],
         "latency_search": [],
-        "settings": settings.model_dump(mode="json"),
+        "settings": job.cfg.qat.model_dump(mode="json"),
     }
-    variant = Variant(
-        name=name,
-        format="onnx",
-        file=final,
-        stage=cfg.label,
-        parent=job.parent.name,
-        metrics=metrics,
-        info={
+    variant = quantized_variant(
+        job,
+        name,
+        "onnx",
+        final,
+        metrics,
+        {
             "backend": "onnxruntime",
             "mode": mode,
             "method": method,
             "path": path_used,
             "fp32_onnx": str(ref.fp32.relative_to(job.out_dir)),
             "fp32_layers": [],
-            "preprocessing": bundle.preprocessing(),
         },
     )
     return variant, record

@@ -15,6 +15,7 @@ import hashlib
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -90,16 +91,57 @@ class DistillConfig(StageConfig, TrainingConfig):
         return self.student.spec()
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What is fixed before the first student trains, shared by the seed loop, the metrics and the
+    Variants, so those helpers take one value instead of a dozen loose ones."""
+
+    teacher: nn.Module
+    teacher_spec: ModelSpec
+    student_spec: ModelSpec
+    teacher_size: dict[str, int]
+    student_size: dict[str, int]
+    teacher_test: float | None
+    teacher_val: float | None
+    file_sha_before: str
+    weights_sha_before: str
+    cached: torch.Tensor | None
+
+
 @stage("distill", DistillConfig, version=2, distributed=True)
 def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     stage_started = time.perf_counter()
     source = inputs[0]
+    _require_torch_teacher(cfg, source)
+    bundle = ctx.data()
+    setup = _prepare(cfg, source, bundle, ctx)
+    runs = _train_all_seeds(cfg, setup, bundle, ctx, out_dir)
+    shas_after = _verify_teacher_unchanged(source, setup)
+    summary = _summarise(runs, setup.teacher_test, setup.teacher_val, cfg)
+    metrics = _stage_metrics(cfg, source, setup, summary, runs, shas_after, stage_started)
+    write_json(
+        out_dir / "distill.json",
+        {"student_spec": setup.student_spec, "teacher_spec": setup.teacher_spec, **metrics},
+    )
+    return StageResult(
+        variants=_build_variants(cfg, source, setup, runs, summary, metrics, ctx, out_dir),
+        metrics=metrics,
+        publish={"distill.json": f"{cfg.label}.json"},
+    )
+
+
+def _require_torch_teacher(cfg: DistillConfig, source: Variant) -> None:
+    """Refuse an exported teacher before any data is loaded: training needs its PyTorch forward."""
     if source.format != "torch":
         raise ConfigError(
             f"stage {cfg.label!r}: teacher {source.name!r} is an {source.format} model, which cannot "
             "run inside PyTorch training; distil from a torch variant (e.g. the one it was made from)"
         )
-    bundle = ctx.data()
+
+
+def _prepare(cfg: DistillConfig, source: Variant, bundle: DataBundle, ctx: Context) -> _Setup:
+    """Load and check the teacher, checksum it, size both models, score the teacher and decide on
+    the logit cache: everything the students' training and the report need, done once."""
     teacher, teacher_spec = source.load_torch()
     fields = bundle.model_fields()
     mismatched = {k: (teacher_spec.get(k), v) for k, v in fields.items() if teacher_spec.get(k) != v}
@@ -135,7 +177,28 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
     # the teacher's logits are the same every epoch only without augmentation, and a feature
     # loss needs its features too
     use_cache = cfg.cache_teacher_logits and cfg.augment == "none" and cfg.loss == "kd"
-    cached = teacher_logits(teacher, bundle, ctx.device) if use_cache else None
+    return _Setup(
+        teacher=teacher,
+        teacher_spec=teacher_spec,
+        student_spec=spec,
+        teacher_size=teacher_size,
+        student_size=student_size,
+        teacher_test=teacher_test,
+        teacher_val=teacher_val,
+        file_sha_before=file_sha_before,
+        weights_sha_before=weights_sha_before,
+        cached=teacher_logits(teacher, bundle, ctx.device) if use_cache else None,
+    )
+
+
+def _train_all_seeds(
+    cfg: DistillConfig, setup: _Setup, bundle: DataBundle, ctx: Context, out_dir: Path
+) -> list[dict[str, Any]]:
+    """Train the distilled student (and its scratch control) once per seed; one row per run.
+
+    The first seed's models are saved as the shipped variants, so the result never depends on a
+    best-of-N pick across seeds.
+    """
     # A tuning trial scores the distilled student alone (on validation data): the control and the
     # extra seeds measure the final variant, not a setting.
     kinds = ["distilled", "scratch"] if cfg.control and not ctx.tuning else ["distilled"]
@@ -144,23 +207,44 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
         seed = ctx.seed + index
         for kind in kinds:
             features = FeatureDistillation(cfg.loss, cfg.feature_weight) if cfg.loss != "kd" else None
-            distill = Distillation(teacher, cfg.temperature, cfg.alpha, cached, features)
+            distill = Distillation(setup.teacher, cfg.temperature, cfg.alpha, setup.cached, features)
             distill = distill if kind == "distilled" else None
-            model, row = _train_one(cfg, spec, bundle, ctx, out_dir, seed, kind, distill)
+            model, row = _train_one(cfg, setup.student_spec, bundle, ctx, out_dir, seed, kind, distill)
             runs.append(row)
             if index == 0:  # the shipped variants are the first seed's, never a best-of-N pick
-                save_model(model.cpu(), spec, out_dir / f"{kind}.pt")
+                save_model(model.cpu(), setup.student_spec, out_dir / f"{kind}.pt")
+    return runs
 
-    weights_sha_after = _state_checksum(teacher)
+
+def _verify_teacher_unchanged(source: Variant, setup: _Setup) -> tuple[str, str]:
+    """Re-checksum the teacher's weights and file, failing loudly if training touched either.
+
+    Returns ``(file_sha_after, weights_sha_after)`` for the report.
+    """
+    weights_sha_after = _state_checksum(setup.teacher)
     file_sha_after = sha256_file(source.file)
-    if weights_sha_after != weights_sha_before or file_sha_after != file_sha_before:
+    if weights_sha_after != setup.weights_sha_before or file_sha_after != setup.file_sha_before:
         raise RuntimeError(f"teacher {source.name!r} changed during distillation; this is a bug")
+    return file_sha_after, weights_sha_after
 
-    summary = _summarise(runs, teacher_test, teacher_val, cfg)
-    metrics: dict[str, Any] = {
+
+def _stage_metrics(
+    cfg: DistillConfig,
+    source: Variant,
+    setup: _Setup,
+    summary: dict[str, Any],
+    runs: list[dict[str, Any]],
+    shas_after: tuple[str, str],
+    stage_started: float,
+) -> dict[str, Any]:
+    """The stage's metrics (also the body of distill.json): sizes, settings, the seed summary,
+    the teacher checksums and every run, in the key order the report has always had."""
+    file_sha_after, weights_sha_after = shas_after
+    teacher_size, student_size = setup.teacher_size, setup.student_size
+    return {
         "teacher": source.name,
-        "teacher_test_accuracy": teacher_test,
-        "teacher_val_accuracy": teacher_val,
+        "teacher_test_accuracy": setup.teacher_test,
+        "teacher_val_accuracy": setup.teacher_val,
         "teacher_parameters": teacher_size["parameters"],
         "teacher_macs": teacher_size["macs"],
         "student_parameters": student_size["parameters"],
@@ -174,23 +258,35 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
         "augment": cfg.augment,
         "seeds": cfg.seeds,
         "epochs": cfg.epochs,
-        "teacher_logits_cached": cached is not None,
+        "teacher_logits_cached": setup.cached is not None,
         **summary,
-        "teacher_sha256_before": file_sha_before,
+        "teacher_sha256_before": setup.file_sha_before,
         "teacher_sha256_after": file_sha_after,
-        "teacher_weights_sha256_before": weights_sha_before,
+        "teacher_weights_sha256_before": setup.weights_sha_before,
         "teacher_weights_sha256_after": weights_sha_after,
         "teacher_unchanged": True,
         # everything the stage did (teacher evaluation, every seed of both students), in seconds
         "stage_seconds": round(time.perf_counter() - stage_started, 2),
         "runs": runs,
     }
-    write_json(out_dir / "distill.json", {"student_spec": spec, "teacher_spec": teacher_spec, **metrics})
 
+
+def _build_variants(
+    cfg: DistillConfig,
+    source: Variant,
+    setup: _Setup,
+    runs: list[dict[str, Any]],
+    summary: dict[str, Any],
+    metrics: dict[str, Any],
+    ctx: Context,
+    out_dir: Path,
+) -> list[Variant]:
+    """The distilled student and, if trained, its scratch control, both from the first seed's runs
+    (the ones saved to disk), each also carrying the all-seed mean and spread."""
     first = {row["kind"]: row for row in runs if row["seed"] == ctx.seed}
     common = {
-        "parameters": student_size["parameters"],
-        "macs": student_size["macs"],
+        "parameters": setup.student_size["parameters"],
+        "macs": setup.student_size["macs"],
         "parameter_ratio": metrics["parameter_ratio"],
         "mac_ratio": metrics["mac_ratio"],
         "epochs": cfg.epochs,
@@ -204,7 +300,7 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
         metrics=_variant_metrics(first["distilled"], common, summary, "distilled"),
         info={
             "arch": cfg.student.arch,
-            "spec": spec,
+            "spec": setup.student_spec,
             "teacher": source.name,
             "temperature": cfg.temperature,
             "alpha": cfg.alpha,
@@ -224,7 +320,7 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
                 metrics=_variant_metrics(first["scratch"], common, summary, "scratch"),
                 info={
                     "arch": cfg.student.arch,
-                    "spec": spec,
+                    "spec": setup.student_spec,
                     "control_for": cfg.output,
                     "note": f"control: {cfg.output}'s architecture, budget, initialisation and seed, "
                     "trained from scratch on hard labels without the teacher",
@@ -233,11 +329,7 @@ def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) 
                 },
             )
         )
-    return StageResult(
-        variants=variants,
-        metrics=metrics,
-        publish={"distill.json": f"{cfg.label}.json"},
-    )
+    return variants
 
 
 def _train_one(
