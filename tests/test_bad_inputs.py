@@ -394,7 +394,7 @@ ALLOWED_PROGRAM_LOADS = {
 }
 ALLOWED_SAVES = {  # plain dicts of tensors only
     "compress/models/files.py",
-    "compress/training.py",
+    "compress/checkpoints.py",  # fit's epoch checkpoint
     "compress/data/source.py",
 }
 
