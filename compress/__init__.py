@@ -7,3 +7,25 @@ import os
 # pipeline running). Passive waiting costs next to nothing when the machine is idle. It must
 # be set before torch loads its OpenMP runtime, hence here; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# ``compress.run_pipeline`` and its types, loaded on first use: ``import compress`` stays cheap
+# (no torch) for the CLI's ``check``/``verify`` and for a deploy bundle's verify child.
+_API = ("run_pipeline", "RunResult", "Gates", "StageFailure")
+_ERRORS = ("CompressError", "ConfigError", "DataError", "ArtifactError", "StorageError", "GateFailure")
+__all__ = [*_API, *_ERRORS]
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from compress import api
+
+        return getattr(api, name)
+    if name in _ERRORS:
+        from compress import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

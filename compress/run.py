@@ -10,14 +10,19 @@ import argparse
 import logging
 import shlex
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from compress import distributed
-from compress.config import load_pipeline, mask_secrets
-from compress.engine import RunOptions, RunSummary, StageFailed, run_pipeline
+from compress.config import Pipeline, load_pipeline, mask_secrets
+from compress.config.loader import load_pipeline_dict
+from compress.config.schema import pipeline_schema
+from compress.engine import RunOptions, RunSummary, StageFailed, StageRecord, run_pipeline
 from compress.errors import CompressError, StorageError
 from compress.fileio import read_json, write_text
 from compress.gating import Outcome, chance, format_table
+from compress.reference import schema_text
 from compress.stages import config_registry
 from compress.tuning import with_storage
 
@@ -32,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a compression pipeline described in YAML.",
         epilog="Exit codes: 0 ok, 1 gate failed, 2 bad input, 3 stage failed, 130 interrupted.",
     )
-    parser.add_argument("pipeline", type=Path, help="the pipeline YAML file")
+    parser.add_argument("pipeline", type=Path, nargs="?", help="the pipeline YAML file")
+    parser.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON Schema of a pipeline file (what editors complete against) and exit",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -100,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.schema:
+        print(schema_text(pipeline_schema(config_registry())), end="")
+        return 0
+    if args.pipeline is None:
+        parser.error("the pipeline YAML file is required (or --schema)")
     # Under torchrun: join the process group for the run (see compress.distributed). --worker
     # processes share a study, not a model, so each stays a process of its own.
     with distributed.session(enabled=not (args.validate or args.worker)):
@@ -116,11 +132,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             if type(handler) is logging.StreamHandler:
                 handler.setLevel(logging.WARNING)
     try:
-        pipeline = load_pipeline(args.pipeline, config_registry(), args.overrides)
-        if args.storage:
-            pipeline = with_storage(pipeline, args.storage, config_registry())
-        # a root given on the command line, either way, beats COMPRESS_DATA_ROOT
-        set_root = _set_value(args.overrides, "data.root")
+        pipeline = load(args.pipeline, args.overrides, args.storage)
         if args.validate:
             print(
                 f"ok: {pipeline.path} is valid ({len(pipeline.stages)} stages: "
@@ -129,15 +141,15 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             return 0
         summary = run_pipeline(
             pipeline,
-            RunOptions(
-                data_root=args.data_root or set_root,
-                data_root_from="--data-root" if args.data_root else "--set data.root",
+            run_options(
+                args.overrides,
+                data_root=args.data_root,
                 device=args.device,
                 force=args.force,
                 from_stage=args.from_stage,
                 only_stage=args.only_stage,
-                artifacts_dir=args.artifacts,
-                reports_dir=args.reports,
+                artifacts=args.artifacts,
+                reports=args.reports,
                 worker=args.worker,
             ),
         )
@@ -149,7 +161,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     except StageFailed as exc:
         if args.debug:
             raise
-        print(f"error: {mask_secrets(str(exc))}\n  full traceback: {exc.log_path}", file=sys.stderr)
+        print(f"error: {stage_failed_message(exc)}", file=sys.stderr)
         return EXIT_STAGE_FAILED
     except OSError as exc:  # outside a stage: the run directory, manifest or reports
         storage = StorageError.from_os_error(exc)
@@ -165,23 +177,91 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    text = format_summary(summary)
-    gates_text, failed_gates = format_gates(summary)
     if not distributed.is_main():  # rank 0 prints and writes the summary
-        return EXIT_GATE_FAILED if failed_gates else 0
-    text += gates_text + format_chance(summary)
+        return EXIT_GATE_FAILED if format_gates(summary)[1] else 0
+    text, failed_gates = closing_text(summary)
     print(text)
-    try:
-        write_text(summary.run_dir / "summary.txt", text.lstrip() + "\n")
-    except OSError as exc:  # the run itself is complete and recorded; only this copy is missing
-        print(f"warning: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+    problem = save_summary(summary, text)
+    if problem:
+        print(problem, file=sys.stderr)
     if failed_gates:
-        print(
-            f"error: {failed_gates} quality gate(s) failed; see {summary.reports_dir / 'gates.xml'}",
-            file=sys.stderr,
-        )
+        print(f"error: {gates_failed_message(summary, failed_gates)}", file=sys.stderr)
         return EXIT_GATE_FAILED
     return 0
+
+
+# The steps below are shared with ``compress.run_pipeline`` (compress/api.py), so that a run
+# started from Python loads, runs and sums up exactly as the CLI does.
+
+
+def load(
+    source: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), storage: str | None = None
+) -> Pipeline:
+    """The validated pipeline from a YAML file, or from a dict built in Python: one path through
+    overrides and validation, so both give the same messages."""
+    if isinstance(source, Mapping):
+        pipeline = load_pipeline_dict(source, config_registry(), overrides)
+    else:
+        pipeline = load_pipeline(source, config_registry(), overrides)
+    if storage:
+        pipeline = with_storage(pipeline, storage, config_registry())
+    return pipeline
+
+
+def run_options(
+    overrides: Sequence[str],
+    *,
+    data_root: str | Path | None = None,
+    data_root_from: tuple[str, str] = ("--data-root", "--set data.root"),
+    device: str | None = None,
+    force: bool = False,
+    from_stage: str | None = None,
+    only_stage: str | None = None,
+    artifacts: str | Path = Path("artifacts"),
+    reports: str | Path = Path("reports"),
+    worker: bool = False,
+) -> RunOptions:
+    """The engine's options. A data root the caller gives, either way (``data_root`` or a
+    ``data.root`` override), beats COMPRESS_DATA_ROOT; ``data_root_from`` names those two ways
+    in messages (the CLI's flags, or the Python call's arguments)."""
+    set_root = _set_value(overrides, "data.root")
+    return RunOptions(
+        data_root=str(data_root) if data_root else set_root,
+        data_root_from=data_root_from[0] if data_root else data_root_from[1],
+        device=device,
+        force=force,
+        from_stage=from_stage,
+        only_stage=only_stage,
+        artifacts_dir=Path(artifacts),
+        reports_dir=Path(reports),
+        worker=worker,
+    )
+
+
+def closing_text(summary: RunSummary) -> tuple[str, int]:
+    """What the run prints when done (stages, variants, gates, chance) and how many gates failed."""
+    text = format_summary(summary)
+    gates_text, failed_gates = format_gates(summary)
+    return text + gates_text + format_chance(summary), failed_gates
+
+
+def save_summary(summary: RunSummary, text: str) -> str | None:
+    """Keep the closing text as the run's summary.txt; a warning line if it cannot be written
+    (the run itself is complete and recorded; only this copy is missing)."""
+    try:
+        write_text(summary.run_dir / "summary.txt", text.lstrip() + "\n")
+    except OSError as exc:
+        return f"warning: cannot write {exc.filename}: {exc.strerror}"
+    return None
+
+
+def gates_failed_message(summary: RunSummary, failed_gates: int) -> str:
+    return f"{failed_gates} quality gate(s) failed; see {summary.reports_dir / 'gates.xml'}"
+
+
+def stage_failed_message(exc: StageFailed) -> str:
+    """The stage, what it raised, and where its full traceback is."""
+    return f"{mask_secrets(str(exc))}\n  full traceback: {exc.log_path}"
 
 
 def _set_value(overrides: list[str], key: str) -> str | None:
@@ -199,13 +279,21 @@ def format_gates(summary: RunSummary) -> tuple[str, int]:
     Read from the stage's result, so a cached gates stage fails the run just the same.
     """
     text, failed = "", 0
-    for record in summary.records:
-        if record.kind != "gates":
-            continue
-        outcomes = [Outcome.from_json(entry) for entry in record.result.metrics.get("results", [])]
-        failed += int(record.result.metrics.get("failed", 0))
+    for record, outcomes, record_failed in gate_outcomes(summary):
+        failed += record_failed
         text += "\n" + format_table(outcomes, title=record.label)
     return text, failed
+
+
+def gate_outcomes(summary: RunSummary) -> list[tuple[StageRecord, list[Outcome], int]]:
+    """Each gates stage of the run, its outcomes and how many of them failed (from its result)."""
+    found = []
+    for record in summary.records:
+        if record.kind == "gates":
+            metrics = record.result.metrics
+            outcomes = [Outcome.from_json(entry) for entry in metrics.get("results", [])]
+            found.append((record, outcomes, int(metrics.get("failed", 0))))
+    return found
 
 
 def chance_findings(summary: RunSummary) -> list[chance.AtChance]:

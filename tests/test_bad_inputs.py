@@ -99,8 +99,14 @@ EXPECTED: dict[str, list[str]] = {
         "keep only the last one",
     ],
     "alias_bomb.yaml": ["expands to more than 100000 values (anchors/aliases?)"],
-    "init_path_escape.yaml": ["stages[0] (train).init: '../../etc/passwd' is outside the project", "symlink"],
-    "init_absolute_path.yaml": ["stages[0] (train).init: '/etc/passwd' is outside the project"],
+    "init_home_missing.yaml": [
+        "stages[0] (train).init: ~/no-such-models/resnet18.pth: file not found (looked in",
+        "no-such-models)",
+    ],
+    "init_absolute_not_a_checkpoint.yaml": [
+        "stages[0] (train).init:",
+        "/etc/passwd: not a readable checkpoint",
+    ],
     "init_missing_file.yaml": ["stages[0] (train).init: models/missing.pt: file not found"],
     "init_not_a_checkpoint.yaml": ["stages[0] (train).init:", "not-a-model.pt: not a readable checkpoint"],
     "init_pickle_with_code.yaml": [
@@ -611,3 +617,26 @@ def test_train_init_starts_from_a_project_file_and_is_part_of_the_cache_key(
     models.save_model(models.build_model(spec), spec, tmp_path / "models" / "start.pt")
     assert main(argv) == 0
     assert "train            ran" in capsys.readouterr().out
+
+
+def test_init_reads_a_file_wherever_it_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Weights kept in a models folder outside the project: an absolute path and ~/... are read
+    (and checked: a file whose layers are not the model's is still refused, naming the path)."""
+    project, home = tmp_path / "project", tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    project.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("HOME", str(home))
+    spec = {"arch": "lenet5", "width": 0.5, "in_channels": 1, "image_size": 28, "num_classes": 10}
+    torch.save(models.build_model(spec).state_dict(), home / "models" / "lenet.pth")
+    torch.save({"weight": torch.zeros(3)}, home / "models" / "other.pth")
+    text = TINY_PIPELINE.replace("schedule: onecycle", "schedule: onecycle\n    init: INIT")
+    for init in (str(home / "models" / "lenet.pth"), "~/models/lenet.pth"):
+        pipeline = write_pipeline(project, text.replace("INIT", init), name="outside")
+        assert main([str(pipeline), "--validate"]) == 0, capsys.readouterr().err
+        assert "is valid" in capsys.readouterr().out
+    pipeline = write_pipeline(project, text.replace("INIT", "~/models/other.pth"), name="outside")
+    assert main([str(pipeline), "--validate"]) == 2
+    assert "init: ~/models/other.pth does not fit lenet5" in capsys.readouterr().err

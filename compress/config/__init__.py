@@ -9,6 +9,7 @@ for in their editor. The modules, by job:
 - ``loader``: load + override + validate a whole pipeline, and the ``from:`` graph check;
 - ``messages``: pydantic errors rewritten as YAML paths, did-you-mean;
 - ``safety``: safe names, masked secrets, trusted model factories, project-relative files;
+- ``schema``: the JSON Schema of a pipeline file, from the models (editors, ``compress.reference``);
 - ``sections``, ``data``, ``model``, ``pipeline``: the schemas (stage-specific schemas live
   beside each stage and reach the loader as a registry, so this package never imports them).
 """
@@ -19,7 +20,7 @@ from compress.config.messages import did_you_mean, format_errors
 from compress.config.model import ModelConfig
 from compress.config.paths import apply_override, locate, split_path
 from compress.config.pipeline import Pipeline, PipelineConfig, StageConfig
-from compress.config.safety import import_factory, mask_secrets, project_file, safe_name
+from compress.config.safety import import_factory, input_file, mask_secrets, safe_name
 from compress.config.sections import (
     BN_ADAPT_BATCHES,
     MAX_BN_ADAPT_BATCHES,
@@ -51,7 +52,7 @@ __all__ = [
     "load_pipeline",
     "locate",
     "mask_secrets",
-    "project_file",
+    "input_file",
     "read_yaml",
     "safe_name",
     "split_path",

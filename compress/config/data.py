@@ -16,30 +16,75 @@ LOADING_ONLY = ("root", "download", "memory_limit_mb", "workers")
 
 
 class DataConfig(StrictModel):
+    """The dataset every stage trains and measures on, and how its images are shaped."""
+
     dataset: Literal[
         "mnist", "fashion_mnist", "kmnist", "emnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder"
-    ] = "mnist"
-    root: str | None = None
-    emnist_split: Literal["balanced", "byclass", "bymerge", "digits", "letters", "mnist"] | None = None
+    ] = Field("mnist", description="A torchvision dataset by name, or imagefolder (your own images).")
+    root: str | None = Field(
+        None,
+        description="Data root, relative to the pipeline file (--data-root and COMPRESS_DATA_ROOT take "
+        "precedence); for imagefolder, the folder holding train/ and test/; null: the user cache directory.",
+    )
+    emnist_split: Literal["balanced", "byclass", "bymerge", "digits", "letters", "mnist"] | None = Field(
+        None, description="EMNIST's split (dataset: emnist only); null: balanced."
+    )
     # square side after "resize the shorter side, then center-crop"; None: the images' own size
-    image_size: int | None = Field(None, ge=8, le=4096)
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="Square side in pixels: the shorter side is resized, then center-cropped; null: the "
+        "images' own size (needed for a folder of mixed sizes).",
+    )
     # 1 (grayscale) or 3 (RGB); images are converted. None: the dataset's own (3 for image folders)
-    channels: Literal[1, 3] | None = None
+    channels: Literal[1, 3] | None = Field(
+        None,
+        description="1 (grayscale) or 3 (RGB), images are converted; null: the dataset's own (3 for image "
+        "folders).",
+    )
     # per-channel normalisation of pixels in [0, 1]; None: the dataset's published values, else
     # computed once from the training split and cached
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: list[float] | None = Field(
+        None,
+        description="Per-channel mean of pixels in [0, 1], given with std; null: the dataset's published "
+        "values, else computed once from the training split.",
+    )
+    std: list[float] | None = Field(
+        None,
+        description="Per-channel standard deviation (each > 0), given with mean; null: as for mean.",
+        json_schema_extra={"items": {"type": "number", "exclusiveMinimum": 0}},  # _positive_std
+    )
     # None: 10 % of the training images, at most 5,000 (an image folder's val/ replaces the split)
-    val_size: int | None = Field(None, ge=0, le=1_000_000)
-    split_seed: int = 0
-    limit_train: int | None = Field(None, gt=0)
-    limit_test: int | None = Field(None, gt=0)
-    download: bool = True
-    batch_size: int = Field(128, gt=0, le=65536)
+    val_size: int | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="Validation images held out of the training split; null: 10 %, at most 5,000 (an "
+        "image folder's val/ replaces the split).",
+    )
+    split_seed: int = Field(0, description="Seed of the train/validation split.")
+    limit_train: int | None = Field(
+        None, gt=0, description="Use only this many training images, a seeded random subset; null: all."
+    )
+    limit_test: int | None = Field(
+        None, gt=0, description="Evaluate on only this many test images; null: all."
+    )
+    download: bool = Field(True, description="Download a torchvision dataset when its files are missing.")
+    batch_size: int = Field(
+        128, gt=0, le=65536, description="Default batch size (the stages set their own batch sizes)."
+    )
     # decoded uint8 pixels of all splits together up to this size are kept in memory; beyond it
     # images stream from disk through DataLoader workers
-    memory_limit_mb: int = Field(4096, ge=0, le=10_000_000)
-    workers: int = Field(2, ge=0, le=64)
+    memory_limit_mb: int = Field(
+        4096,
+        ge=0,
+        le=10_000_000,
+        description="Decoded images up to this many MB stay in memory; beyond it they stream from disk.",
+    )
+    workers: int = Field(
+        2, ge=0, le=64, description="DataLoader worker processes that decode images (0: in the main process)."
+    )
 
     @field_validator("std")
     @classmethod

@@ -6,6 +6,7 @@ variant an earlier stage produces, so a typo fails in a second, not twenty minut
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,30 @@ def load_pipeline(
     for override in overrides:
         apply_override(raw, override, where=f"--set {mask_secrets(override)}")
     return validate_pipeline(raw, path, registry)
+
+
+def load_pipeline_dict(
+    raw: Mapping[str, Any],
+    registry: Mapping[str, type[StageConfig]],
+    overrides: Iterable[str] = (),
+    default_name: str = "pipeline",
+) -> Pipeline:
+    """``load_pipeline`` for a pipeline built in Python (a notebook) instead of read from a file.
+
+    The same overrides, validation and messages; messages name it ``<dict>`` (``<dict NAME>``
+    with a ``name:``). Its relative paths are relative to the working directory, as there is no
+    file to be relative to. The caller's dict is left as it was.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"<dict>: the top level must be a mapping (key: value), not {type(raw).__name__}")
+    raw = copy.deepcopy(dict(raw))
+    for override in overrides:
+        apply_override(raw, override, where=f"--set {mask_secrets(override)}")
+    name = raw.get("name")
+    # a display name only: no '/' in it, so that its parent (the base of data.root) is the cwd
+    path = Path(f"<dict {name}>" if isinstance(name, str) and SAFE_NAME.fullmatch(name) else "<dict>")
+    pipeline = validate_pipeline(raw, path, registry)
+    return pipeline if pipeline.config.name else pipeline.model_copy(update={"name": default_name})
 
 
 def validate_pipeline(raw: dict[str, Any], path: Path, registry: Mapping[str, type[StageConfig]]) -> Pipeline:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_serializer, model_validator
 
 from compress.config.messages import did_you_mean
-from compress.config.safety import import_factory, project_file
+from compress.config.safety import IMPORT_PATH, import_factory, input_file
 from compress.config.sections import StrictModel
 
 ARCHS = ("lenet300", "lenet5", "resnet20", "mlp")
@@ -34,22 +34,51 @@ def torchvision_classifiers() -> tuple[str, ...]:
 
 
 class ModelConfig(StrictModel):
-    arch: Literal["lenet300", "lenet5", "resnet20", "mlp", "custom", "torchvision", "timm"] = "lenet5"
-    width: float = Field(1.0, gt=0, le=16)
-    hidden: list[int] | None = None
-    dropout: float = Field(0.0, ge=0, lt=1)
+    """The architecture: a zoo arch, a torchvision or timm model by name, or your own factory."""
+
+    arch: Literal["lenet300", "lenet5", "resnet20", "mlp", "custom", "torchvision", "timm"] = Field(
+        "lenet5",
+        description="A zoo architecture (lenet5, lenet300, resnet20, mlp); custom, torchvision and timm "
+        "are implied by import_path, torchvision and timm.",
+    )
+    width: float = Field(1.0, gt=0, le=16, description="Zoo models: channel and neuron multiplier.")
+    hidden: list[int] | None = Field(
+        None,
+        description="Zoo mlp: hidden layer sizes, e.g. [800, 800]; null: two layers of 800 x width.",
+        json_schema_extra={"minItems": 1, "items": {"type": "integer", "exclusiveMinimum": 0}},
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Zoo models: dropout before the classifier layers.")
     # TRUSTED CODE: 'package.module:factory', called with the model spec (dict) to build an
     # nn.Module. Imported when the pipeline is validated; implies arch: custom.
-    import_path: str | None = None
+    import_path: str | None = Field(
+        None,
+        description="Trusted code: 'package.module:factory' that builds your nn.Module from the model spec; "
+        "imported when the pipeline is validated; implies arch: custom.",
+        json_schema_extra={"pattern": f"^{IMPORT_PATH.pattern}$"},
+    )
     # a torchvision.models classification builder, e.g. resnet18, mobilenet_v3_small (arch: torchvision)
-    torchvision: str | None = None
+    torchvision: str | None = Field(
+        None,
+        description="A torchvision.models classification builder, e.g. resnet18; implies arch: torchvision.",
+    )
     # a timm model name, e.g. mobilenetv3_small_100 (arch: timm; pip install -e '.[timm]')
-    timm: str | None = None
-    # pretrained weights: a file in the project (a state dict), or a torchvision weights name
+    timm: str | None = Field(
+        None,
+        description="A timm model name, e.g. mobilenetv3_small_100 (the timm extra); implies arch: timm.",
+    )
+    # pretrained weights: a state-dict file anywhere readable, or a torchvision weights name
     # (DEFAULT, IMAGENET1K_V1, ...: from torch's hub cache, downloaded when online)
-    weights: str | None = None
+    weights: str | None = Field(
+        None,
+        description="torchvision/timm: pretrained weights, a state-dict file (absolute, ~/..., or relative "
+        "to where you run) or a torchvision weights name such as DEFAULT; null: random initialisation.",
+    )
     # stride-1 stem without its max-pool (CIFAR-style); None: for images of at most 64 px
-    small_stem: bool | None = None
+    small_stem: bool | None = Field(
+        None,
+        description="torchvision/timm: a stride-1 stem without its max-pool (CIFAR-style); null: for images "
+        "of at most 64 px.",
+    )
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: Any) -> dict[str, Any]:
@@ -113,7 +142,7 @@ class ModelConfig(StrictModel):
     @classmethod
     def _weights_source(cls, value: str | None) -> str | None:
         if value is not None and not WEIGHTS_NAME.fullmatch(value):
-            path = project_file(value, "weights")
+            path = input_file(value, "weights")
             if not path.is_file():
                 raise ValueError(f"{value}: file not found (looked in {path.parent})")
         return value

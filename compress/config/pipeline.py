@@ -12,8 +12,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.config.data import DataConfig
-from compress.config.safety import safe_name
+from compress.config.safety import SAFE_NAME, safe_name
 from compress.config.sections import StrictModel
+
+NAME_PATTERN = f"^{SAFE_NAME.pattern}$"  # the names safe_name accepts, for the JSON Schema
 
 
 class StageConfig(StrictModel):
@@ -24,9 +26,23 @@ class StageConfig(StrictModel):
     twenty minutes in.
     """
 
-    stage: str
-    name: str | None = None
-    from_: list[str] | None = Field(None, alias="from")
+    stage: str = Field(description="The stage kind.")
+    name: str | None = Field(
+        None,
+        description="Unique name of this stage (for --only, --from and --set NAME.key=...); null: the "
+        "stage kind.",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
+    from_: list[str] | None = Field(
+        None,
+        alias="from",
+        description="The variant(s) this stage reads, made by earlier stages; one name or a list; null: "
+        "the stage's default.",
+        # a single name is accepted too (_one_or_many)
+        json_schema_extra={
+            "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]
+        },
+    )
     # A tune stage may target this stage: its run skips the test split when ``ctx.tuning``.
     tunable: ClassVar[bool] = False
 
@@ -64,11 +80,19 @@ class StageConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
-    name: str | None = None
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    data: DataConfig = DataConfig()
-    stages: list[Any] = Field(min_length=1)
+    """A pipeline file: its name, seed and device, the data, and the stages run in order."""
+
+    name: str | None = Field(
+        None,
+        description="The pipeline's name in artifacts/ and reports/; null: the file name without .yaml.",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
+    seed: int = Field(0, description="Seed of model initialisation and the training order.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto (CUDA when available), cpu or cuda; --device overrides it."
+    )
+    data: DataConfig = Field(DataConfig(), description="The dataset and how its images are shaped.")
+    stages: list[Any] = Field(min_length=1, description="The stages, run in order.")
 
     @field_validator("name")
     @classmethod

@@ -2,7 +2,8 @@
 
 A pipeline may come from someone else: names become file names (so they are restricted),
 passwords in storage URLs are masked in every message, model factories are imported only
-when a pipeline the user runs names them, and file paths stay inside the project.
+when a pipeline the user runs names them, and the files it names are read as tensors only
+(``weights_only``), wherever they live.
 """
 
 from __future__ import annotations
@@ -65,26 +66,15 @@ def import_factory(path: str, trust: bool = False):  # noqa: ANN201 - returns th
     return factory
 
 
-def project_file(text: str, key: str) -> Path:
-    """A file path a pipeline gives, which must stay inside the project (the working directory).
+def input_file(text: str, key: str) -> Path:
+    """The file a pipeline names for reading (``init``, ``model.weights``): wherever it lives.
 
-    Relative to the working directory; absolute paths and ``..`` that climb out of it are
-    refused, so a pipeline received from someone else cannot make a run read arbitrary files.
-    To use a file from elsewhere, copy or symlink it into the project (a deliberate act).
-    Raises ValueError naming ``key``.
+    An absolute path, ``~/...``, or a path relative to the directory you run from. Reading is
+    where the safety lies (``weights_only=True``, tensors only, no pickled code), and writing
+    stays under the artifacts and reports folders; refusing paths outside the project turned
+    away the commonest case, weights kept in a models folder. Raises ValueError naming ``key``.
     """
     if not text.strip():
-        raise ValueError(f"{key}: is empty; give a file path relative to the directory you run from")
-    raw = Path(text).expanduser() if text.startswith("~") else Path(text)
-    parts = raw.parts
-    depth = 0
-    for part in parts:
-        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
-        if depth < 0:
-            break
-    if raw.is_absolute() or depth < 0:
-        raise ValueError(
-            f"{key}: {text!r} is outside the project directory; give a path relative to the directory "
-            "you run from, without '..' (copy or symlink the file into the project to use it)"
-        )
-    return Path.cwd() / raw
+        raise ValueError(f"{key}: is empty; give a file path (absolute, ~/..., or relative to where you run)")
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else Path.cwd() / path

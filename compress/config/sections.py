@@ -24,12 +24,19 @@ class StrictModel(BaseModel):
 
 
 class OptimizerConfig(StrictModel):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """The optimizer and its settings."""
+
+    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="The optimizer: sgd, adam or adamw.")
     # the peak learning rate; auto: a range test on training images picks it (compress.lr_find)
-    lr: float | Literal["auto"] = 0.05
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0, lt=1)
+    lr: float | Literal["auto"] = Field(
+        0.05,
+        description="The (peak) learning rate; auto: a learning-rate range test on training images "
+        "picks it (not with schedule: constant).",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": 10},  # enforced by _number_or_auto
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(True, description="SGD with Nesterov momentum.")
+    weight_decay: float = Field(5e-4, ge=0, lt=1, description="L2 weight decay.")
 
     @field_validator("lr", mode="before")
     @classmethod
@@ -55,21 +62,51 @@ class OptimizerConfig(StrictModel):
 class TrainingConfig(StrictModel):
     """Shared by every stage that trains or fine-tunes a model."""
 
-    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
-    batch_size: int | None = Field(None, gt=0, le=65536)
-    optimizer: OptimizerConfig = OptimizerConfig()
-    schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
-    warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    augment: Literal["none", "shift", "crop_flip"] = "none"
-    amp: bool = True  # false: train in fp32 everywhere (the same as precision: fp32)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS, description="Training epochs.")
+    batch_size: int | None = Field(
+        None,
+        gt=0,
+        le=65536,
+        description="Training batch size; null: the stage's default (train: 128, halved down to 16 "
+        "while the run would take fewer than 100 steps; elsewhere 128).",
+    )
+    optimizer: OptimizerConfig = Field(
+        OptimizerConfig(), description="The optimizer: its name, learning rate, momentum and weight decay."
+    )
+    schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        "onecycle", description="Learning-rate schedule: onecycle, cosine or constant."
+    )
+    warmup_epochs: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_EPOCHS,
+        description="Epochs of linear learning-rate warm-up (cosine) or of the rising part (onecycle; "
+        "0: 15 % of training); must be less than epochs.",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    augment: Literal["none", "shift", "crop_flip"] = Field(
+        "none",
+        description="Training augmentation: none, shift (random translation by up to 2 px) or crop_flip "
+        "(pad-4 random crop and horizontal flip, CIFAR).",
+    )
+    amp: bool = Field(True, description="false: train in fp32 everywhere (the same as precision: fp32).")
     # auto: mixed precision on CUDA (bf16 where the GPU supports it, else fp16 with a grad
     # scaler), fp32 on a CPU. bf16/fp16 need a CUDA device; fp32 turns mixed precision off.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: mixed precision on CUDA (bf16 where supported, else fp16), fp32 on a CPU; "
+        "fp32 turns mixed precision off; bf16 and fp16 need a CUDA device.",
+    )
     # BatchNorm adaptation after the last epoch: re-estimate every BatchNorm layer's running
     # statistics on this many training batches (a cumulative average with the final weights);
     # 0 keeps the statistics training left. See compress.batchnorm.
-    bn_adapt_batches: int = Field(BN_ADAPT_BATCHES, ge=0, le=MAX_BN_ADAPT_BATCHES)
+    bn_adapt_batches: int = Field(
+        BN_ADAPT_BATCHES,
+        ge=0,
+        le=MAX_BN_ADAPT_BATCHES,
+        description="Training batches that re-estimate every BatchNorm layer's statistics after the "
+        "last epoch (kept only if not worse on validation); 0: off.",
+    )
 
     @field_validator("warmup_epochs")
     @classmethod
@@ -115,5 +152,7 @@ class SoftLabels(StrictModel):
     wrong classes are close, which the pruned weights have to relearn.
     """
 
-    temperature: float = Field(4.0, gt=0, le=1000)
-    alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft term; 0 is plain cross-entropy
+    temperature: float = Field(4.0, gt=0, le=1000, description="Softmax temperature T of the soft labels.")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the soft-label loss; 0: plain cross-entropy on hard labels."
+    )

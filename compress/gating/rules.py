@@ -89,19 +89,64 @@ METRICS: dict[str, MetricDef] = {
 class GateRule(StrictModel):
     """One gate: exactly one metric key (``max_accuracy_drop: 1.0``) plus where it applies."""
 
-    name: str | None = Field(None, min_length=1, max_length=100)
-    variants: Literal["all"] | list[str] = "all"
-    against: str | None = None
-    runtime: Literal["all", "pytorch", "torchscript", "onnxruntime"] = "all"
-    batch_size: int | None = Field(None, ge=1, le=65536)
-    max_accuracy_drop: float | None = Field(None, ge=-100, le=100)
-    min_accuracy: float | None = None
-    min_above_chance_pp: float | None = Field(None, ge=-100, le=100)
-    max_size_ratio: float | None = Field(None, gt=0)
-    max_gzip_ratio: float | None = Field(None, gt=0)
-    max_latency_ratio: float | None = Field(None, gt=0)
-    min_sparsity: float | None = Field(None, ge=0, le=1)
-    require_parity: bool | None = None
+    name: str | None = Field(
+        None, min_length=1, max_length=100, description="The gate's name in the results; null: its metric."
+    )
+    variants: Literal["all"] | list[str] = Field(
+        "all",
+        description="Variants gated: all (every benchmarked variant except *.scratch controls), one name, "
+        "or a list.",
+        json_schema_extra={  # _one_name, _names
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "uniqueItems": True},
+            ]
+        },
+    )
+    against: str | None = Field(
+        None,
+        description="Relative gates: the reference variant (same runtime); null: the benchmark's baseline.",
+    )
+    runtime: Literal["all", "pytorch", "torchscript", "onnxruntime"] = Field(
+        "all", description="The runtime whose rows are gated; all: each runtime's rows separately."
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="max_latency_ratio: the batch size compared; null: 1 if timed, else the first timed.",
+    )
+    max_accuracy_drop: float | None = Field(
+        None, ge=-100, le=100, description="Gate: percentage points of test accuracy lost against 'against'."
+    )
+    min_accuracy: float | None = Field(
+        None,
+        description="Gate: test accuracy as a fraction, e.g. 0.97.",
+        json_schema_extra={"minimum": 0, "maximum": 1},  # _fraction
+    )
+    min_above_chance_pp: float | None = Field(
+        None,
+        ge=-100,
+        le=100,
+        description="Gate: percentage points of test accuracy above chance (100 / number of classes).",
+    )
+    max_size_ratio: float | None = Field(
+        None, gt=0, description="Gate: file bytes / bytes of 'against' (0.25 = 4x smaller)."
+    )
+    max_gzip_ratio: float | None = Field(
+        None, gt=0, description="Gate: gzip bytes / gzip bytes of 'against'."
+    )
+    max_latency_ratio: float | None = Field(
+        None, gt=0, description="Gate: median latency / latency of 'against', same runtime and batch size."
+    )
+    min_sparsity: float | None = Field(
+        None, ge=0, le=1, description="Gate: fraction of zero parameters (list the pruned variants)."
+    )
+    require_parity: bool | None = Field(
+        None,
+        description="Gate: true: the export stage's parity check passed.",
+        json_schema_extra={"anyOf": [{"const": True}, {"type": "null"}]},  # false is refused (_one_metric)
+    )
 
     @field_validator("min_accuracy")
     @classmethod

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.config import import_factory, project_file
+from compress.config import import_factory, input_file
 from compress.errors import ArtifactError
 from compress.models import weights as user_weights
 from compress.models.anatomy import inspect, replace_module
@@ -126,9 +126,9 @@ def _pretrained_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
             raise ArtifactError(
                 f"model.weights: {source} for {spec['torchvision']} must come from {entry.url} and is not in "
                 f"torch's hub cache; the download failed ({type(exc).__name__}: {exc}). Download the file "
-                "where there is internet, put it in the project and give model.weights: PATH"
+                "where there is internet and give model.weights: PATH (any readable path)"
             ) from None
-    payload = user_weights.load_checkpoint(project_file(source, "model.weights"))
+    payload = user_weights.load_checkpoint(input_file(source, "model.weights"))
     found = user_weights.state_dict_in(payload)
     if found is None:
         raise ArtifactError(f"model.weights: {source} holds no state dict of tensors")
@@ -306,7 +306,7 @@ def _timm(spec: ModelSpec, pretrained: bool) -> nn.Module:
         raise ArtifactError(f"timm has no model {name!r}")
     options: dict[str, Any] = {"num_classes": int(spec["num_classes"]), "in_chans": int(spec["in_channels"])}
     if pretrained and spec.get("weights"):  # timm adapts the classifier and input channels itself
-        path = project_file(str(spec["weights"]), "model.weights")
+        path = input_file(str(spec["weights"]), "model.weights")
         options.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     try:
         model = timm.create_model(name, **options)

@@ -47,18 +47,40 @@ EXPORT_KEY = {"torchscript": "torchscript", "onnxruntime": "onnx", **{r: t.name 
 
 
 class BenchmarkConfig(StageConfig):
-    stage: Literal["benchmark"]
+    """Measure every variant in every runtime it ships in: accuracy, latency, size, one table."""
+
+    stage: Literal["benchmark"] = Field(description="Measures every variant in every runtime it ships in.")
     runtimes: list[
         Literal["pytorch", "torchscript", "onnxruntime", "ort", "openvino", "litert", "executorch"]
-    ] = list(RUNTIMES)
-    batch_sizes: list[int] = [1, 64]
-    threads: int | Literal["all"] = 1
-    warmup: int = Field(10, ge=1, le=100_000)
-    repeats: int = Field(50, ge=5, le=1_000_000)
-    min_seconds: float = Field(1.0, ge=0, le=3600)
-    max_seconds: float = Field(20.0, gt=0, le=3600)
-    baseline: str = "baseline"
-    eval_batch_size: int = Field(1000, gt=0, le=65536)
+    ] = Field(
+        list(RUNTIMES),
+        description="Runtimes to measure, each once; a runtime a variant does not ship in gives no row.",
+        json_schema_extra={"minItems": 1, "uniqueItems": True},  # _some_runtime
+    )
+    batch_sizes: list[int] = Field(
+        [1, 64],
+        description="Batch sizes whose latency is timed, each once.",
+        json_schema_extra={  # _batches
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"type": "integer", "minimum": 1, "maximum": 65536},
+        },
+    )
+    threads: int | Literal["all"] = Field(
+        1,
+        description="Intra-op threads of every runtime, or all (every core).",
+        json_schema_extra={"minimum": 1, "maximum": 1024},  # _threads
+    )
+    warmup: int = Field(10, ge=1, le=100_000, description="Untimed calls before timing starts.")
+    repeats: int = Field(50, ge=5, le=1_000_000, description="Fewest timed calls per measurement.")
+    min_seconds: float = Field(
+        1.0, ge=0, le=3600, description="Seconds of timing per measurement, at least (with repeats)."
+    )
+    max_seconds: float = Field(
+        20.0, gt=0, le=3600, description="Seconds of timing per measurement, at most; >= min_seconds."
+    )
+    baseline: str = Field("baseline", description="The reference variant for deltas (same runtime).")
+    eval_batch_size: int = Field(1000, gt=0, le=65536, description="Batch size of the accuracy pass.")
 
     @field_validator("runtimes")
     @classmethod

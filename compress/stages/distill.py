@@ -39,20 +39,38 @@ from compress.variants import StageResult, Variant
 
 
 class DistillConfig(StageConfig, TrainingConfig):
-    stage: Literal["distill"]
+    """Train a smaller student from a teacher variant, with a from-scratch control."""
+
+    stage: Literal["distill"] = Field(description="Trains a student from a teacher variant.")
     tunable: ClassVar[bool] = True
-    student: ModelConfig = ModelConfig(arch="lenet5", width=0.5)
-    temperature: float = Field(4.0, gt=0, le=1000)
-    alpha: float = Field(0.9, ge=0, le=1)
-    control: bool = True
-    seeds: int = Field(1, ge=1, le=100)
-    output: str = "student"
+    student: ModelConfig = Field(
+        ModelConfig(arch="lenet5", width=0.5), description="The student's architecture (keys as for model)."
+    )
+    temperature: float = Field(4.0, gt=0, le=1000, description="Softmax temperature T of the soft labels.")
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="Weight of the soft (teacher) loss; 0: plain cross-entropy."
+    )
+    control: bool = Field(
+        True, description="Also train <output>.scratch: the student from scratch on hard labels alone."
+    )
+    seeds: int = Field(
+        1, ge=1, le=100, description="Train student and control this many times (3+ for a verdict)."
+    )
+    output: str = Field("student", description="The distilled variant's name.")
     # kd: logits only; hint (FitNets) / attention (attention transfer) add an intermediate-feature
     # loss, times feature_weight, to the KD loss (compress/distill_losses.py)
-    loss: Literal["kd", "hint", "attention"] = "kd"
-    feature_weight: float = Field(1.0, gt=0, le=1e6)
+    loss: Literal["kd", "hint", "attention"] = Field(
+        "kd",
+        description="kd: logits only; hint (FitNets, penultimate feature) or attention (attention transfer, "
+        "last convolution) add a feature loss.",
+    )
+    feature_weight: float = Field(
+        1.0, gt=0, le=1e6, description="Weight of the hint or attention term next to the KD loss."
+    )
     # With augment 'none' the teacher sees the same images every epoch: compute its logits once.
-    cache_teacher_logits: bool = True
+    cache_teacher_logits: bool = Field(
+        True, description="With augment: none and loss: kd, compute the teacher's logits once (faster)."
+    )
 
     @model_validator(mode="after")
     def _attention_needs_feature_maps(self) -> DistillConfig:

@@ -62,16 +62,41 @@ FORMATS = ("onnx", "torchscript")
 
 
 class ExportConfig(StageConfig):
-    stage: Literal["export"]
-    formats: list[Literal["onnx", "torchscript"]] = ["onnx", "torchscript"]
-    opset: int = Field(DEFAULT_OPSET, ge=17, le=23)
-    parity_samples: int = Field(1000, gt=0, le=1_000_000)
-    parity_atol: float = Field(1e-4, gt=0)
-    min_top1_agreement: float = Field(1.0, ge=0, le=1)
-    sample_count: int = Field(16, ge=1, le=1024)
-    threads: int = Field(1, ge=1, le=256)
-    targets: list[str] = ["onnx"]
-    target_min_top1_agreement: float = Field(0.999, ge=0, le=1)
+    """ONNX and TorchScript files plus edge targets, each checked against its source: a deploy bundle."""
+
+    stage: Literal["export"] = Field(description="Exports variants into a checked deploy bundle.")
+    formats: list[Literal["onnx", "torchscript"]] = Field(
+        ["onnx", "torchscript"],
+        description="Files made for torch variants, each once.",
+        json_schema_extra={"minItems": 1, "uniqueItems": True},  # _some_format
+    )
+    opset: int = Field(DEFAULT_OPSET, ge=17, le=23, description="ONNX opset.")
+    parity_samples: int = Field(
+        1000, gt=0, le=1_000_000, description="Test images (a seeded sample) for the parity check."
+    )
+    parity_atol: float = Field(
+        1e-4, gt=0, description="Largest allowed absolute logit difference from the source model (fp32)."
+    )
+    min_top1_agreement: float = Field(
+        1.0, ge=0, le=1, description="Smallest allowed top-1 agreement with the source model, a fraction."
+    )
+    sample_count: int = Field(16, ge=1, le=1024, description="Images in the bundle's sample batch.")
+    threads: int = Field(1, ge=1, le=256, description="onnxruntime threads for the checks.")
+    targets: list[str] = Field(
+        ["onnx"],
+        description="Runtimes the bundle ships to, each once; onnx must be listed.",
+        json_schema_extra={  # _known_targets
+            "items": {"enum": list(TARGETS), "type": "string"},
+            "uniqueItems": True,
+            "contains": {"const": "onnx"},
+        },
+    )
+    target_min_top1_agreement: float = Field(
+        0.999,
+        ge=0,
+        le=1,
+        description="Smallest top-1 agreement with the source model for an edge target's file, a fraction.",
+    )
 
     @field_validator("targets")
     @classmethod

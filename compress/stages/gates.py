@@ -48,9 +48,13 @@ from compress.variants import StageResult, Variant
 
 
 class GatesConfig(StageConfig):
-    stage: Literal["gates"]
-    benchmark: str | None = None
-    rules: list[GateRule] = Field(min_length=1)
+    """Quality gates over the benchmark table, for CI: a failed gate makes the run exit 1."""
+
+    stage: Literal["gates"] = Field(description="Checks quality gates over the benchmark table.")
+    benchmark: str | None = Field(
+        None, description="The benchmark stage whose table is gated; null: the last one before this stage."
+    )
+    rules: list[GateRule] = Field(min_length=1, description="The gates; each rule has exactly one gate key.")
 
     # the benchmark stage's 'baseline', set by check(), which the engine calls before consumes()
     _default_against: str = PrivateAttr("baseline")

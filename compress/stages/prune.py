@@ -55,37 +55,105 @@ def _default_finetune() -> TrainingConfig:
 
 
 class PruneConfig(StageConfig):
-    stage: Literal["prune"]
+    """Zero weights (magnitude) or remove whole channels (structured), then fine-tune."""
+
+    stage: Literal["prune"] = Field(description="Prunes one variant: magnitude or structured.")
     tunable: ClassVar[bool] = True
-    method: Literal["magnitude", "structured"] = "magnitude"
-    output: str | None = None
-    amount: float | None = Field(None, gt=0, lt=1)
-    target_macs_reduction: float | None = Field(None, gt=1, le=1000)
-    schedule: Literal["oneshot", "cubic"] = "cubic"
-    steps: int | None = Field(None, ge=1, le=10_000)
-    ramp: float = Field(0.6, gt=0, le=1)
-    layer_types: list[Literal["Linear", "Conv2d"]] = Field(
-        default_factory=lambda: ["Linear", "Conv2d"], min_length=1
+    method: Literal["magnitude", "structured"] = Field(
+        "magnitude", description="magnitude: zero the smallest weights; structured: remove whole channels."
     )
-    exclude: list[str] = Field(default_factory=list)
-    exclude_classifier: bool = False
-    max_layer_sparsity: float | None = Field(None, gt=0, le=1)
-    layer_sparsity_limits: dict[str, float] = Field(default_factory=dict)
-    importance: Literal["l1", "l2", "group_norm"] = "group_norm"
+    output: str | None = Field(None, description="The variant's name; null: pruned (magnitude) or slim.")
+    amount: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="magnitude: share of prunable weights set to zero; structured: share of channels "
+        "removed; null: 0.92 (magnitude), or target_macs_reduction.",
+    )
+    target_macs_reduction: float | None = Field(
+        None,
+        gt=1,
+        le=1000,
+        description="structured: MACs before / after, e.g. 2.0 for half; null: 2.0 unless amount is given.",
+    )
+    schedule: Literal["oneshot", "cubic"] = Field(
+        "cubic", description="cubic: sparsity grows gradually during fine-tuning; oneshot: one step."
+    )
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Pruning events (magnitude) or prune-then-fine-tune rounds (structured); null: 12 for "
+        "magnitude with cubic, else 1.",
+    )
+    ramp: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="magnitude: share of the fine-tuning epochs over which sparsity ramps up.",
+    )
+    layer_types: list[Literal["Linear", "Conv2d"]] = Field(
+        default_factory=lambda: ["Linear", "Conv2d"],
+        min_length=1,
+        description="Layer types that may be pruned.",
+    )
+    exclude: list[str] = Field(default_factory=list, description="Layer names left whole.")
+    exclude_classifier: bool = Field(False, description="magnitude: leave the final classifier dense.")
+    max_layer_sparsity: float | None = Field(
+        None, gt=0, le=1, description="magnitude: the highest sparsity of any one layer; null: no cap."
+    )
+    layer_sparsity_limits: dict[str, float] = Field(
+        default_factory=dict,
+        description="magnitude: the highest sparsity per layer name, e.g. {fc3: 0.8}.",
+        json_schema_extra={"additionalProperties": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+    )
+    importance: Literal["l1", "l2", "group_norm"] = Field(
+        "group_norm",
+        description="structured: channel importance, l1 or l2 of its own weights, or group_norm over the "
+        "coupled group.",
+    )
     # uniform: one searched ratio in every layer (the default with target_macs_reduction); global: one
     # ratio over one importance ranking (the default with amount); macs: importance per MAC saved
-    scope: Literal["macs", "global", "uniform"] | None = None
-    max_layer_amount: float = Field(0.9, gt=0, lt=1)
-    round_to: int | None = Field(None, ge=1, le=1024)
-    finetune: TrainingConfig | None = Field(default_factory=_default_finetune)
-    final_finetune: int = Field(0, ge=0, le=10_000)
+    scope: Literal["macs", "global", "uniform"] | None = Field(
+        None,
+        description="structured: uniform (one ratio in every layer), global (one importance ranking) or "
+        "macs (importance per MAC saved); null: uniform for a MACs target, else global.",
+    )
+    max_layer_amount: float = Field(
+        0.9, gt=0, lt=1, description="structured: the largest share of one layer's channels cut per step."
+    )
+    round_to: int | None = Field(
+        None, ge=1, le=1024, description="structured: keep channel counts a multiple of this; null: any."
+    )
+    finetune: TrainingConfig | None = Field(
+        default_factory=_default_finetune,
+        description="Fine-tuning during and after pruning (keys as for train); null: prune without it.",
+    )
+    final_finetune: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="Extra epochs at full sparsity with a restarted learning-rate schedule; 0: none.",
+    )
     # fine-tune against the unpruned input's soft labels as well as the hard labels
-    distill: SoftLabels | None = None
+    distill: SoftLabels | None = Field(
+        None,
+        description="Fine-tune on the unpruned input's soft labels as well as the hard ones; null: off.",
+    )
     # magnitude: each layer alone pruned to ``amount``, its validation drop (Distiller's analysis)
-    sensitivity: bool = False
+    sensitivity: bool = Field(
+        False,
+        description="magnitude: also prune each layer alone to amount and record its validation drop.",
+    )
     # with finetune: null, BatchNorm statistics re-estimated on this many training batches after
     # the cut (a fine-tune re-estimates with its own finetune.bn_adapt_batches); 0: off
-    bn_adapt_batches: int = Field(BN_ADAPT_BATCHES, ge=0, le=MAX_BN_ADAPT_BATCHES)
+    bn_adapt_batches: int = Field(
+        BN_ADAPT_BATCHES,
+        ge=0,
+        le=MAX_BN_ADAPT_BATCHES,
+        description="With finetune: null, training batches that re-estimate BatchNorm statistics after the "
+        "cut; 0: off.",
+    )
 
     @model_validator(mode="after")
     def _defaults(self) -> PruneConfig:

@@ -45,10 +45,16 @@ ORT_ONLY = ("per_channel", "activation_type", "weight_type", "op_types")
 
 
 class CalibrationConfig(StrictModel):
-    images: int = Field(1024, gt=0, le=1_000_000)
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    percentile: float = Field(99.999, gt=50, le=100)
-    batch_size: int = Field(64, gt=0, le=65536)
+    """Static quantization's calibration: which training images set the activation ranges, and how."""
+
+    images: int = Field(1024, gt=0, le=1_000_000, description="Training images for static calibration.")
+    method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="onnxruntime's calibration method: minmax, entropy or percentile."
+    )
+    percentile: float = Field(
+        99.999, gt=50, le=100, description="With method: percentile, the percentile of activations kept."
+    )
+    batch_size: int = Field(64, gt=0, le=65536, description="Calibration batch size.")
 
     @model_validator(mode="after")
     def _percentile_needs_method(self) -> CalibrationConfig:
@@ -58,11 +64,18 @@ class CalibrationConfig(StrictModel):
 
 
 class LatencyConfig(StrictModel):
-    batch_size: int = Field(64, gt=0, le=65536)
-    threads: int = Field(1, ge=1, le=256)
-    rounds: int = Field(15, ge=1, le=1000)
-    runs: int = Field(3, ge=1, le=1000)
-    margin: float = Field(0.05, ge=0, lt=1)
+    """How int8 is timed against fp32: the recorded speed-up and the prefer: latency search."""
+
+    batch_size: int = Field(64, gt=0, le=65536, description="Batch size of the timed calls.")
+    threads: int = Field(1, ge=1, le=256, description="onnxruntime intra-op threads while timing.")
+    rounds: int = Field(15, ge=1, le=1000, description="Interleaved timing rounds per candidate.")
+    runs: int = Field(3, ge=1, le=1000, description="Calls per round, averaged.")
+    margin: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="A change is kept only when it is this share faster (0.05 = 5 %), twice.",
+    )
 
 
 class QatConfig(TrainingConfig):
@@ -70,15 +83,35 @@ class QatConfig(TrainingConfig):
     short low-learning-rate schedule by default, optional distillation from the fp32 parent, and
     the points (shares of all steps) where observers and batch norms freeze."""
 
-    epochs: int = Field(2, ge=1, le=1000)
-    optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=0.005, momentum=0.9, weight_decay=5e-5)
-    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
-    distill: SoftLabels | None = None
+    epochs: int = Field(2, ge=1, le=1000, description="Quantization-aware training epochs.")
+    optimizer: OptimizerConfig = Field(
+        OptimizerConfig(name="sgd", lr=0.005, momentum=0.9, weight_decay=5e-5),
+        description="The optimizer: its name, learning rate, momentum and weight decay.",
+    )
+    schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        "cosine", description="Learning-rate schedule: cosine, onecycle or constant."
+    )
+    distill: SoftLabels | None = Field(
+        None, description="Also learn from the fp32 parent's soft labels; null: hard labels only."
+    )
     # the weight grid's bits (still stored as int8): 8 is what int8 kernels expect; fewer is a
     # harder target that shows what training against the grid buys
-    weight_bits: int = Field(8, ge=2, le=8)
-    freeze_observers_at: float = Field(0.6, ge=0, le=1)
-    freeze_bn_at: float = Field(0.6, ge=0, le=1)
+    weight_bits: int = Field(
+        8, ge=2, le=8, description="Bits of the weight grid (stored as int8); fewer than 8 is a harder grid."
+    )
+    freeze_observers_at: float = Field(
+        0.6, ge=0, le=1, description="Share of all steps after which the observers freeze; 1: never."
+    )
+    freeze_bn_at: float = Field(
+        0.6, ge=0, le=1, description="Share of all steps after which BatchNorm statistics freeze; 1: never."
+    )
+    bn_adapt_batches: int = Field(
+        BN_ADAPT_BATCHES,
+        ge=0,
+        le=MAX_BN_ADAPT_BATCHES,
+        description="Refused here: set bn_adapt_batches on the quantize stage (applied before QAT starts).",
+        json_schema_extra={"not": {}},  # _adapted_before_qat refuses any value
+    )
 
     @field_validator("bn_adapt_batches")
     @classmethod
@@ -90,31 +123,76 @@ class QatConfig(TrainingConfig):
 
 
 class QuantizeConfig(StageConfig):
-    stage: Literal["quantize"]
+    """int8 (and fp16) variants of earlier variants, in onnxruntime or PyTorch (torchao)."""
+
+    stage: Literal["quantize"] = Field(description="Makes int8 or fp16 variants of earlier variants.")
     tunable: ClassVar[bool] = True
-    backend: Literal["onnxruntime", "pytorch"] = "onnxruntime"
-    modes: list[Literal["dynamic", "static", "fp16", "weight-only", "qat", "auto"]] = Field(
-        default_factory=lambda: ["dynamic", "static"], min_length=1
+    backend: Literal["onnxruntime", "pytorch"] = Field(
+        "onnxruntime", description="onnxruntime (the files edge teams receive) or pytorch (torchao)."
     )
-    calibration: CalibrationConfig = CalibrationConfig()
-    per_channel: bool = False
+    modes: list[Literal["dynamic", "static", "fp16", "weight-only", "qat", "auto"]] = Field(
+        default_factory=lambda: ["dynamic", "static"],
+        min_length=1,
+        description="Variants to make, each once: dynamic, static, fp16, qat, auto (onnxruntime) or "
+        "weight-only (pytorch).",
+        json_schema_extra={"uniqueItems": True},  # _unique_modes
+    )
+    calibration: CalibrationConfig = Field(
+        CalibrationConfig(), description="Static calibration: images, method and batch size."
+    )
+    per_channel: bool = Field(False, description="onnxruntime: per-channel weight scales.")
     # 7-bit weights: "auto" on an x86 CPU without VNNI, where full-range int8 clips (see
     # measure.int8_saturates); true/false to build for another target than this machine
-    reduce_range: bool | Literal["auto"] = "auto"
-    activation_type: Literal["uint8", "int8"] = "uint8"
-    weight_type: Literal["int8", "uint8"] = "int8"
-    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], min_length=1)
-    tolerance: float | None = Field(0.5, ge=0, le=100)
-    prefer: Literal["accuracy", "latency"] = "accuracy"
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto",
+        description="7-bit weights; auto: on an x86 CPU without VNNI, where full-range int8 clips; "
+        "true/false to build for another CPU.",
+    )
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="onnxruntime: activation type.")
+    weight_type: Literal["int8", "uint8"] = Field("int8", description="onnxruntime: weight type.")
+    op_types: list[str] = Field(
+        default_factory=lambda: ["MatMul", "Gemm"],
+        min_length=1,
+        description="onnxruntime dynamic mode: op types quantized (convolutions stay fp32 unless listed).",
+        json_schema_extra={"items": {"enum": list(q.DYNAMIC_OP_TYPES), "type": "string"}},  # _known_ops
+    )
+    tolerance: float | None = Field(
+        0.5,
+        ge=0,
+        le=100,
+        description="Largest validation-accuracy drop (percentage points) against the parent; a static "
+        "variant that misses it keeps its most sensitive layers in fp32; null: off.",
+    )
+    prefer: Literal["accuracy", "latency"] = Field(
+        "accuracy",
+        description="latency (onnxruntime): also keep in fp32 what measurably makes int8 slower, within "
+        "tolerance.",
+    )
     # static (onnxruntime): also measure each weight layer quantized alone (one validation pass
     # per layer), published in the stage's JSON and charted in the report
-    sensitivity: bool = False
-    latency: LatencyConfig = LatencyConfig()
-    qat: QatConfig = QatConfig()
+    sensitivity: bool = Field(
+        False,
+        description="static (onnxruntime): also quantize each weight layer alone and record its validation "
+        "drop.",
+    )
+    latency: LatencyConfig = Field(LatencyConfig(), description="Timing for the latency comparisons.")
+    qat: QatConfig = Field(
+        QatConfig(), description="Modes qat and auto: quantization-aware training (keys as for train)."
+    )
     # BatchNorm adaptation before static calibration and QAT: re-estimate the parent's running
     # statistics on this many training batches (on a copy; the parent stays the fp32 reference)
-    bn_adapt_batches: int = Field(BN_ADAPT_BATCHES, ge=0, le=MAX_BN_ADAPT_BATCHES)
-    suffix: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    bn_adapt_batches: int = Field(
+        BN_ADAPT_BATCHES,
+        ge=0,
+        le=MAX_BN_ADAPT_BATCHES,
+        description="Training batches that re-estimate a copy of the parent's BatchNorm statistics before "
+        "calibration and QAT; 0: off.",
+    )
+    suffix: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Middle part of the output names; null: int8 (onnxruntime) or pt-int8 (pytorch).",
+    )
 
     @field_validator("modes")
     @classmethod

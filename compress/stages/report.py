@@ -36,11 +36,22 @@ PREVIOUS = "report.json"
 
 
 class ReportConfig(StageConfig):
-    stage: Literal["report"]
-    tolerance_pp: float = Field(1.0, ge=0, le=100)
-    baseline: str | None = None
-    latency_batch: int | None = Field(None, gt=0, le=65536)
-    title: str | None = Field(None, max_length=200)
+    """An HTML report with the recommendation, the comparison table and the charts."""
+
+    stage: Literal["report"] = Field(description="Writes the HTML report and summary.md.")
+    tolerance_pp: float = Field(
+        1.0, ge=0, le=100, description="Accuracy loss (percentage points) a recommended variant may have."
+    )
+    baseline: str | None = Field(None, description="The reference variant; null: the benchmark's baseline.")
+    latency_batch: int | None = Field(
+        None,
+        gt=0,
+        le=65536,
+        description="Batch size for 'fastest' and quoted speed-ups; null: the largest benchmarked.",
+    )
+    title: str | None = Field(
+        None, max_length=200, description="Page title; null: 'Compression report: <pipeline>'."
+    )
 
     def consumes(self, available: list[str]) -> list[str]:
         names = list(self.from_) if self.from_ is not None else list(available)

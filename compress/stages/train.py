@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_serializer, model_validator
 from torch import nn
 
-from compress.config import MAX_EPOCHS, ModelConfig, StageConfig, TrainingConfig, project_file
+from compress.config import MAX_EPOCHS, ModelConfig, StageConfig, TrainingConfig, input_file
 from compress.context import Context
 from compress.data import nominal_model_fields
 from compress.errors import ArtifactError
@@ -35,16 +35,24 @@ PLACEHOLDER_DATA = {"in_channels": 3, "image_size": 32, "num_classes": 10}
 
 
 class TrainConfig(StageConfig, TrainingConfig):
-    stage: Literal["train"]
+    """Train the baseline every compressed variant is compared against, or bring your own weights."""
+
+    stage: Literal["train"] = Field(description="Trains the baseline (or takes your weights).")
     tunable: ClassVar[bool] = True
-    epochs: int = Field(10, ge=0, le=MAX_EPOCHS)  # 0: take ``init`` as it is (no training)
-    model: ModelConfig = ModelConfig()
-    output: str = "baseline"
+    epochs: int = Field(
+        10, ge=0, le=MAX_EPOCHS, description="Training epochs; 0: take init as it is (no training)."
+    )
+    model: ModelConfig = Field(ModelConfig(), description="The architecture.")
+    output: str = Field("baseline", description="The variant's name.")
     # start from these weights instead of random ones: a state dict file (what
     # ``torch.save(model.state_dict(), path)`` writes), a checkpoint dict holding one
-    # (``model_state_dict``, ``state_dict``), or a model.pt of any compress run; a path inside
-    # the project, relative to the working directory
-    init: str | None = None  # left out of the dump when None (cache keys from before it existed)
+    # (``model_state_dict``, ``state_dict``), or a model.pt of any compress run; absolute, ~/...,
+    # or relative to the working directory (config.safety.input_file)
+    init: str | None = Field(  # left out of the dump when None (cache keys from before it existed)
+        None,
+        description="Start from these weights: a state dict, a checkpoint holding one, or a compress "
+        "model.pt: an absolute path, ~/..., or relative to where you run; null: random weights.",
+    )
 
     @model_serializer(mode="wrap")
     def _omit_unset_init(self, handler: Any) -> dict[str, Any]:
@@ -80,10 +88,10 @@ class TrainConfig(StageConfig, TrainingConfig):
 
     def cache_extras(self, pipeline: object) -> dict[str, str]:
         """The init file's content (or pretrained weights file's) is part of what this stage makes."""
-        extras = {"init_sha256": sha256_file(project_file(self.init, "init"))} if self.init else {}
+        extras = {"init_sha256": sha256_file(input_file(self.init, "init"))} if self.init else {}
         weights = self.model.weights
-        if weights is not None and (project_file(weights, "weights")).is_file():
-            extras["weights_sha256"] = sha256_file(project_file(weights, "weights"))
+        if weights is not None and (input_file(weights, "weights")).is_file():
+            extras["weights_sha256"] = sha256_file(input_file(weights, "weights"))
         return extras
 
     def produces(self, inputs: list[str]) -> list[str]:
@@ -96,7 +104,7 @@ class TrainConfig(StageConfig, TrainingConfig):
 def init_state(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict | None, bool]:
     """(state dict, conv groups, is a compress model file) from ``cfg.init``, read with
     weights_only; ValueError('init: ...') if the file is unusable or its layers have other names."""
-    path = project_file(cfg.init or "", "init")
+    path = input_file(cfg.init or "", "init")
     if not path.is_file():
         raise ValueError(f"init: {cfg.init}: file not found (looked in {path.parent})")
     try:

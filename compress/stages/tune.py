@@ -43,31 +43,97 @@ from compress.variants import StageResult, Variant
 
 
 class TuneConfig(StageConfig):
-    stage: Literal["tune"]
-    target: str
-    space: dict[str, SpaceEntry] = Field(min_length=1)
-    trial_overrides: dict[str, Any] = Field(default_factory=dict)
-    objectives: list[dict[Literal["maximize", "minimize"], str]] = Field(min_length=1, max_length=4)
-    variant: str | None = None
-    constraint: ConstraintConfig | None = None
-    sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
-    pruner: Literal["none", "median", "hyperband"] = "none"
-    n_trials: int = Field(20, ge=1, le=100_000)
-    timeout: float | None = Field(None, gt=0)
-    startup_trials: int | None = Field(None, ge=1, le=100_000)
-    population_size: int | None = Field(None, ge=2, le=10_000)
-    seed: int | None = None
-    storage: str | None = None
-    study_name: str | None = Field(None, min_length=1, max_length=200)
-    selection: Literal["smallest_within_tolerance", "best"] = "smallest_within_tolerance"
-    heartbeat_interval: int = Field(10, ge=1, le=3600)
-    grace_period: int | None = Field(None, ge=1, le=86_400)
-    max_retry: int = Field(3, ge=0, le=100)
-    keep_trials: bool = False
-    enqueue_default: bool = True
+    """An Optuna study over a later stage's settings, scored on validation data only."""
+
+    stage: Literal["tune"] = Field(description="Tunes a later stage's settings with an Optuna study.")
+    target: str = Field(description="The stage to tune, by name: a later train, prune, distill or quantize.")
+    space: dict[str, SpaceEntry] = Field(
+        min_length=1,
+        description="Settings to search, by YAML path inside the target (e.g. finetune.optimizer.lr): "
+        "a range or a list of choices each.",
+    )
+    trial_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fixed settings for trials only, by YAML path, e.g. {finetune.epochs: 2}.",
+    )
+    objectives: list[dict[Literal["maximize", "minimize"], str]] = Field(
+        min_length=1,
+        max_length=4,
+        description="What to optimise, each 'maximize: METRIC' or 'minimize: METRIC' of the target's "
+        "variant, e.g. [maximize: sparsity].",
+        json_schema_extra={  # _one_direction_each
+            "items": {
+                "type": "object",
+                "propertyNames": {"enum": ["maximize", "minimize"]},
+                "additionalProperties": {"type": "string"},
+                "minProperties": 1,
+                "maxProperties": 1,
+            }
+        },
+    )
+    variant: str | None = Field(
+        None, description="The target's variant the objectives score; null: its only variant."
+    )
+    constraint: ConstraintConfig | None = Field(
+        None, description="The tolerable loss; trials outside it are recorded, never chosen; null: none."
+    )
+    sampler: Literal["auto", "tpe", "nsga2", "random"] = Field(
+        "auto", description="auto: TPE for one objective, NSGA-II for several; or tpe, nsga2, random."
+    )
+    pruner: Literal["none", "median", "hyperband"] = Field(
+        "none", description="Stop poor trials early on per-epoch validation accuracy (one objective only)."
+    )
+    n_trials: int = Field(20, ge=1, le=100_000, description="Finished trials the study ends at.")
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds after which no new trial starts; null: none."
+    )
+    startup_trials: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="TPE: random trials before the model guides sampling; null: a third of n_trials (3-10).",
+    )
+    population_size: int | None = Field(
+        None, ge=2, le=10_000, description="NSGA-II population; null: a third of n_trials (4-50)."
+    )
+    seed: int | None = Field(None, description="The sampler's seed; null: the pipeline's seed.")
+    storage: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the study (sqlite, postgresql, mysql, mariadb; --storage overrides); "
+        "null: an SQLite file in the stage directory.",
+    )
+    study_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="The study's name in the storage; null: derived from the search and its inputs.",
+    )
+    selection: Literal["smallest_within_tolerance", "best"] = Field(
+        "smallest_within_tolerance",
+        description="smallest_within_tolerance: the feasible Pareto-optimal trial best on the first "
+        "objective that is not the constraint's metric; best: the first objective.",
+    )
+    heartbeat_interval: int = Field(
+        10, ge=1, le=3600, description="Seconds between a running trial's heartbeats in the storage."
+    )
+    grace_period: int | None = Field(
+        None,
+        ge=1,
+        le=86_400,
+        description="Seconds without a heartbeat before a trial counts as dead; null: Optuna's default.",
+    )
+    max_retry: int = Field(3, ge=0, le=100, description="Retries of a trial whose worker died.")
+    keep_trials: bool = Field(False, description="Keep each trial's work directory (for debugging).")
+    enqueue_default: bool = Field(True, description="Trial 0 tries the target's own settings.")
     # Re-run the best N candidates with the target's full budget (validation data only) and
     # choose the first that meets the constraint there.
-    confirm: int = Field(0, ge=0, le=20)
+    confirm: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Full-budget re-runs of up to this many candidates, best first; the first that meets "
+        "the constraint is chosen; 0: none.",
+    )
 
     supports_workers: ClassVar[bool] = True
     _target: StageConfig | None = PrivateAttr(None)

@@ -19,13 +19,27 @@ class ConstraintConfig(StrictModel):
     Relative: percent of the reference value (0.1 means 0.1% of it).
     """
 
-    metric: str = "val_accuracy"
-    max_drop_pp: float = Field(ge=0, le=100)
-    relative: bool = False
-    against: str | None = None
+    metric: str = Field(
+        "val_accuracy", description="The metric that may drop, a metric of the target's variant."
+    )
+    max_drop_pp: float = Field(
+        ge=0,
+        le=100,
+        description="Largest drop: percentage points of a 0..1 metric, or percent of the reference value "
+        "when relative.",
+    )
+    relative: bool = Field(False, description="true: max_drop_pp is percent of the reference value.")
+    against: str | None = Field(
+        None, description="The reference variant; null: the target stage's first input."
+    )
     # Short trials under-rate a setting, so a trial may drop this much more and still be a
     # candidate; ``confirm`` then re-checks candidates against max_drop_pp at full budget.
-    trial_slack_pp: float = Field(0.0, ge=0, le=100)
+    trial_slack_pp: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Extra drop a short trial may have and still be a candidate (needs confirm).",
+    )
 
     def excess(self, drop: float, slack: float = 0.0) -> float:
         """How far ``drop`` is past the tolerance (plus ``slack``); <= 0 meets it (Optuna's

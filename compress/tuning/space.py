@@ -17,12 +17,22 @@ from compress.tuning.settings import value_at
 class SpaceEntry(StrictModel):
     """One setting's range: ``low``/``high`` (``log``, ``step``) or ``choices``."""
 
-    low: int | float | None = None
-    high: int | float | None = None
-    log: bool = False
-    step: int | float | None = Field(None, gt=0)
-    choices: list[int | float | str | bool | None] | None = Field(None, min_length=1)
-    type: Literal["int", "float"] | None = None
+    low: int | float | None = Field(None, description="Range: the smallest value (with high).")
+    high: int | float | None = Field(None, description="Range: the largest value, > low.")
+    log: bool = Field(False, description="Range: sample on a log scale (needs low > 0, no step).")
+    step: int | float | None = Field(
+        None,
+        gt=0,
+        description="Range: the step between values; null: any value.",
+        # pydantic cannot write gt of a union into the JSON Schema
+        json_schema_extra={"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]},
+    )
+    choices: list[int | float | str | bool | None] | None = Field(
+        None, min_length=1, description="The values to choose from, instead of low/high."
+    )
+    type: Literal["int", "float"] | None = Field(
+        None, description="Range: the type drawn; null: the type of the setting's current value."
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> SpaceEntry:
