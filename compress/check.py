@@ -1,24 +1,38 @@
 """``python -m compress.check``: compare a run's results with a stored reference, for CI.
 
     python -m compress.check reports/mnist/results.json --baseline reports/baselines/mnist.json \\
-        [--max-drop PP] [--max-size-ratio R] [--max-latency-ratio R] [--junit FILE]
+        [--max-drop PP] [--max-class-drop PP] [--decide estimate|lower|upper] [--confidence C] \\
+        [--max-size-ratio R] [--max-latency-ratio R] [--exclude VARIANT ...] [--junit FILE]
     python -m compress.check reports/mnist/results.json --baseline reports/baselines/mnist.json \\
-        --update-baseline
+        --update-baseline [--exclude VARIANT ...]
 
-Both files are benchmark tables (``results.json``: one row per variant and runtime). Each
-reference row is compared with the current row of the same variant and runtime:
+The current file is a benchmark table (``results.json``: one row per variant and runtime); its
+top-1 predictions are read from ``predictions.npz`` beside it when it is there. The reference
+is one JSON file written by ``--update-baseline``: the rows plus each row's predictions (see
+``compress/gating/reference_file.py``); a bare results table (an older reference) works too.
+Each reference row is compared with the current row of the same variant and runtime:
 
-- accuracy: a drop of more than ``--max-drop`` percentage points fails;
+- accuracy: a drop of more than ``--max-drop`` percentage points fails; with predictions of the
+  same test images on both sides the drop gets its paired interval and the flips (images whose
+  top-1 changed: fixed, broken) are reported;
+- classes: a class whose accuracy drops by more than ``--max-class-drop`` pp fails, naming it
+  (an average of 10 classes hides a collapsed one);
+- ``--decide`` picks the number of each drop that meets its limit: ``estimate`` (the measured
+  drop), ``lower`` (fail only when the interval's lower end exceeds the limit: significantly
+  beyond it) or ``upper`` (pass only when the upper end is within it), at ``--confidence``;
 - size: current bytes / reference bytes above ``--max-size-ratio`` fails;
 - latency (median, every batch size both files timed): current / reference above
   ``--max-latency-ratio`` fails, compared only when both rows come from the same CPU model
   and thread count; otherwise the check says so and skips latency.
 
-A row missing from the current file fails; a new row is reported, not failed.
-``--update-baseline`` writes the reference from the current file instead (atomically), keeping
-only the columns the check reads so the committed file stays small and diffable.
+A row missing from the current file fails; a new row is reported, not failed. A reference
+measured on other test images (another test_count, label vector or data fingerprint) is
+compared as numbers only, and the check says so. ``--update-baseline`` writes the reference
+from the current file instead (atomically), keeping only the columns the check reads so the
+committed file stays small and diffable; ``--exclude`` leaves variants out of both.
 
-Exit codes: 0 no regression, 1 regression, 2 bad input (missing file, not JSON, wrong shape).
+Exit codes: 0 no regression, 1 regression, 2 bad input (missing file, not JSON, wrong shape,
+a bad flag value).
 """
 
 from __future__ import annotations
@@ -27,11 +41,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from compress import gating
 from compress.errors import CompressError
 from compress.fileio import write_bytes, write_json
+from compress.gating import predictions, reference_file
+from compress.gating.comparison import Comparison, compare_runs
+from compress.gating.drops import DECIDE_MODES
+from compress.gating.numbers import confidence_text
+from compress.gating.paired import DEFAULT_CONFIDENCE
+from compress.gating.pairing import matches
 
 EXIT_REGRESSION = 1
 EXIT_BAD_INPUT = 2
@@ -47,6 +67,7 @@ KEPT_COLUMNS = (
     "accuracy_delta_pp",
     "correct",
     "test_count",
+    "per_class_accuracy",
     "size_bytes",
     "gzip_bytes",
     "size_ratio",
@@ -67,8 +88,15 @@ class BadInput(CompressError):
     """A results file that is missing, unreadable or not a benchmark table."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags are one line on stderr and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m compress.check",
         description="Compare a benchmark results.json with a stored reference; exit 1 on regressions.",
         epilog="Exit codes: 0 no regression, 1 regression, 2 bad input.",
@@ -78,33 +106,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline", type=Path, required=True, metavar="REFERENCE", help="the reference results file"
     )
     defaults = gating.Thresholds()
+    flags = (
+        ("--max-drop", _non_negative, defaults.max_drop, "PP",
+         "largest allowed accuracy drop in percentage points"),
+        ("--max-class-drop", _non_negative, defaults.max_class_drop, "PP",
+         "largest allowed drop of any one class's accuracy, in percentage points"),
+        ("--decide", _decide, defaults.decide, "MODE",
+         "which number of a drop meets its limit: estimate (the measured drop), lower (fail only when "
+         "the interval's lower end exceeds the limit) or upper (pass only when its upper end is within it)"),
+        ("--confidence", _confidence, DEFAULT_CONFIDENCE, "C",
+         "confidence of the paired intervals, in (0, 1)"),
+        ("--max-size-ratio", _positive, defaults.max_size_ratio, "R",
+         "largest allowed current/reference file size"),
+        ("--max-latency-ratio", _positive, defaults.max_latency_ratio, "R",
+         "largest allowed current/reference median latency, same CPU and threads only"),
+    )  # fmt: skip
+    for flag, kind, default, metavar, text in flags:
+        parser.add_argument(
+            flag, type=kind, default=default, metavar=metavar, help=f"{text} (default {default})"
+        )
     parser.add_argument(
-        "--max-drop",
-        type=_non_negative,
-        default=defaults.max_drop,
-        metavar="PP",
-        help=f"largest allowed accuracy drop in percentage points (default {defaults.max_drop})",
-    )
-    parser.add_argument(
-        "--max-size-ratio",
-        type=_positive,
-        default=defaults.max_size_ratio,
-        metavar="R",
-        help=f"largest allowed current/reference file size (default {defaults.max_size_ratio})",
-    )
-    parser.add_argument(
-        "--max-latency-ratio",
-        type=_positive,
-        default=defaults.max_latency_ratio,
-        metavar="R",
-        help=f"largest allowed current/reference median latency, same CPU and threads only "
-        f"(default {defaults.max_latency_ratio})",
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="VARIANT",
+        help="leave this variant out of the comparison and of a written reference (repeatable)",
     )
     parser.add_argument("--junit", type=Path, metavar="FILE", help="also write the comparison as JUnit XML")
     parser.add_argument(
         "--update-baseline",
         action="store_true",
-        help="write the reference file from CURRENT instead of comparing (for committing)",
+        help="write the reference file from CURRENT (and the predictions.npz beside it) instead of "
+        "comparing (for committing)",
     )
     return parser
 
@@ -123,6 +156,19 @@ def _positive(text: str) -> float:
     return value
 
 
+def _confidence(text: str) -> float:
+    value = _float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (e.g. 0.95), got {text}")
+    return value
+
+
+def _decide(text: str) -> str:
+    if text not in DECIDE_MODES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DECIDE_MODES)}, got {text!r}")
+    return text
+
+
 def _float(text: str) -> float:
     try:
         value = float(text)
@@ -135,6 +181,12 @@ def _float(text: str) -> float:
 
 def load_rows(path: Path, role: str) -> list[dict[str, Any]]:
     """A benchmark table from ``path``; BadInput with a one-line reason otherwise."""
+    return load_table(path, role)[0]
+
+
+def load_table(path: Path, role: str) -> tuple[list[dict[str, Any]], predictions.Predictions | None]:
+    """A benchmark table (a results.json, or a reference file) and the predictions the file
+    carries (a reference written with them); BadInput with a one-line reason otherwise."""
     if not path.exists():
         hint = "; create it with --update-baseline" if role == "reference" else ""
         raise BadInput(f"{path}: {role} results file not found{hint}")
@@ -148,10 +200,19 @@ def load_rows(path: Path, role: str) -> list[dict[str, Any]]:
         raise BadInput(f"{path}: cannot read the {role} results file ({exc})") from None
     except json.JSONDecodeError as exc:
         raise BadInput(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    try:
+        data, found = reference_file.read(data)
+    except ValueError as exc:
+        raise BadInput(f"{path}: {exc}") from None
     if not isinstance(data, list):
         raise BadInput(
             f"{path}: expected a benchmark results table (a JSON list of rows), got a JSON {_kind(data)}"
         )
+    _check_rows(path, data)
+    return data, found
+
+
+def _check_rows(path: Path, data: list[Any]) -> None:
     seen: set[tuple[str, str]] = set()
     for index, row in enumerate(data):
         if not isinstance(row, dict):
@@ -166,11 +227,21 @@ def load_rows(path: Path, role: str) -> list[dict[str, Any]]:
         if pair in seen:
             raise BadInput(f"{path}: {pair[0]} [{pair[1]}] appears twice")
         seen.add(pair)
-    return data
 
 
 def _kind(value: Any) -> str:
     return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(type(value), "number")
+
+
+def current_predictions(path: Path) -> predictions.Predictions | None:
+    """The predictions.npz beside a results.json; None when there is none."""
+    beside = path.parent / predictions.FILE_NAME
+    if not beside.is_file():
+        return None
+    try:
+        return predictions.load(beside)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
 
 
 def reference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -185,44 +256,95 @@ def reference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(kept, key=lambda r: (r["variant"], r["runtime"]))
 
 
+def update_baseline(args: argparse.Namespace, current: list[dict[str, Any]], found) -> int:
+    """Write the reference from the current rows and their predictions; 0 when written."""
+    rows = reference_rows([r for r in current if r["variant"] not in args.exclude])
+    if found is not None:
+        if any(gating.number(r.get("test_count")) not in (None, len(found.labels)) for r in rows):
+            raise BadInput(
+                f"{args.current}: its predictions hold {len(found.labels)} images, its rows do not"
+            )
+        stale = [
+            f"{r['variant']} [{r['runtime']}]"
+            for r in rows
+            if (values := found.get(r["variant"], r["runtime"])) is not None
+            and not matches(values, found.labels, r)
+        ]
+        if stale:
+            raise BadInput(
+                f"{args.current.parent / predictions.FILE_NAME}: predictions disagree with the accuracy of "
+                f"{', '.join(stale)}; is it from another run?"
+            )
+    try:
+        write_json(args.baseline, reference_file.build(rows, found))
+    except OSError as exc:
+        raise BadInput(f"{args.baseline}: cannot write the reference ({exc.strerror})") from None
+    stored = 0 if found is None else sum(found.get(r["variant"], r["runtime"]) is not None for r in rows)
+    extra = (
+        f", with the predictions of {stored} row(s) on {len(found.labels)} test images"
+        if found is not None
+        else f"; no {predictions.FILE_NAME} beside it, so the reference holds no predictions"
+    )
+    print(f"wrote {args.baseline}: {len(rows)} rows from {args.current}{extra}")
+    return 0
+
+
+def limits_text(limits: gating.Thresholds) -> str:
+    decided = "on the estimates"
+    if limits.decide != "estimate":
+        decided = f"on the {limits.decide} end of the {confidence_text(limits.confidence)} CI"
+    return (
+        f"max drop {limits.max_drop:g} pp, max class drop {limits.max_class_drop:g} pp, decided {decided}, "
+        f"max size ratio {limits.max_size_ratio:g}, max latency ratio {limits.max_latency_ratio:g}"
+    )
+
+
+def run_check(args: argparse.Namespace) -> tuple[Comparison, gating.Thresholds]:
+    """Load both files (BadInput on a bad one) and compare them; the --exclude'd variants are left out."""
+    current, now = load_table(args.current, "current")
+    if now is None:
+        now = current_predictions(args.current)
+    reference, then = load_table(args.baseline, "reference")
+    current = [r for r in current if r["variant"] not in args.exclude]
+    reference = [r for r in reference if r["variant"] not in args.exclude]
+    limits = gating.Thresholds(
+        args.max_drop,
+        args.max_size_ratio,
+        args.max_latency_ratio,
+        args.max_class_drop,
+        args.decide,
+        args.confidence,
+    )
+    return compare_runs(current, reference, limits, now, then), limits
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        current = load_rows(args.current, "current")
         if args.update_baseline:
-            rows = reference_rows(current)
-            try:
-                write_json(args.baseline, rows)
-            except OSError as exc:
-                raise BadInput(f"{args.baseline}: cannot write the reference ({exc.strerror})") from None
-            print(f"wrote {args.baseline}: {len(rows)} rows from {args.current}")
-            return 0
-        reference = load_rows(args.baseline, "reference")
+            current, found = load_table(args.current, "current")
+            return update_baseline(args, current, found or current_predictions(args.current))
+        result, limits = run_check(args)
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    limits = gating.Thresholds(args.max_drop, args.max_size_ratio, args.max_latency_ratio)
-    outcomes, notes = gating.compare(current, reference, limits)
     print(f"{args.current} against {args.baseline}")
-    print(gating.format_table(outcomes, title="check"))
-    for note in notes:
+    print(gating.format_table(result.outcomes, title="check"))
+    for note in result.notes:
         print(f"note: {note}")
-    tally = gating.counts(outcomes)
+    tally = gating.counts(result.outcomes)
     if args.junit is not None:
         properties = {"current": args.current, "reference": args.baseline, **vars(limits)}
+        properties.update({f"note_{i}": note for i, note in enumerate(result.notes, 1)})
         try:
-            write_bytes(args.junit, gating.junit_xml(outcomes, "compress.check", properties))
+            write_bytes(args.junit, gating.junit_xml(result.outcomes, "compress.check", properties))
         except OSError as exc:
             print(f"error: cannot write {args.junit} ({exc.strerror})", file=sys.stderr)
             return EXIT_BAD_INPUT
-    limits_text = (
-        f"max drop {limits.max_drop:g} pp, max size ratio {limits.max_size_ratio:g}, "
-        f"max latency ratio {limits.max_latency_ratio:g}"
-    )
     if tally[gating.FAILED]:
-        print(f"FAILED: {tally[gating.FAILED]} regression(s) beyond the thresholds ({limits_text})")
+        print(f"FAILED: {tally[gating.FAILED]} regression(s) beyond the thresholds ({limits_text(limits)})")
         return EXIT_REGRESSION
-    print(f"ok: no regression beyond the thresholds ({limits_text})")
+    print(f"ok: no regression beyond the thresholds ({limits_text(limits)})")
     return 0
 
 

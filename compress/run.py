@@ -274,14 +274,17 @@ def _set_value(overrides: list[str], key: str) -> str | None:
 
 
 def format_gates(summary: RunSummary) -> tuple[str, int]:
-    """The pass/fail table of every gates stage in the run, and how many gates failed.
+    """Each gates stage of the run in brief, and how many gates failed: one count line
+    (``gates: 31 passed, 1 failed, 0 skipped``), then only the failed gates (one line each, with
+    the measured value and the threshold) and the skipped ones (one line per gate and reason).
+    Every outcome, passed ones included, is in the stage's gates.json and gates.xml.
 
     Read from the stage's result, so a cached gates stage fails the run just the same.
     """
     text, failed = "", 0
     for record, outcomes, record_failed in gate_outcomes(summary):
         failed += record_failed
-        text += "\n" + format_table(outcomes, title=record.label)
+        text += "\n" + format_table(outcomes, title=record.label, list_passed=False)
     return text, failed
 
 

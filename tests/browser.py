@@ -39,6 +39,7 @@ class PageVisit:
     svg_elements: int = 0
     table_variants: list[str] = field(default_factory=list)
     sorted_accuracy: list[float] = field(default_factory=list)  # accuracy column after clicking its header
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> rendered height, visible text
     load_ms: float = 0.0  # navigation start -> load event end (Performance API)
     wall_ms: float = 0.0  # page.goto(..., wait_until="load") as seen from Python
     bytes: int = 0
@@ -85,12 +86,15 @@ def visit(html: Path, screenshot: Path, profile: Path) -> PageVisit:
                     variants: Array.from(document.querySelectorAll(
                         '#results tbody td[data-col="variant"]')).map(td => td.dataset.v),
                     load: performance.getEntriesByType("navigation")[0].loadEventEnd,
+                    sections: Object.fromEntries(Array.from(document.querySelectorAll("section[id]")).map(
+                        s => [s.id, {height: s.getBoundingClientRect().height, text: s.innerText}])),
                 })"""
             )
             result.images = facts["images"]
             result.svg_elements = facts["svgs"]
             result.table_variants = facts["variants"]
             result.load_ms = float(facts["load"])
+            result.sections = facts["sections"]
             header = page.locator('#results th[data-col="accuracy"]')
             if header.count():
                 header.click()

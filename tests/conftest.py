@@ -80,6 +80,16 @@ BENCH = """\
     min_seconds: 0.02
     max_seconds: 1
 """
+# the quickest benchmark stage: eager PyTorch only, a few timed calls (tests read accuracies)
+PYTORCH_BENCHMARK = """\
+  - stage: benchmark
+    runtimes: [pytorch]
+    batch_sizes: [1]
+    warmup: 2
+    repeats: 5
+    min_seconds: 0.02
+    max_seconds: 1
+"""
 
 
 def _data_root() -> Path:

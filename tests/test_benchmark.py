@@ -132,7 +132,11 @@ def test_table_has_the_promised_columns_and_rows(measured):
     assert (table["status"] == "ok").all() and (table["threads"] == 1).all()
     records = json.loads((out / "results.json").read_text())
     assert len(records) == 8 and len(records[0]["per_class_accuracy"]) == 10
-    assert result.publish == {"results.csv": "results.csv", "results.json": "results.json"}
+    assert result.publish == {
+        "results.csv": "results.csv",
+        "results.json": "results.json",
+        "predictions.npz": "predictions.npz",
+    }
     assert result.metrics["rows"] == 8 and "half@onnxruntime" in result.metrics
 
 

@@ -22,7 +22,7 @@ from compress.gating.chance import (
     warning,
 )
 from compress.report import ReportInputs, build_page, render_markdown
-from tests.conftest import BENCH, TINY_PIPELINE, run_cli, write_pipeline
+from tests.conftest import BENCH, PYTORCH_BENCHMARK, TINY_PIPELINE, run_cli, write_pipeline
 
 
 def row(variant, accuracy, runtime="pytorch", classes=10, **values):
@@ -137,15 +137,7 @@ CHANCE_PIPELINE = TINY_PIPELINE.replace("lr: 0.05}", "lr: 1.0e-7}") + BENCH
 assert "lr: 1.0e-7}" in CHANCE_PIPELINE
 GATE = "  - stage: gates\n    rules:\n      - min_above_chance_pp: 20\n"
 REPORT = "  - stage: report\n"
-BENCHMARK = """\
-  - stage: benchmark
-    runtimes: [pytorch]
-    batch_sizes: [1]
-    warmup: 2
-    repeats: 5
-    min_seconds: 0.02
-    max_seconds: 1
-"""
+BENCHMARK = PYTORCH_BENCHMARK
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +204,12 @@ def test_the_warning_opens_the_page_and_summary_md(chance_run):
     assert sections[:2] == ["at-chance", "summary"]
     top = html[html.index('<section id="at-chance"') : html.index('<section id="summary"')]
     assert "These variants are at chance level" in top and "<code>baseline</code>" in top
-    lines = markdown.splitlines()
-    assert lines[4].startswith("> ⚠ **These variants are at chance level")
+    lines = markdown.splitlines()  # failures lead, then the warnings, the alarm first
+    warnings = lines.index("## Warnings")
+    assert lines.index("## Failed gates") < warnings < lines.index("## Summary")
+    assert next(line for line in lines[warnings + 1 :] if line).startswith(
+        "> ⚠ **These variants are at chance level"
+    )
     assert markdown.count("These variants are at chance level") == 1
 
 
@@ -251,7 +247,7 @@ def test_a_healthy_run_has_no_chance_warning(tiny_run, data_root, tmp_path):
     assert result.returncode == 0, result.output
     assert "train            cached" in result.stdout
     assert "WARNING" not in result.output and "at chance" not in result.output
-    assert "pass  min_above_chance_pp  baseline [pytorch]" in result.stdout
+    assert "gates: 1 passed, 0 failed, 0 skipped" in result.stdout and "pass  " not in result.stdout
     reports = tmp_path / "reports" / "tiny"
     html = (reports / "latest.html").read_text(encoding="utf-8")
     assert 'id="at-chance"' not in html and "at chance" not in html and "data-objective" in html

@@ -118,18 +118,20 @@ def test_update_baseline_writes_a_small_reference_that_then_checks_clean(tmp_pat
     reference = tmp_path / "baselines" / "ci.json"
     assert main([str(current), "--baseline", str(reference), "--update-baseline"]) == 0
     assert "wrote" in capsys.readouterr().out
-    written = json.loads(reference.read_text())
+    written = json.loads(reference.read_text())["rows"]
     assert [(r["variant"], r["runtime"]) for r in written] == [
         ("baseline", "onnxruntime"),
         ("baseline", "pytorch"),
         ("pruned", "onnxruntime"),
     ]
-    assert "per_class_accuracy" not in written[0] and written[0]["latency_b64_p50_ms"] == 8.0
+    assert "file" not in written[0] and written[0]["latency_b64_p50_ms"] == 8.0
+    assert written[0]["per_class_accuracy"] == {"0": 1.0}  # the class check reads it
     assert [p.name for p in reference.parent.iterdir()] == ["ci.json"]  # no temp file left behind
     junit = tmp_path / "check.xml"
     assert main([str(current), "--baseline", str(reference), "--junit", str(junit)]) == 0
     suite = ET.parse(junit).getroot().find("testsuite")
-    assert suite.get("failures") == "0" and int(suite.get("tests")) == 3 * 4  # accuracy, size, 2 latencies
+    # accuracy, classes, size, 2 latencies
+    assert suite.get("failures") == "0" and int(suite.get("tests")) == 3 * 5
 
 
 BAD = [

@@ -221,7 +221,7 @@ def test_recommendations_are_one_plain_sentence_each_within_the_tolerance():
     assert "`student.onnx`" in loose["summary"]["headline"]
 
 
-def test_a_slower_int8_variant_a_failed_export_and_a_failed_gate_show_as_warnings():
+def test_a_slower_int8_variant_and_a_failed_export_are_warnings_and_a_failed_gate_comes_first():
     rows = rows_for(**{"baseline.int8-static": {"latency_b1_p50_ms": 0.3, "latency_b64_p50_ms": 9.0}})
     rows.append(
         {"variant": "pruned", "runtime": "torchscript", "parent": "baseline", "status": "export_failed",
@@ -230,7 +230,7 @@ def test_a_slower_int8_variant_a_failed_export_and_a_failed_gate_show_as_warning
     gates = {
         "label": "gates",
         "kind": "gates",
-        "metrics": {"failed": 1, "failures": ["g1: student: drop 4 pp"]},
+        "metrics": {"passed": 5, "failed": 1, "skipped": 2, "failures": ["g1: student: drop 4 pp"]},
     }
     inputs = ReportInputs(results=rows, manifest=MANIFEST, stages=[gates], charts=False)
     page = build_page(inputs)
@@ -240,15 +240,30 @@ def test_a_slower_int8_variant_a_failed_export_and_a_failed_gate_show_as_warning
         "Do not ship it for speed on this CPU.",
         "Exporting `pruned` for TorchScript failed: torch.jit.trace failed: boom. "
         "That file is not shipped or measured.",
-        "Gate failed: g1: student: drop 4 pp.",
     ]
+    assert page["gates"] == {
+        "passed": 5,
+        "failed": 1,
+        "skipped": 2,
+        "total": 8,
+        "failures": ["g1: student: drop 4 pp"],
+    }
     assert "slower at batch 64 on this CPU" in page["summary"]["headline"]
     html = render_html(page)
     assert 'id="warnings"' in html
     assert "The int8 variant <code>baseline.int8-static</code> is slower than its parent" in html
     assert "Exporting <code>pruned</code> for TorchScript failed: torch.jit.trace failed: boom." in html
+    assert 'id="failed-gates"' in html and "<li>g1: student: drop 4 pp</li>" in html
+    assert "1 of 8 quality gates failed: see" in html  # at the top of the summary
     markdown = render_markdown(page)
-    assert "## Warnings" in markdown and "- ⚠ Gate failed: g1: student: drop 4 pp." in markdown
+    assert markdown.splitlines()[4:9] == [
+        "## Failed gates",
+        "",
+        "1 of 8 quality gates failed (5 passed, 2 skipped):",
+        "",
+        "- ❌ g1: student: drop 4 pp",
+    ]
+    assert markdown.index("## Failed gates") < markdown.index("## Warnings") < markdown.index("## Summary")
     # the same table without the slow-down and the failure: no warning section at all
     clean = render_html(build_page(ReportInputs(results=rows_for(), manifest=MANIFEST, charts=False)))
     assert 'id="warnings"' not in clean and "No warnings" in clean
@@ -343,6 +358,11 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
     assert sorted(seen.table_variants) == sorted(r["variant"] for r in results)
     assert seen.sorted_accuracy == sorted(seen.sorted_accuracy) and len(seen.sorted_accuracy) == len(results)
     assert seen.load_ms < 2000, f"the page took {seen.load_ms:.0f} ms to load"
+    # the paired figures: the per-class chart drawn, the confusion change of one variant shown
+    assert any(i["alt"] == "Per-class accuracy change (onnxruntime)" for i in seen.images)
+    confusion = seen.sections["confusion"]
+    assert confusion["height"] > 50 and "Confusion change of baseline.int8-dynamic" in confusion["text"]
+    assert "test images" in confusion["text"] and "not recorded" not in confusion["text"]
     assert screenshot.stat().st_size > 20_000
 
 

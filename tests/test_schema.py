@@ -65,6 +65,18 @@ BAD = {
     "export_without_onnx": (TRAIN + "  - {stage: export, targets: [ort]}\n", "targets"),
     "gate_parity_false": (BENCH + "  - {stage: gates, rules: [{require_parity: false}]}\n", "require_parity"),
     "gate_accuracy_percent": (BENCH + "  - {stage: gates, rules: [{min_accuracy: 97}]}\n", "min_accuracy"),
+    "gate_negative_flip_rate": (
+        BENCH + "  - {stage: gates, rules: [{max_flip_rate: -0.1}]}\n",
+        "max_flip_rate",
+    ),
+    "gate_confidence_one": (
+        BENCH + "  - {stage: gates, rules: [{max_accuracy_drop: 1, confidence: 1}]}\n",
+        "confidence",
+    ),
+    "gate_unknown_decide": (
+        BENCH + "  - {stage: gates, rules: [{max_class_drop: 5, decide: lowest}]}\n",
+        "decide",
+    ),
 }
 
 

@@ -8,13 +8,17 @@ and runtime; see ``compress/stages/benchmark.py`` for its columns).
 
 Modules: ``numbers``, ``rules`` (the YAML schema), ``outcome`` (judging one number),
 ``evaluation`` (rules over a table), ``comparison`` (two tables), ``output`` (table, JUnit),
-``chance`` (whether a variant learned anything: the report, the CLI and a gate share it).
+``chance`` (whether a variant learned anything: the report, the CLI and a gate share it),
+``paired`` (two rows' predictions on the same images: the drop's interval, flips, each class),
+``predictions`` (the benchmark's ``predictions.npz`` those come from), and for
+``compress.check``: ``reference_file`` (the committed reference, with predictions), ``pairing``
+(which rows can be compared image by image) and ``drops`` (accuracy and class drops).
 """
 
 from compress.gating.comparison import Thresholds, compare
-from compress.gating.evaluation import evaluate
+from compress.gating.evaluation import PairedSource, evaluate
 from compress.gating.numbers import number
-from compress.gating.outcome import FAILED, PASSED, SKIPPED, Outcome, counts, judge
+from compress.gating.outcome import FAILED, PASSED, SKIPPED, Interval, Outcome, counts, judge
 from compress.gating.output import format_table, junit_xml
 from compress.gating.rules import EXPORT_RUNTIMES, RUNTIME_NAMES, SCRATCH_SUFFIX, GateRule, rule_ids, shipped
 
@@ -26,7 +30,9 @@ __all__ = [
     "SCRATCH_SUFFIX",
     "SKIPPED",
     "GateRule",
+    "Interval",
     "Outcome",
+    "PairedSource",
     "Thresholds",
     "compare",
     "counts",

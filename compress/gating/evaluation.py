@@ -1,4 +1,10 @@
-"""Gates over one results table: every rule of the gates stage on every row it selects."""
+"""Gates over one results table: every rule of the gates stage on every row it selects.
+
+Drops and flips are paired: both rows' top-1 predictions on the same images (the benchmark's
+``predictions.npz``, a :class:`PairedSource` here) give the drop's interval, each class's drop
+and the flips (``compress.gating.paired``). Without them ``max_accuracy_drop`` with
+``decide: estimate`` still gates from the table; the rules that need them are skipped, saying why.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,60 @@ from compress.gating.numbers import (
     number,
     ratio,
 )
-from compress.gating.outcome import FAILED, PASSED, SKIPPED, Outcome, judge
+from compress.gating.outcome import ESTIMATE, FAILED, LOWER, PASSED, SKIPPED, UPPER, Interval, Outcome, judge
+from compress.gating.paired import PairedStats, compare
+from compress.gating.predictions import Predictions
 from compress.gating.rules import EXPORT_RUNTIMES, RUNTIME_NAMES, GateRule, rule_ids, shipped
 
+NO_PREDICTIONS = "the benchmark saved no per-image predictions (predictions.npz)"
+_TOLERANCE = 1e-9  # the predictions and the table must give the same accuracy, up to float noise
 
-def evaluate(rules: list[GateRule], rows: list[Row]) -> list[Outcome]:
-    """Every rule on every (variant, runtime) row it selects, in rule order."""
+
+class PairedSource:
+    """The benchmark's per-image predictions, and each (variant, against, runtime) pair's paired
+    statistics computed once; or, when there are none, why (``missing``: one line for a skip)."""
+
+    def __init__(self, store: Predictions | None, missing: str = NO_PREDICTIONS) -> None:
+        self.store, self.missing = store, missing
+        self._stats: dict[tuple[str, str, str, float], PairedStats | str] = {}
+
+    def stats(self, row: Row, against: Row, confidence: float) -> PairedStats | str:
+        """The row against the other row of its runtime, or the reason they cannot be paired."""
+        variant, reference, runtime = str(row["variant"]), str(against["variant"]), str(row["runtime"])
+        key = (variant, reference, runtime, confidence)
+        if key not in self._stats:
+            self._stats[key] = self._compute(row, against, confidence)
+        return self._stats[key]
+
+    def _compute(self, row: Row, against: Row, confidence: float) -> PairedStats | str:
+        if self.store is None:
+            return self.missing
+        runtime = str(row["runtime"])
+        ours = self.store.get(str(row["variant"]), runtime)
+        theirs = self.store.get(str(against["variant"]), runtime)
+        if ours is None or theirs is None:
+            absent = row["variant"] if ours is None else against["variant"]
+            return f"no predictions of {absent} [{runtime}] in predictions.npz"
+        try:
+            stats = compare(ours, theirs, self.store.labels, self.store.classes, confidence)
+        except ValueError as exc:
+            return f"predictions.npz: {exc}"
+        for side, accuracy in ((row, stats.accuracy), (against, stats.reference_accuracy)):
+            table = number(side.get("accuracy"))
+            if table is None or abs(table - accuracy) > _TOLERANCE:
+                return f"predictions.npz does not match results.json ({side['variant']} [{runtime}] accuracy)"
+        return stats
+
+
+def evaluate(
+    rules: list[GateRule],
+    rows: list[Row],
+    predictions: Predictions | None = None,
+    missing: str = NO_PREDICTIONS,
+) -> list[Outcome]:
+    """Every rule on every (variant, runtime) row it selects, in rule order. ``predictions``: the
+    benchmark's per-image predictions (None: not at hand, and ``missing`` says why)."""
+    paired = PairedSource(predictions, missing)
     outcomes: list[Outcome] = []
     by_key = {(str(r.get("variant")), str(r.get("runtime"))): r for r in rows}
     table_variants = list(dict.fromkeys(str(r.get("variant")) for r in rows))
@@ -42,7 +96,7 @@ def evaluate(rules: list[GateRule], rows: list[Row]) -> list[Outcome]:
                 )
             for row in selected:
                 found += 1
-                outcomes.append(_evaluate_row(gate, rule, row, by_key))
+                outcomes.append(_evaluate_row(gate, rule, row, by_key, paired))
         if not names or (rule.variants == "all" and not found):
             outcomes.append(
                 Outcome(
@@ -58,7 +112,9 @@ def evaluate(rules: list[GateRule], rows: list[Row]) -> list[Outcome]:
     return outcomes
 
 
-def _evaluate_row(gate: str, rule: GateRule, row: Row, by_key: dict[tuple[str, str], Row]) -> Outcome:
+def _evaluate_row(
+    gate: str, rule: GateRule, row: Row, by_key: dict[tuple[str, str], Row], paired: PairedSource
+) -> Outcome:
     metric = rule.metric
     threshold = rule.threshold
     variant, runtime = str(row.get("variant")), str(row.get("runtime"))
@@ -96,11 +152,9 @@ def _evaluate_row(gate: str, rule: GateRule, row: Row, by_key: dict[tuple[str, s
             against=rule.reference,
         )
     if metric.key == "max_accuracy_drop":
-        value = accuracy_drop_pp(row, against)
-        detail = ""
-        if value is not None:
-            detail = f" ({rule.reference} {100 * against['accuracy']:.2f}% -> {100 * row['accuracy']:.2f}%)"
-        return judge(gate, metric, row, value, threshold, rule.reference, detail)
+        return _accuracy_drop(gate, rule, row, against, paired)
+    if metric.paired:
+        return _paired_rule(gate, rule, row, against, paired)
     if metric.key in ("max_size_ratio", "max_gzip_ratio"):
         column = "size_bytes" if metric.key == "max_size_ratio" else "gzip_bytes"
         value = ratio(row, against, column)
@@ -121,6 +175,87 @@ def _evaluate_row(gate: str, rule: GateRule, row: Row, by_key: dict[tuple[str, s
     return judge(
         gate, metric, row, value, threshold, rule.reference, detail, missing=f"not measured at batch {batch}"
     )
+
+
+def _skipped(gate: str, rule: GateRule, row: Row, message: str) -> Outcome:
+    metric = rule.metric
+    variant, runtime = str(row.get("variant")), str(row.get("runtime"))
+    return Outcome(
+        gate, metric.key, variant, runtime, SKIPPED, message, None, rule.threshold, metric.op, rule.reference
+    )
+
+
+def _paired_rule(gate: str, rule: GateRule, row: Row, against: Row, paired: PairedSource) -> Outcome:
+    """``max_class_drop`` and ``max_flip_rate``: skipped (saying why) without both rows' predictions."""
+    stats = paired.stats(row, against, rule.confidence)
+    if isinstance(stats, str):
+        return _skipped(gate, rule, row, f"{rule.metric.what} not measured: {stats}")
+    if rule.metric.key == "max_class_drop":
+        return _class_drop(gate, rule, row, stats)
+    return _flips(gate, rule, row, stats)
+
+
+def _accuracy_drop(gate: str, rule: GateRule, row: Row, against: Row, paired: PairedSource) -> Outcome:
+    """The drop from the table; its interval from the paired predictions, when at hand (which
+    ``decide: lower | upper`` needs)."""
+    value = accuracy_drop_pp(row, against)
+    detail = ""
+    if value is not None:
+        detail = f" ({rule.reference} {100 * against['accuracy']:.2f}% -> {100 * row['accuracy']:.2f}%)"
+    stats = paired.stats(row, against, rule.confidence)
+    if isinstance(stats, str):
+        if rule.decide != ESTIMATE:
+            return _skipped(gate, rule, row, f"decide: {rule.decide} needs the drop's interval: {stats}")
+        return judge(gate, rule.metric, row, value, rule.threshold, rule.reference, detail)
+    interval = Interval(stats.ci_low_pp, stats.ci_high_pp, stats.confidence)
+    return judge(
+        gate,
+        rule.metric,
+        row,
+        value,
+        rule.threshold,
+        rule.reference,
+        detail,
+        interval=interval,
+        decide=rule.decide,
+    )
+
+
+# the class that decides a class-drop rule: the one whose decided number is the largest
+_DECIDING = {ESTIMATE: "drop_pp", LOWER: "ci_low_pp", UPPER: "ci_high_pp"}
+
+
+def _class_drop(gate: str, rule: GateRule, row: Row, stats: PairedStats) -> Outcome:
+    """The worst class: the largest drop (``decide: estimate``), else the largest interval end
+    that decides (a small class with a wide interval may decide over a larger, surer drop)."""
+    if not stats.classes:
+        return _skipped(gate, rule, row, "class drop not measured: no test images")
+    field = _DECIDING[rule.decide]
+    name = max(stats.classes, key=lambda n: getattr(stats.classes[n], field))
+    c = stats.classes[name]
+    detail = (
+        f" ({rule.reference} {100 * c.reference:.2f}% -> {100 * c.accuracy:.2f}% on its {c.images:,} images)"
+    )
+    return judge(
+        gate,
+        rule.metric,
+        row,
+        c.drop_pp,
+        rule.threshold,
+        rule.reference,
+        detail,
+        interval=Interval(c.ci_low_pp, c.ci_high_pp, stats.confidence),
+        decide=rule.decide,
+        what=f"class {name!r} drop",
+    )
+
+
+def _flips(gate: str, rule: GateRule, row: Row, stats: PairedStats) -> Outcome:
+    detail = (
+        f" ({stats.flips:,} of {stats.images:,} top-1 predictions differ from {rule.reference}'s: "
+        f"{stats.broken:,} broken, {stats.fixed:,} fixed)"
+    )
+    return judge(gate, rule.metric, row, stats.flip_rate, rule.threshold, rule.reference, detail)
 
 
 def _above_chance(gate: str, rule: GateRule, row: Row) -> Outcome:

@@ -91,13 +91,23 @@ def times(v: float, digits: int) -> str:
     return f"{v:.{digits + 1}f}x"
 
 
+def shown_digits(value: float, threshold: float, fmt: Callable[[float, int], str]) -> int:
+    """The fewest digits (2 to 7) at which a value that differs from its threshold prints differently."""
+    for digits in range(2, 7):
+        if fmt(value, digits) != fmt(threshold, digits) or value == threshold:
+            return digits
+    return 7
+
+
 def shown_pair(value: float, threshold: float, fmt: Callable[[float, int], str]) -> tuple[str, str]:
     """Both numbers with enough digits that a failing value never prints equal to its threshold."""
-    for digits in range(2, 7):
-        a, b = fmt(value, digits), fmt(threshold, digits)
-        if a != b or value == threshold:
-            return a, b
-    return fmt(value, 7), fmt(threshold, 7)
+    digits = shown_digits(value, threshold, fmt)
+    return fmt(value, digits), fmt(threshold, digits)
+
+
+def confidence_text(confidence: float) -> str:
+    """A confidence level as printed in a gate's message: 0.95 -> '95 %'."""
+    return f"{100 * confidence:g} %"
 
 
 def byte_count(value: Any) -> str:

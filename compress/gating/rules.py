@@ -2,7 +2,9 @@
 
 Each rule names exactly one metric (``max_accuracy_drop: 1.0``) plus where it applies:
 ``variants`` (default ``all``: every shipped variant, see :func:`shipped`), ``runtime`` and, for
-relative metrics, the ``against`` variant of the same runtime.
+relative metrics, the ``against`` variant of the same runtime. Drop rules (``max_accuracy_drop``,
+``max_class_drop``) also say what meets the threshold: the measured drop (``decide: estimate``)
+or an end of its paired confidence interval (``lower``, ``upper``; see ``compress.gating.paired``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from compress.config import StrictModel
-from compress.gating.numbers import pct, pp, times
+from compress.gating.numbers import confidence_text, pct, pp, times
 
 SCRATCH_SUFFIX = ".scratch"  # from-scratch controls (distill stage): not shipped, not gated by 'all'
 EXPORT_RUNTIMES = ("torchscript", "onnxruntime")
 RUNTIME_NAMES = ("pytorch", "torchscript", "onnxruntime")
+ESTIMATE = "estimate"  # a drop rule's default decision: the measured drop meets the threshold
 
 
 def shipped(name: str) -> bool:
@@ -34,6 +37,8 @@ class MetricDef:
     what: str  # the measured quantity, as printed
     fmt: Callable[[float, int], str]
     help: str
+    interval: bool = False  # a drop with a paired confidence interval: takes decide and confidence
+    paired: bool = False  # needs the benchmark's per-image predictions (predictions.npz)
 
 
 METRICS: dict[str, MetricDef] = {
@@ -46,6 +51,26 @@ METRICS: dict[str, MetricDef] = {
             "accuracy drop",
             pp,
             "percentage points of test accuracy lost against 'against' (same runtime)",
+            interval=True,
+        ),
+        MetricDef(
+            "max_class_drop",
+            "<=",
+            True,
+            "class drop",
+            pp,
+            "percentage points of accuracy lost on the worst class against 'against' (same runtime)",
+            interval=True,
+            paired=True,
+        ),
+        MetricDef(
+            "max_flip_rate",
+            "<=",
+            True,
+            "flip rate",
+            pct,
+            "fraction of test images whose top-1 differs from the top-1 of 'against', e.g. 0.05",
+            paired=True,
         ),
         MetricDef("min_accuracy", ">=", False, "accuracy", pct, "test accuracy as a fraction, e.g. 0.97"),
         MetricDef(
@@ -116,8 +141,30 @@ class GateRule(StrictModel):
         le=65536,
         description="max_latency_ratio: the batch size compared; null: 1 if timed, else the first timed.",
     )
+    decide: Literal["estimate", "lower", "upper"] = Field(
+        ESTIMATE,
+        description="Drop gates: what meets the threshold: estimate (the measured drop), lower (the "
+        "interval's lower end: fails only a drop significantly beyond it) or upper (its upper end: "
+        "passes only a drop significantly within it).",
+    )
+    confidence: float = Field(
+        0.95,
+        description="Drop gates: confidence level of the drop's paired interval, strictly between 0 and 1.",
+        json_schema_extra={"exclusiveMinimum": 0, "exclusiveMaximum": 1},  # _confidence
+    )
     max_accuracy_drop: float | None = Field(
         None, ge=-100, le=100, description="Gate: percentage points of test accuracy lost against 'against'."
+    )
+    max_class_drop: float | None = Field(
+        None,
+        ge=-100,
+        le=100,
+        description="Gate: percentage points of accuracy lost on the worst class against 'against'.",
+    )
+    max_flip_rate: float | None = Field(
+        None,
+        description="Gate: fraction of test images whose top-1 differs from that of 'against', e.g. 0.05.",
+        json_schema_extra={"minimum": 0, "maximum": 1},  # _flip_fraction
     )
     min_accuracy: float | None = Field(
         None,
@@ -157,6 +204,22 @@ class GateRule(StrictModel):
             )
         return value
 
+    @field_validator("max_flip_rate")
+    @classmethod
+    def _flip_fraction(cls, value: float | None) -> float | None:
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(
+                f"is a fraction of the test images between 0 and 1 (e.g. 0.05 for 5%), not {value}"
+            )
+        return value
+
+    @field_validator("confidence")
+    @classmethod
+    def _confidence(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(f"is a confidence level strictly between 0 and 1 (e.g. 0.95), not {value}")
+        return value
+
     @field_validator("variants", mode="before")
     @classmethod
     def _one_name(cls, value: Any) -> Any:
@@ -183,6 +246,13 @@ class GateRule(StrictModel):
         if self.against is not None and not metric.relative:
             relative = ", ".join(k for k, m in METRICS.items() if m.relative)
             raise ValueError(f"against: only {relative} compare with another variant")
+        given_interval = [key for key in ("decide", "confidence") if key in self.model_fields_set]
+        if given_interval and not metric.interval:
+            drops = ", ".join(k for k, m in METRICS.items() if m.interval)
+            raise ValueError(
+                f"{given_interval[0]}: only drop rules ({drops}) have an interval to decide by; "
+                f"remove {' and '.join(given_interval)} from this {metric.key} rule"
+            )
         if self.batch_size is not None and metric.key != "max_latency_ratio":
             raise ValueError("batch_size: only max_latency_ratio is measured per batch size")
         if metric.key == "min_sparsity" and self.variants == "all":
@@ -223,6 +293,8 @@ class GateRule(StrictModel):
             text += f" vs {self.reference}"
         if metric.key == "max_latency_ratio" and self.batch_size:
             text += f" (batch {self.batch_size})"
+        if metric.interval and self.decide != ESTIMATE:
+            text += f" ({self.decide} end of the {confidence_text(self.confidence)} CI decides)"
         return text
 
 

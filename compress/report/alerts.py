@@ -1,5 +1,5 @@
-"""The page's warnings: a model at chance, slower variants, failed exports, measurements and
-parity checks, failed gates.
+"""The page's warnings (a model at chance, slower variants, failed exports, measurements and
+parity checks) and what the gates decided (``gate_report``: failures come before warnings).
 
 Never claim a speed-up that was not measured: a variant slower than its parent is said plainly.
 Never present a model that learned nothing as a result: a variant at chance comes first.
@@ -113,8 +113,6 @@ def collect_warnings(rows: list[dict[str, Any]], inputs: ReportInputs) -> list[s
                 for fmt, entry in (report.get("files") or {}).items():
                     if not entry.get("ok") and (name, runtime_of.get(fmt, fmt)) not in measured_exports:
                         warnings.append(f"Exporting `{name}` to {fmt} failed: {entry.get('error')}.")
-        if stage["kind"] == "gates":
-            warnings.extend(gate_failures(stage["metrics"]))
     if not any(r.get("variant") == inputs.baseline for r in ok_rows(rows)) and rows:
         warnings.append(
             f"The baseline `{inputs.baseline}` has no successful measurement, so accuracy deltas and "
@@ -123,11 +121,26 @@ def collect_warnings(rows: list[dict[str, Any]], inputs: ReportInputs) -> list[s
     return warnings
 
 
+def gate_report(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the gates stages of the run decided: the counts and each failure's message
+    ("gate: variant [runtime]: message"); None when no gates stage ran before the report."""
+    found = [s["metrics"] for s in stages if s["kind"] == "gates"]
+    if not found:
+        return None
+    counts = {
+        key: sum(int(m[key]) for m in found if is_number(m.get(key)))
+        for key in ("passed", "failed", "skipped")
+    }
+    failures = [text for metrics in found for text in gate_failures(metrics)]
+    counts["failed"] = max(counts["failed"], len(failures))
+    return {**counts, "total": sum(counts.values()), "failures": failures}
+
+
 def gate_failures(metrics: dict[str, Any]) -> list[str]:
     """Failing gates from a gates stage's metrics, whatever list they are kept in."""
     failures = metrics.get("failures")
     if isinstance(failures, list) and failures:
-        return [f"Gate failed: {text}." for text in failures]
+        return [str(text) for text in failures]
     out = []
     for key in ("gates", "results", "checks"):
         entries = metrics.get(key)
@@ -143,10 +156,10 @@ def gate_failures(metrics: dict[str, Any]) -> list[str]:
                 what = entry.get("message") or " ".join(
                     str(entry[k]) for k in ("gate", "name", "variant", "value", "threshold") if k in entry
                 )
-                out.append(f"Gate failed: {what}.")
+                out.append(str(what))
         if out:
             return out
     failed = metrics.get("failed")
     if is_number(failed) and int(failed) > 0:
-        out.append(f"{int(failed)} gate(s) failed; see gates.json.")
+        out.append(f"{int(failed)} gate(s) failed; see gates.json")
     return out

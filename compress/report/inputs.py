@@ -22,3 +22,23 @@ class ReportInputs:
     title: str | None = None
     results_source: str = "benchmark"  # or "variant metrics" when no benchmark stage ran
     charts: bool = True  # False: text and tables only (faster; used by tests of the wording)
+    # the benchmark's kept top-1 predictions (``predictions_data``); None: not recorded
+    predictions: dict[str, Any] | None = None
+
+
+def predictions_data(predictions: Any, keys: set[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """A :class:`compress.gating.predictions.Predictions` as plain lists, the rows limited to
+    ``keys`` ((variant, runtime) pairs): ``{"labels", "classes", "rows": {"variant@runtime": [...]}}``.
+    Plain data, so the inputs of a report can be recorded as JSON and rebuilt (the snapshot test)."""
+    from compress.gating.predictions import row_key
+
+    wanted = None if keys is None else {row_key(v, rt) for v, rt in keys}
+    return {
+        "labels": predictions.labels.astype(int).tolist(),
+        "classes": [str(c) for c in predictions.classes],
+        "rows": {
+            key: values.astype(int).tolist()
+            for key, values in predictions.rows.items()
+            if wanted is None or key in wanted
+        },
+    }

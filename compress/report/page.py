@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from compress.gating.numbers import latency_batch_sizes
-from compress.report.alerts import collect_warnings
+from compress.report.alerts import collect_warnings, gate_report
 from compress.report.charts import (
     history_chart,
     layer_sensitivity_chart,
@@ -24,6 +24,7 @@ from compress.report.charts import (
     size_bars,
     sparsity_chart,
 )
+from compress.report.classes import class_delta_chart, confusion_section
 from compress.report.distillation import distillation_rows
 from compress.report.formatting import is_number
 from compress.report.inputs import ReportInputs
@@ -39,7 +40,40 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
     rows = [dict(r) for r in inputs.results]
     batches = latency_batch_sizes(rows)
     batch = inputs.latency_batch if inputs.latency_batch in batches else (batches[-1] if batches else None)
-    columns = table_columns(batches)
+    columns = table_columns(batches, rows)
+    charts = _result_charts(rows, inputs, batch, batches)
+    sections = _stage_sections(inputs, rows)
+    m = inputs.manifest
+    summary = summarize(rows, inputs, batch)
+    return {
+        "title": inputs.title or f"Compression report: {m.get('pipeline', 'pipeline')}",
+        "run_id": m.get("run_id", "?"),
+        "pipeline": m.get("pipeline", "?"),
+        "summary": summary,
+        "gates": gate_report(inputs.stages),
+        "warnings": collect_warnings(rows, inputs),
+        "confusion": confusion_section(rows, summary, inputs.predictions, inputs.baseline),
+        "columns": columns,
+        "rows": table_rows(rows, columns, inputs.tolerance_pp),
+        "variants": list(dict.fromkeys(r.get("variant") for r in rows)),
+        "results": rows,
+        "charts": charts + sections["charts"],
+        "structured": sections["structured"],
+        "distillation": sections["distillation"],
+        "qat": qat_rows(inputs.variants),
+        "studies": sections["studies"],
+        "previous": compare_previous(rows, inputs.previous),
+        "provenance": provenance(inputs, rows),
+        "tolerance_pp": inputs.tolerance_pp,
+        "results_source": inputs.results_source,
+    }
+
+
+def _result_charts(
+    rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | None, batches: list[int]
+) -> list[dict[str, str]]:
+    """The charts of the results table: accuracy against latency and size, sizes, latency per
+    runtime, the per-class accuracy change."""
     charts: list[dict[str, str]] = []
     if batch is not None and inputs.charts:
         found = scatter_chart(
@@ -68,7 +102,15 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
     for size in batches if inputs.charts else []:
         found = runtime_bars(rows, size)
         charts += [found] if found else []
+    found = inputs.charts and class_delta_chart(rows, inputs.baseline)
+    charts += [found] if found else []
+    return charts
 
+
+def _stage_sections(inputs: ReportInputs, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the other stages recorded: their charts (curves, sparsity, sensitivities, studies),
+    the structurally pruned layer shapes, the distillation and tuning sections."""
+    charts: list[dict[str, str]] = []
     curves: dict[str, list[dict[str, Any]]] = {}
     per_layer: dict[str, dict[str, float]] = {}
     structured: list[dict[str, Any]] = []
@@ -126,25 +168,4 @@ def build_page(inputs: ReportInputs) -> dict[str, Any]:
         for found in found_charts:
             charts += [found] if found else []
     charts += study_chart_list
-
-    m = inputs.manifest
-    return {
-        "title": inputs.title or f"Compression report: {m.get('pipeline', 'pipeline')}",
-        "run_id": m.get("run_id", "?"),
-        "pipeline": m.get("pipeline", "?"),
-        "summary": summarize(rows, inputs, batch),
-        "warnings": collect_warnings(rows, inputs),
-        "columns": columns,
-        "rows": table_rows(rows, columns, inputs.tolerance_pp),
-        "variants": list(dict.fromkeys(r.get("variant") for r in rows)),
-        "results": rows,
-        "charts": charts,
-        "structured": structured,
-        "distillation": distillation,
-        "qat": qat_rows(inputs.variants),
-        "studies": studies,
-        "previous": compare_previous(rows, inputs.previous),
-        "provenance": provenance(inputs, rows),
-        "tolerance_pp": inputs.tolerance_pp,
-        "results_source": inputs.results_source,
-    }
+    return {"charts": charts, "structured": structured, "distillation": distillation, "studies": studies}

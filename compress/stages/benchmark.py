@@ -8,8 +8,10 @@ models have batch 1, so batch N is N invocations) and ``executorch`` (XNNPACK-de
 ``.pte``), each through the same loader ``compress.verify`` uses (``compress.targets.runners``). Every
 row is measured the same way (``compress.measure``): the same input tensor, the same thread
 count, warm-up before timing, accuracy on the whole test split. Deltas are against the
-baseline variant in the same runtime. The table goes to ``results.csv`` / ``results.json``
-(published as ``reports/<pipeline>/results.*``); its columns are listed in ``COLUMNS``.
+baseline variant in the same runtime, and so are the paired columns (drop interval, flips, worst
+class: ``compress.gating.paired``). The table goes to ``results.csv`` / ``results.json``, every
+row's top-1 predictions to ``predictions.npz`` (all published to ``reports/<pipeline>/``); its
+columns are listed in ``columns``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,21 +30,24 @@ from pydantic import Field, field_validator, model_validator
 from compress import measure
 from compress.config import StageConfig
 from compress.context import Context
-from compress.exporting import INPUT_NAME, OUTPUT_NAME, load_torchscript
-from compress.fileio import read_json, write_json, write_text
+from compress.fileio import write_json, write_text
+from compress.gating import paired
+from compress.gating.predictions import FILE_NAME as PREDICTIONS_FILE
+from compress.gating.predictions import Predictions
+from compress.runtimes import (
+    FILE_FORMAT,
+    RUNTIMES,
+    export_report,
+    package_version,
+    runner_for,
+    runtime_version,
+    target_of,
+)
 from compress.stages import stage
-from compress.targets import TARGETS
-from compress.targets.runners import runner as target_runner
 from compress.variants import StageResult, Variant
 
 if TYPE_CHECKING:
     import pandas as pd
-
-EDGE = {t.runtime: t for t in TARGETS.values() if t.name != "onnx"}
-RUNTIMES = ("pytorch", "torchscript", "onnxruntime", *EDGE)
-FILE_FORMAT = {"pytorch": "torch", "torchscript": "torchscript", "onnxruntime": "onnx"}
-FILE_FORMAT.update({runtime: t.suffix.lstrip(".") for runtime, t in EDGE.items()})
-EXPORT_KEY = {"torchscript": "torchscript", "onnxruntime": "onnx", **{r: t.name for r, t in EDGE.items()}}
 
 
 class BenchmarkConfig(StageConfig):
@@ -135,10 +139,13 @@ def columns(batch_sizes: list[int]) -> list[str]:
         "file",
         "accuracy",
         "accuracy_delta_pp",
+        *("accuracy_drop_ci_low_pp", "accuracy_drop_ci_high_pp"),  # paired: see gating.paired
         "correct",
         "test_count",
         "per_class_min_accuracy",
         "per_class_accuracy",
+        *("flip_rate", "flips_fixed", "flips_broken", "worst_class", "worst_class_drop_pp"),
+        *("worst_class_drop_ci_low_pp", "worst_class_drop_ci_high_pp", "class_drop_pp", "paired_confidence"),
         "top1_agreement_pytorch",
         "size_bytes",
         "gzip_bytes",
@@ -175,7 +182,7 @@ def columns(batch_sizes: list[int]) -> list[str]:
     return cols
 
 
-@stage("benchmark", BenchmarkConfig, version=2)
+@stage("benchmark", BenchmarkConfig, version=3)
 def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +196,7 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
         "threads": threads,
         "cpu_model": measure.cpu_model(),
         "torch_version": torch.__version__,
-        "onnxruntime_version": _version("onnxruntime"),
+        "onnxruntime_version": package_version("onnxruntime"),
     }
     ctx.log.info(
         "benchmark: %d variants x %s, batch sizes %s, %d thread(s), %d test images",
@@ -199,9 +206,7 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
         threads,
         len(labels),
     )
-    rows: list[dict[str, Any]] = []
-    pytorch_predictions: dict[str, np.ndarray] = {}
-    timed: list[tuple[dict[str, Any], Callable[[torch.Tensor], np.ndarray]]] = []
+    rows = _Rows(cfg, ctx, bundle, threads)
     with measure.torch_threads(threads):
         for variant in inputs:
             try:
@@ -209,61 +214,31 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
             except Exception as exc:  # counts are one column group; the timings still matter
                 ctx.log.exception("benchmark: cannot count parameters/MACs of %s", variant.name)
                 counts = {"counts_from": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
-            exports = _export_report(ctx.artifacts.get(variant.name, {}))
+            exports = export_report(ctx.artifacts.get(variant.name, {}))
             for runtime in cfg.runtimes:
-                target = _target(variant, runtime, ctx, exports)
-                if target is None:
-                    continue
-                row: dict[str, Any] = {
-                    "variant": variant.name,
-                    "runtime": runtime,
-                    "format": variant.format if runtime == "pytorch" else FILE_FORMAT[runtime],
-                    "parent": variant.parent,
-                    "stage": variant.stage,
-                    "is_baseline": variant.name == cfg.baseline,
-                    **counts,
-                    **env,
-                    **target["export"],
-                }
-                if target["path"] is None:
-                    row.update(status="export_failed", error=target["error"])
-                    rows.append(row)
-                    continue
-                row["file"] = _shown(Path(target["path"]), ctx)
-                try:
-                    predict = _runner(runtime, variant, Path(target["path"]), threads)
-                    row.update(_accuracy(cfg, predict, bundle, labels))
-                except Exception as exc:  # one runtime failing must not hide the other rows
-                    ctx.log.exception("benchmark: %s in %s failed", variant.name, runtime)
-                    row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                    rows.append(row)
-                    continue
-                predictions = row.pop("_predictions")
-                if runtime == "pytorch" and variant.format == "torch":
-                    pytorch_predictions[variant.name] = predictions
-                # fp32 files are compared with their own eager model; int8/ONNX-only ones with the parent's
-                own = variant.format == "torch"
-                reference = pytorch_predictions.get(variant.name if own else (variant.parent or ""))
-                if reference is not None:
-                    row["top1_agreement_pytorch"] = float(np.mean(predictions == reference))
-                files = [Path(target["path"]).with_name(n) for n in target["files"]] or [Path(target["path"])]
-                row.update(status="ok", error=None, size_bytes=sum(measure.file_size(f) for f in files))
-                row["gzip_bytes"] = sum(measure.gzip_size(f) for f in files)
-                row["runtime_version"] = _runtime_version(runtime)
-                rows.append(row)
-                timed.append((row, predict))
-        _time_all(cfg, timed, timing_inputs)
-        for row, _ in timed:
+                target = target_of(variant, runtime, ctx, exports)
+                if target is not None:
+                    rows.measure(variant, runtime, target, {**counts, **env})
+        _time_all(cfg, rows.timed, timing_inputs)
+        for row, _ in rows.timed:
             ctx.log.info("benchmark: %s", _summary_line(row, cfg.batch_sizes))
+    store = rows.store
+    rows = rows.rows
+
+    paired_started = time.perf_counter()  # vs the baseline, same runtime; every row's predictions
+    paired.add_table_columns(rows, store, cfg.baseline)
+    store.save(out_dir / PREDICTIONS_FILE)
+    ctx.log.info(
+        "benchmark: paired columns, %s in %.3f s", PREDICTIONS_FILE, time.perf_counter() - paired_started
+    )
 
     import pandas as pd  # here, not at the top: every CLI run imports the stages (0.5 s)
 
     frame = _with_deltas(pd.DataFrame(rows), cfg)
     frame = frame.reindex(columns=columns(cfg.batch_sizes))
     csv_frame = frame.copy()
-    csv_frame["per_class_accuracy"] = csv_frame["per_class_accuracy"].map(
-        lambda v: json.dumps(v) if isinstance(v, dict) else v
-    )
+    for column in ("per_class_accuracy", "class_drop_pp"):  # JSON text in a CSV cell
+        csv_frame[column] = csv_frame[column].map(lambda v: json.dumps(v) if isinstance(v, dict) else v)
     csv_frame.to_csv(out_dir / "results.csv", index=False)
     write_text(out_dir / "results.json", frame.to_json(orient="records", indent=2) + "\n")
     seconds = time.perf_counter() - started
@@ -282,77 +257,66 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
     write_json(out_dir / "summary.json", metrics)
     return StageResult(
         metrics=metrics,
-        publish={"results.csv": "results.csv", "results.json": "results.json"},
+        publish={name: name for name in ("results.csv", "results.json", PREDICTIONS_FILE)},
     )
+
+
+class _Rows:
+    """The table as it is measured: one row per (variant, runtime), each ok row's predictions
+    (``store``, for the paired columns and predictions.npz) and what is still to be timed."""
+
+    def __init__(self, cfg: BenchmarkConfig, ctx: Context, bundle: Any, threads: int) -> None:
+        self.cfg, self.ctx, self.bundle, self.threads = cfg, ctx, bundle, threads
+        self.labels = bundle.test.y.numpy()
+        self.rows: list[dict[str, Any]] = []
+        self.store = Predictions(
+            self.labels, list(bundle.classes), str(getattr(bundle, "fingerprint", "") or "")
+        )
+        self.timed: list[tuple[dict[str, Any], Callable[[torch.Tensor], np.ndarray]]] = []
+        self._pytorch: dict[str, np.ndarray] = {}  # eager predictions, the agreement's reference
+
+    def measure(self, variant: Variant, runtime: str, target: dict[str, Any], shared: dict[str, Any]) -> None:
+        """Accuracy, agreement and file sizes of one row (timing comes later, interleaved)."""
+        row: dict[str, Any] = {
+            "variant": variant.name,
+            "runtime": runtime,
+            "format": variant.format if runtime == "pytorch" else FILE_FORMAT[runtime],
+            "parent": variant.parent,
+            "stage": variant.stage,
+            "is_baseline": variant.name == self.cfg.baseline,
+            **shared,
+            **target["export"],
+        }
+        self.rows.append(row)
+        if target["path"] is None:
+            row.update(status="export_failed", error=target["error"])
+            return
+        path = Path(target["path"])
+        row["file"] = _shown(path, self.ctx)
+        try:
+            predict = runner_for(runtime, variant, path, self.threads)
+            row.update(_accuracy(self.cfg, predict, self.bundle, self.labels))
+        except Exception as exc:  # one runtime failing must not hide the other rows
+            self.ctx.log.exception("benchmark: %s in %s failed", variant.name, runtime)
+            row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            return
+        predictions = row.pop("_predictions")
+        self.store.add(variant.name, runtime, predictions)
+        own = variant.format == "torch"
+        if runtime == "pytorch" and own:
+            self._pytorch[variant.name] = predictions
+        # fp32 files are compared with their own eager model; int8/ONNX-only ones with the parent's
+        reference = self._pytorch.get(variant.name if own else (variant.parent or ""))
+        if reference is not None:
+            row["top1_agreement_pytorch"] = float(np.mean(predictions == reference))
+        files = [path.with_name(n) for n in target["files"]] or [path]
+        row.update(status="ok", error=None, size_bytes=sum(measure.file_size(f) for f in files))
+        row["gzip_bytes"] = sum(measure.gzip_size(f) for f in files)
+        row["runtime_version"] = runtime_version(runtime)
+        self.timed.append((row, predict))
 
 
 # ---------------------------------------------------------------- what to measure
-
-
-def _export_report(files: dict[str, Path]) -> dict[str, Any] | None:
-    path = files.get("export_report")
-    return read_json(path) if path is not None and Path(path).is_file() else None
-
-
-def _target(variant: Variant, runtime: str, ctx: Context, exports: dict | None) -> dict[str, Any] | None:
-    """The file this variant ships as in ``runtime``, or None if it does not ship there.
-
-    A file the export stage tried and failed gives a row with status 'export_failed'.
-    """
-    files = ctx.artifacts.get(variant.name, {})
-    none = {"export_ok": None, "parity_max_abs_diff": None, "parity_top1_agreement": None}
-    if runtime == "pytorch":
-        if variant.format not in ("torch", "pt2"):
-            return None
-        return {"path": variant.file, "export": none, "error": None, "files": []}
-    key = EXPORT_KEY[runtime]
-    entry = (exports or {}).get("files", {}).get(key) or (exports or {}).get("targets", {}).get(key)
-    if entry is not None and entry.get("skipped"):
-        return None  # this target does not take this kind of variant (the export report says why)
-    export = (
-        {
-            "export_ok": bool(entry["ok"]),
-            "parity_max_abs_diff": entry.get("max_abs_diff"),
-            "parity_top1_agreement": entry.get("top1_agreement"),
-        }
-        if entry
-        else none
-    )
-    names = list((entry or {}).get("files", []))  # OpenVINO's IR is the .xml and its .bin
-    if key in files:
-        return {"path": files[key], "export": export, "error": None, "files": names}
-    if entry is not None and not entry["ok"]:
-        return {"path": None, "export": export, "error": entry.get("error"), "files": []}
-    if runtime == "onnxruntime" and variant.format == "onnx":
-        return {"path": variant.file, "export": export, "error": None, "files": []}
-    return None
-
-
-def _runner(runtime: str, variant: Variant, path: Path, threads: int) -> Callable[[torch.Tensor], np.ndarray]:
-    """A function images -> logits (numpy) for one runtime; loading happens here, untimed."""
-    if runtime in EDGE:
-        run_edge = target_runner(EDGE[runtime].runner).load(str(path), threads)
-        return lambda x: run_edge(x.numpy())
-    if runtime == "onnxruntime":
-        session = measure.ort_session(path, threads)
-
-        def run_onnx(x: torch.Tensor) -> np.ndarray:
-            return session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-
-        return run_onnx
-    if runtime == "torchscript":
-        module = load_torchscript(path)
-    elif variant.format == "pt2":  # a torch.export program (e.g. int8 from the quantize stage)
-        module = torch.export.load(str(path)).module()
-    else:
-        module, _ = variant.load_torch()
-        module = module.eval().cpu()
-
-    def run_torch(x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return module(x).numpy()
-
-    return run_torch
 
 
 def _accuracy(
@@ -485,18 +449,3 @@ def _summary_line(row: dict[str, Any], batch_sizes: list[int]) -> str:
         parts.append(f"b{b} p50 {row[f'latency_b{b}_p50_ms']:.3f} ms")
     parts.append(f"size {row['size_bytes'] / 1024:.1f} KiB (gzip {row['gzip_bytes'] / 1024:.1f} KiB)")
     return ", ".join(parts)
-
-
-def _runtime_version(runtime: str) -> str:
-    if runtime in EDGE:
-        return f"{EDGE[runtime].runner} {target_runner(EDGE[runtime].runner).version()}"
-    if runtime == "onnxruntime":
-        return f"onnxruntime {_version('onnxruntime')}"
-    return f"torch {torch.__version__}"
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"

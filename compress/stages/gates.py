@@ -5,6 +5,10 @@ Each rule names one gate and where it applies::
     - stage: gates
       rules:
         - max_accuracy_drop: 1.0          # pp vs 'against' (default baseline), same runtime
+        - max_class_drop: 5               # pp lost on the worst class vs 'against'
+          decide: lower                   # drops: estimate (default) | lower | upper end of the CI
+          confidence: 0.95                # drops: of the paired interval (default 0.95)
+        - max_flip_rate: 0.05             # share of images whose top-1 differs from 'against'
         - min_accuracy: 0.97              # absolute, fraction of the test set
         - min_above_chance_pp: 20         # pp of test accuracy above chance (100 / classes)
         - max_size_ratio: 0.5             # bytes / bytes of 'against'
@@ -20,8 +24,10 @@ Each rule names one gate and where it applies::
 controls and, for comparisons, the ``against`` variant itself; list names to gate others.
 ``runtime: all`` (the default) evaluates each runtime's row separately.
 
-The stage reads the benchmark stage's ``results.json`` (``benchmark:`` names it; default: the
-last benchmark stage before this one), evaluates every rule per (variant, runtime) row and
+The stage reads the benchmark stage's ``results.json`` and ``predictions.npz`` (``benchmark:``
+names it; default: the last benchmark stage before this one; without the predictions, from a
+benchmark of an older version, the rules that need them are skipped, saying why), evaluates every
+rule per (variant, runtime) row, pairing the predictions of each row and its ``against`` row, and
 writes ``gates.json`` and JUnit XML ``gates.xml`` (published to ``reports/<pipeline>/``). It
 completes even when gates fail: the failure is in its result's metrics (``failed`` > 0,
 ``results`` = one entry per gate and row, see ``compress.gating.Outcome``), which
@@ -32,6 +38,7 @@ run (``needs_results``): cheap, and never stale after a ``--force``'d benchmark.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +50,7 @@ from compress.context import Context
 from compress.errors import ArtifactError
 from compress.fileio import read_json, write_bytes, write_json
 from compress.gating import GateRule
+from compress.gating import predictions as stored
 from compress.stages import stage
 from compress.variants import StageResult, Variant
 
@@ -153,11 +161,30 @@ def _benchmark_stage(earlier: list[Any], label: str | None) -> Any:
     )
 
 
+def benchmark_directory(ctx: Context, label: str) -> Path:
+    """Where the benchmark stage ``label`` of this run left its files."""
+    directories = {s["name"]: s.get("directory") for s in ctx.manifest.get("stages", [])}
+    return Path(directories.get(label) or ctx.run_dir / "stages" / label)
+
+
+def read_predictions(ctx: Context, label: str) -> tuple[stored.Predictions | None, str]:
+    """The benchmark stage's per-image predictions, or None and why (one line for a skipped gate)."""
+    path = benchmark_directory(ctx, label) / stored.FILE_NAME
+    if not path.is_file():
+        return None, (
+            f"the benchmark stage {label!r} saved no {stored.FILE_NAME} (it ran before paired "
+            f"statistics existed); re-run it with --from {label}"
+        )
+    try:
+        return stored.load(path), ""
+    except ValueError as exc:
+        ctx.log.warning("gates: %s", exc)
+        return None, str(exc)
+
+
 def read_table(ctx: Context, label: str) -> list[dict[str, Any]]:
     """The benchmark stage's rows (its results.json) from this run's stage directory."""
-    directories = {s["name"]: s.get("directory") for s in ctx.manifest.get("stages", [])}
-    directory = Path(directories.get(label) or ctx.run_dir / "stages" / label)
-    path = directory / "results.json"
+    path = benchmark_directory(ctx, label) / "results.json"
     if not path.is_file():
         raise ArtifactError(f"stage gates: the benchmark stage {label!r} left no results table at {path}")
     try:
@@ -175,11 +202,19 @@ def run(cfg: GatesConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
     label = bench.label
     rules = cfg.resolved_rules(getattr(bench, "baseline", None))
     rows = read_table(ctx, label)
-    outcomes = gating.evaluate(rules, rows)
+    started = time.perf_counter()
+    predictions, missing = read_predictions(ctx, label)
+    outcomes = gating.evaluate(rules, rows, predictions, missing)
+    ctx.log.info(
+        "gates: %s and %d rules evaluated in %.3f s",
+        f"{stored.FILE_NAME} read" if predictions is not None else f"no {stored.FILE_NAME}",
+        len(rules),
+        time.perf_counter() - started,
+    )
     tally = gating.counts(outcomes)
     results = [o.to_json() for o in outcomes]
     rules = [
-        {"id": gate, "rule": rule.describe(), **rule.model_dump(mode="json", exclude_none=True)}
+        {"id": gate, "rule": rule.describe(), **_dumped(rule)}
         for gate, rule in zip(gating.rule_ids(rules), rules, strict=True)
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,3 +253,9 @@ def run(cfg: GatesConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
         },
         publish={"gates.json": "gates.json", "gates.xml": "gates.xml"},
     )
+
+
+def _dumped(rule: GateRule) -> dict[str, Any]:
+    """The rule's keys for gates.json; decide and confidence only where they mean something (drops)."""
+    dropped = set() if rule.metric.interval else {"decide", "confidence"}
+    return rule.model_dump(mode="json", exclude_none=True, exclude=dropped)

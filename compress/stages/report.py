@@ -6,6 +6,10 @@ those stages published under ``reports/<pipeline>/`` (``ctx.reports_dir``; e.g. 
 benchmark's ``results.json``, the quantize stage's sensitivity tables) and the run manifest
 (``ctx.manifest``). The content is built in ``compress.report``.
 
+The benchmark's kept predictions (``predictions.npz``, published beside ``results.json``) are
+read the same way, for the confusion change of the recommended variant; a benchmark that kept
+none leaves that section one line saying so.
+
 Writes (published under ``reports/<pipeline>/``): ``latest.html`` and ``<run-id>.html``,
 ``summary.md`` (summary + table in Markdown, for CI job summaries), and ``report.json`` (the
 rows this page shows; the next run reads it for "versus the previous run"). When no benchmark
@@ -91,6 +95,7 @@ def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         write_text(out_dir / "results.json", frame.to_json(orient="records", indent=2) + "\n")
         publish.update({"results.csv": "results.csv", "results.json": "results.json"})
     rows = [r for r in rows if r.get("variant") in names]
+    predictions = _benchmark_predictions(benchmark, reports_dir, rows, ctx)
 
     baseline = cfg.baseline or (benchmark["metrics"].get("baseline") if benchmark else None) or "baseline"
     previous = _read_previous(reports_dir, ctx)
@@ -106,6 +111,7 @@ def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         latency_batch=cfg.latency_batch,
         title=cfg.title,
         results_source=source,
+        predictions=predictions,
     )
     page = reporting.build_page(inputs_view)
     html = reporting.render_html(page)
@@ -192,6 +198,26 @@ def _benchmark_rows(
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else None
+
+
+def _benchmark_predictions(
+    benchmark: dict[str, Any] | None, reports_dir: Path | None, rows: list[dict[str, Any]], ctx: Context
+) -> dict[str, Any] | None:
+    """The top-1 predictions the benchmark kept and published in this run (``predictions.npz``,
+    beside its results.json), limited to the rows shown; None when it kept none (an older
+    benchmark) or the file is unreadable."""
+    from compress.gating import predictions as kept
+    from compress.report.inputs import predictions_data
+
+    target = benchmark["publish"].get(kept.FILE_NAME) if benchmark is not None else None
+    if target is None or reports_dir is None or not (reports_dir / target).is_file():
+        return None
+    try:
+        found = kept.load(reports_dir / target)
+    except ValueError as exc:
+        ctx.log.warning("report: %s; the confusion change is left out", exc)
+        return None
+    return predictions_data(found, {(str(r.get("variant")), str(r.get("runtime"))) for r in rows})
 
 
 def _rows_from_variants(inputs: list[Variant], baseline: str) -> list[dict[str, Any]]:
