@@ -396,7 +396,7 @@ ALLOWED_IMPORTS = {"compress/stages/__init__.py", "compress/config/safety.py"}
 ALLOWED_PROGRAM_LOADS = {
     "compress/exporting.py",
     "compress/quantization/torchao.py",
-    "compress/stages/benchmark.py",
+    "compress/runtimes.py",  # the benchmark stage's runners
 }
 ALLOWED_SAVES = {  # plain dicts of tensors only
     "compress/models/files.py",
