@@ -74,17 +74,23 @@ def _write_init(path: Path, model: dict, data: dict) -> None:
     torch.save(net.state_dict(), path)
 
 
-def _validate(block: str, where: Path) -> subprocess.CompletedProcess:
+def _validate(block: str, where: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """``python -m compress.run example.yaml --validate`` in ``where``, in this process (a
+    subprocess per block cost ~1 s of imports each): exit code, stdout, stderr."""
+    from compress.run import main
+
     where.mkdir(parents=True)
     parsed = yaml.safe_load(block)
     for stage in parsed["stages"]:
         if isinstance(stage, dict) and stage.get("init"):
             _write_init(where / stage["init"], stage.get("model", {}), parsed.get("data", {}))
     (where / "example.yaml").write_text(block, encoding="utf-8")
-    return subprocess.run(
-        [sys.executable, "-m", "compress.run", "example.yaml", "--validate"],
-        cwd=where, env=_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.chdir(where)
+        code = main(["example.yaml", "--validate"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def test_readme_is_a_short_front_page():
@@ -96,24 +102,24 @@ def test_readme_is_a_short_front_page():
     assert "```mermaid\nflowchart" in text
 
 
-def test_readme_pipelines_validate(tmp_path):
+def test_readme_pipelines_validate(tmp_path, monkeypatch, capsys):
     blocks = _pipelines(README)
     assert len(blocks) >= 2, "the README should show a pipeline and one that starts from init:"
     assert any("init:" in b and "epochs: 0" in b for b in blocks)
     for index, block in enumerate(blocks):
-        result = _validate(block, tmp_path / f"readme-{index}")
-        assert result.returncode == 0, f"README pipeline {index} does not validate:\n{block}\n{result.stderr}"
-        assert "is valid" in result.stdout
+        code, out, err = _validate(block, tmp_path / f"readme-{index}", monkeypatch, capsys)
+        assert code == 0, f"README pipeline {index} does not validate:\n{block}\n{err}"
+        assert "is valid" in out
 
 
-def test_docs_pipelines_validate(tmp_path):
+def test_docs_pipelines_validate(tmp_path, monkeypatch, capsys):
     pages = {page: _pipelines(page) for page in sorted(DOCS.rglob("*.md"))}
     checked = 0
     for page, blocks in pages.items():
         for index, block in enumerate(blocks):
-            result = _validate(block, tmp_path / f"{page.stem}-{index}")
+            code, _out, err = _validate(block, tmp_path / f"{page.stem}-{index}", monkeypatch, capsys)
             where = f"{page.relative_to(REPO)}, pipeline {index}"
-            assert result.returncode == 0, f"{where} does not validate:\n{block}\n{result.stderr}"
+            assert code == 0, f"{where} does not validate:\n{block}\n{err}"
             checked += 1
     assert checked >= 2, "the getting-started and pipeline-files pages show whole pipelines"
 
