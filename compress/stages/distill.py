@@ -57,8 +57,6 @@ class DistillConfig(StageConfig, TrainingConfig):
         1, ge=1, le=100, description="Train student and control this many times (3+ for a verdict)."
     )
     output: str = Field("student", description="The distilled variant's name.")
-    # kd: logits only; hint (FitNets) / attention (attention transfer) add an intermediate-feature
-    # loss, times feature_weight, to the KD loss (compress/distill_losses.py)
     loss: Literal["kd", "hint", "attention"] = Field(
         "kd",
         description="kd: logits only; hint (FitNets, penultimate feature) or attention (attention transfer, "
@@ -67,7 +65,6 @@ class DistillConfig(StageConfig, TrainingConfig):
     feature_weight: float = Field(
         1.0, gt=0, le=1e6, description="Weight of the hint or attention term next to the KD loss."
     )
-    # With augment 'none' the teacher sees the same images every epoch: compute its logits once.
     cache_teacher_logits: bool = Field(
         True, description="With augment: none and loss: kd, compute the teacher's logits once (faster)."
     )
