@@ -48,8 +48,8 @@ from compress.errors import CompressError
 from compress.fileio import write_bytes, write_json
 from compress.gating import predictions, reference_file
 from compress.gating.comparison import Comparison, compare_runs
-from compress.gating.drops import DECIDE_MODES
 from compress.gating.numbers import confidence_text
+from compress.gating.outcome import DECIDE_MODES
 from compress.gating.paired import DEFAULT_CONFIDENCE
 from compress.gating.pairing import matches
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from compress.gating.drops import (
     CHECK_DROP,
-    DECIDE_MODES,
     Drop,
     class_drops,
     flips_text,
@@ -34,7 +33,7 @@ from compress.gating.numbers import (
     ratio,
     times,
 )
-from compress.gating.outcome import FAILED, SKIPPED, Outcome, judge
+from compress.gating.outcome import DECIDE_MODES, FAILED, SKIPPED, Outcome, judge
 from compress.gating.paired import DEFAULT_CONFIDENCE, PairedStats
 from compress.gating.pairing import OLD_REFERENCE, Key, key, pair
 from compress.gating.predictions import Predictions

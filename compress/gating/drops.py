@@ -20,7 +20,6 @@ from compress.gating.outcome import FAILED, Interval, Outcome, judge
 from compress.gating.paired import PairedStats
 from compress.gating.rules import ESTIMATE, MetricDef
 
-DECIDE_MODES = (ESTIMATE, "lower", "upper")
 CHECK_DROP = MetricDef(
     "accuracy_drop", "<=", True, "accuracy drop", pp, "pp lost against the reference", interval=True
 )
@@ -40,9 +39,9 @@ class Drop:
 
     def decided(self, decide: str) -> float:
         """The number that meets the limit under ``decide``."""
-        if self.low is None or self.high is None or decide == ESTIMATE:
+        if self.low is None or self.high is None:
             return self.estimate
-        return self.low if decide == "lower" else self.high
+        return Interval(self.low, self.high, 0.0).decides(self.estimate, decide)
 
 
 def judge_drop(

@@ -18,7 +18,7 @@ from compress.gating.numbers import (
     number,
     ratio,
 )
-from compress.gating.outcome import ESTIMATE, FAILED, LOWER, PASSED, SKIPPED, UPPER, Interval, Outcome, judge
+from compress.gating.outcome import ESTIMATE, FAILED, PASSED, SKIPPED, Interval, Outcome, judge
 from compress.gating.paired import PairedStats, compare
 from compress.gating.predictions import Predictions
 from compress.gating.rules import EXPORT_RUNTIMES, RUNTIME_NAMES, GateRule, rule_ids, shipped
@@ -221,17 +221,13 @@ def _accuracy_drop(gate: str, rule: GateRule, row: Row, against: Row, paired: Pa
     )
 
 
-# the class that decides a class-drop rule: the one whose decided number is the largest
-_DECIDING = {ESTIMATE: "drop_pp", LOWER: "ci_low_pp", UPPER: "ci_high_pp"}
-
-
 def _class_drop(gate: str, rule: GateRule, row: Row, stats: PairedStats) -> Outcome:
     """The worst class: the largest drop (``decide: estimate``), else the largest interval end
     that decides (a small class with a wide interval may decide over a larger, surer drop)."""
     if not stats.classes:
         return _skipped(gate, rule, row, "class drop not measured: no test images")
-    field = _DECIDING[rule.decide]
-    name = max(stats.classes, key=lambda n: getattr(stats.classes[n], field))
+    intervals = {n: Interval(c.ci_low_pp, c.ci_high_pp, stats.confidence) for n, c in stats.classes.items()}
+    name = max(intervals, key=lambda n: intervals[n].decides(stats.classes[n].drop_pp, rule.decide))
     c = stats.classes[name]
     detail = (
         f" ({rule.reference} {100 * c.reference:.2f}% -> {100 * c.accuracy:.2f}% on its {c.images:,} images)"
@@ -244,7 +240,7 @@ def _class_drop(gate: str, rule: GateRule, row: Row, stats: PairedStats) -> Outc
         rule.threshold,
         rule.reference,
         detail,
-        interval=Interval(c.ci_low_pp, c.ci_high_pp, stats.confidence),
+        interval=intervals[name],
         decide=rule.decide,
         what=f"class {name!r} drop",
     )

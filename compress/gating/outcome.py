@@ -17,6 +17,7 @@ from compress.gating.rules import ESTIMATE, MetricDef
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 LOWER, UPPER = "lower", "upper"  # an end of the interval meets a drop rule's threshold (or ESTIMATE)
+DECIDE_MODES = (ESTIMATE, LOWER, UPPER)
 # (decision, passed) -> what it means, for a '<=' rule (a drop): which side of the threshold the
 # whole interval lies on
 _VERDICT = {
@@ -34,6 +35,10 @@ class Interval:
     low: float
     high: float
     confidence: float
+
+    def decides(self, value: float, decide: str) -> float:
+        """The number that meets the threshold under ``decide``: the estimate or one end."""
+        return {ESTIMATE: value, LOWER: self.low, UPPER: self.high}[decide]
 
     def text(self, digits: int) -> str:
         return f"{confidence_text(self.confidence)} CI {self.low:.{digits}f} to {self.high:.{digits}f}"
@@ -117,7 +122,7 @@ def judge(
             interval.confidence,
             decide,
         )
-        decided = {ESTIMATE: value, LOWER: interval.low, UPPER: interval.high}[decide]
+        decided = interval.decides(value, decide)
     ok = passes(decided, metric.op, threshold)
     digits = shown_digits(value, threshold, metric.fmt)
     shown, limit = metric.fmt(value, digits), metric.fmt(threshold, digits)

@@ -203,6 +203,12 @@ def log_variant(log: Any, name: str, m: dict[str, Any]) -> None:
     )
 
 
+def variant_record(job: Job, name: str, mode: str, path: str, metrics: dict[str, Any], **rest: Any) -> dict:
+    """The stage's record of one quantized variant: the fields every backend has, then its own
+    (searches, settings) in the order given."""
+    return {"name": name, "parent": job.parent.name, "mode": mode, "path": path, "metrics": metrics, **rest}
+
+
 def quantized_variant(
     job: Job, name: str, file_format: str, file: Path, metrics: dict[str, Any], info: dict[str, Any]
 ) -> Variant:

@@ -20,6 +20,7 @@ from compress.quantization.job import (
     quantized_variant,
     test_accuracy,
     variant_metrics,
+    variant_record,
 )
 from compress.quantization.qat_job import QAT_MODES, quantize_aware
 from compress.variants import Variant
@@ -245,19 +246,16 @@ def _ort_variant(
     accuracy tries, sensitivity and latency-search logs in the record's key order."""
     settings = parent.settings
     path_used = _path_used(mode, settings)
-    record = {
-        "name": name,
-        "parent": job.parent.name,
-        "mode": mode,
-        "path": path_used,
-        "metrics": metrics,
+    calibration = len(job.images) if mode == "static" else 0
+    record = variant_record(
+        job,
+        name,
+        mode,
+        path_used,
+        metrics,
         **searches,
-        "settings": {
-            **{k: v for k, v in vars(settings).items()},
-            "calibration_images": len(job.images) if mode == "static" else 0,
-            "nodes_to_exclude": excluded,
-        },
-    }
+        settings={**vars(settings), "calibration_images": calibration, "nodes_to_exclude": excluded},
+    )
     variant = quantized_variant(
         job,
         name,

@@ -27,6 +27,7 @@ from compress.quantization.job import (
     quantized_variant,
     test_accuracy,
     variant_metrics,
+    variant_record,
 )
 from compress.training import Distillation, fit, teacher_logits
 from compress.training_defaults import DEFAULT_BATCH
@@ -225,20 +226,20 @@ def _qat_variant(
 ) -> tuple[Variant, dict[str, Any]]:
     """The stage's record of one QAT/auto variant (every candidate's tries) and its ``Variant``."""
     path_used = _path_used(job, method)
-    record = {
-        "name": name,
-        "parent": job.parent.name,
-        "mode": mode,
-        "path": path_used,
-        "metrics": metrics,
-        "accuracy_tries": [
+    record = variant_record(
+        job,
+        name,
+        mode,
+        path_used,
+        metrics,
+        accuracy_tries=[
             {**t.to_json(), "method": m[0], "test_accuracy": r["accuracy"]}
             for t, m, r in zip(candidates.tries, candidates.made, tested, strict=True)
         ],
-        "sensitivity": [],
-        "latency_search": [],
-        "settings": job.cfg.qat.model_dump(mode="json"),
-    }
+        sensitivity=[],
+        latency_search=[],
+        settings=job.cfg.qat.model_dump(mode="json"),
+    )
     variant = quantized_variant(
         job,
         name,

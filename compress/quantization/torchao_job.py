@@ -19,6 +19,7 @@ from compress.quantization.job import (
     quantized_variant,
     test_accuracy,
     variant_metrics,
+    variant_record,
 )
 from compress.variants import Variant
 
@@ -178,15 +179,7 @@ def _torchao_variant(
 ) -> tuple[Variant | None, dict[str, Any]]:
     """The stage's record of one variant and its ``Variant`` (None when the file could not be saved);
     ``searches`` holds the accuracy tries and sensitivity log in the record's key order."""
-    record = {
-        "name": name,
-        "parent": job.parent.name,
-        "mode": mode,
-        "path": path_used,
-        "metrics": metrics,
-        **searches,
-        "latency_search": [],
-    }
+    record = variant_record(job, name, mode, path_used, metrics, **searches, latency_search=[])
     if save_error:
         record["save_error"] = save_error
     if save_error is not None:

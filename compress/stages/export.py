@@ -21,9 +21,8 @@ Layout of the stage directory::
 
 from __future__ import annotations
 
-import re
 import shutil
-import traceback
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -36,19 +35,8 @@ from compress import deploy, gating
 from compress.config import StageConfig
 from compress.config.messages import did_you_mean
 from compress.context import Context
-from compress.export_files import (
-    Failure,
-    as_metadata,
-    attempt,
-    batched,
-    copy_with_metadata,
-    failed,
-    first_line,
-    make_onnx,
-    make_torchscript,
-    run_onnx,
-)
-from compress.exporting import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
+from compress.export_job import export_variant, safe_filename
+from compress.exporting import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from compress.fileio import write_json
 from compress.stages import stage
 from compress.targets import TARGETS, missing_packages
@@ -145,12 +133,6 @@ class ExportConfig(StageConfig):
         return list(available)
 
 
-def safe_filename(name: str) -> str:
-    """A variant name as a file name: letters, digits, '.', '_', '-' kept, anything else '_'."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
-    return cleaned or "model"
-
-
 def project_version() -> str:
     try:
         return metadata.version("compress")
@@ -158,23 +140,39 @@ def project_version() -> str:
         return "unknown"
 
 
+@dataclass
+class _ParityImages:
+    """The seeded test images every format of every variant is checked on; the first ``shown``
+    of them also go into the deploy bundle as the edge team's sample."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    images: torch.Tensor  # normalised, what the models take
+    shown: int
+
+    @property
+    def sample(self) -> np.ndarray:
+        return self.images[: self.shown].numpy()
+
+
+@dataclass
+class _Exports:
+    """What exporting every input gave: per variant its report and files, the ONNX models the
+    bundle ships and what the edge targets convert from."""
+
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    artifacts: dict[str, dict[str, Path]] = field(default_factory=dict)
+    shipped: list[deploy.ShippedModel] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+
+
 @stage("export", ExportConfig, version=1)
 def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     bundle = ctx.data()
-    test = bundle.test
-    count = min(cfg.parity_samples, len(test))
-    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(ctx.seed))[:count]
-    pixels = test.x[order]
-    labels = test.y[order]
-    images = bundle.normalize(pixels).float().contiguous()
-    shown = min(cfg.sample_count, count)
-    sample = images[:shown].numpy()
-
-    deploy_dir = out_dir / "deploy"
+    parity = _parity_images(cfg, bundle, ctx.seed)
     for sub in ("deploy", "controls", "torchscript", "exports", "failed", "work"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
         (out_dir / sub).mkdir(parents=True)
-
     common = {
         "input_name": INPUT_NAME,
         "input_shape": ["batch", *bundle.input_shape],
@@ -187,10 +185,43 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         "run_id": ctx.run_id,
         "compress_version": project_version(),
     }
-    reports: dict[str, dict[str, Any]] = {}
-    artifacts: dict[str, dict[str, Path]] = {}
-    shipped: list[deploy.ShippedModel] = []
-    sources: list[Source] = []
+    exports = _export_all(cfg, inputs, ctx, out_dir, parity, common)
+    shipment = _ship_targets(cfg, exports.sources, parity.images.numpy(), ctx, out_dir)
+    for name, entries in shipment.entries.items():
+        exports.reports[name]["targets"] = entries
+    for name, files_by_target in shipment.files.items():
+        exports.artifacts[name].update({target: files[0] for target, files in files_by_target.items()})
+    for name, report in exports.reports.items():
+        report_path = out_dir / "exports" / f"{safe_filename(name)}.json"
+        write_json(report_path, report)
+        exports.artifacts[name]["export_report"] = report_path
+    accuracies = {v.name: v.metrics.get("test_accuracy") for v in inputs}
+    _write_bundle(out_dir / "deploy", exports, shipment, parity, bundle, common, accuracies)
+    write_json(out_dir / "export.json", exports.reports)
+    shutil.rmtree(out_dir / "work", ignore_errors=True)
+    metrics = _metrics(cfg, exports, shipment, len(parity.images))
+    return StageResult(metrics=metrics, artifacts=exports.artifacts)
+
+
+def _parity_images(cfg: ExportConfig, bundle: Any, seed: int) -> _ParityImages:
+    test = bundle.test
+    count = min(cfg.parity_samples, len(test))
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:count]
+    pixels = test.x[order]
+    images = bundle.normalize(pixels).float().contiguous()
+    return _ParityImages(pixels, test.y[order], images, min(cfg.sample_count, count))
+
+
+def _export_all(
+    cfg: ExportConfig,
+    inputs: list[Variant],
+    ctx: Context,
+    out_dir: Path,
+    parity: _ParityImages,
+    common: dict[str, Any],
+) -> _Exports:
+    """Every input to every format, each logged; a variant that fails does not stop the others."""
+    exports = _Exports()
     for variant in inputs:
         facts = {
             **common,
@@ -200,36 +231,40 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
             "source_format": variant.format,
             "test_accuracy": variant.metrics.get("test_accuracy"),
         }
-        report, files, model, source = _export_variant(cfg, variant, ctx, out_dir, images, sample, facts)
-        reports[variant.name] = report
-        artifacts[variant.name] = files
+        report, files, model, source = export_variant(
+            cfg, variant, ctx, out_dir, parity.images, parity.sample, facts
+        )
+        exports.reports[variant.name] = report
+        exports.artifacts[variant.name] = files
         if model is not None:
-            shipped.append(model)
+            exports.shipped.append(model)
         if source is not None and gating.shipped(variant.name):
-            sources.append(source)
+            exports.sources.append(source)
         if report.get("skipped"):
             ctx.log.info("export: %s: skipped: %s", variant.name, report["skipped"])
         for fmt, entry in report["files"].items():
             level = ctx.log.info if entry["ok"] else ctx.log.error
             level("export: %s %s: %s", variant.name, fmt, _describe(entry))
+    return exports
 
-    shipment = _ship_targets(cfg, sources, images.numpy(), ctx, out_dir)
-    accuracies = {v.name: v.metrics.get("test_accuracy") for v in inputs}
-    for name, entries in shipment.entries.items():
-        reports[name]["targets"] = entries
-    for name, files_by_target in shipment.files.items():
-        artifacts[name].update({target: files[0] for target, files in files_by_target.items()})
-    for name, report in reports.items():
-        report_path = out_dir / "exports" / f"{safe_filename(name)}.json"
-        write_json(report_path, report)
-        artifacts[name]["export_report"] = report_path
 
+def _write_bundle(
+    deploy_dir: Path,
+    exports: _Exports,
+    shipment: Shipment,
+    parity: _ParityImages,
+    bundle: Any,
+    common: dict[str, Any],
+    accuracies: dict[str, Any],
+) -> None:
+    """The deploy folder: the shipped ONNX models, the target files, the sample and its answers."""
+    shown = parity.shown
     deploy.write_bundle(
         deploy_dir,
-        shipped,
-        pixels=pixels[:shown].numpy(),
-        images=sample,
-        labels=labels[:shown].numpy(),
+        exports.shipped,
+        pixels=parity.pixels[:shown].numpy(),
+        images=parity.sample,
+        labels=parity.labels[:shown].numpy(),
         classes=list(bundle.classes),
         facts={k: common[k] for k in ("pipeline", "run_id", "compress_version", "preprocessing")},
         targets=[
@@ -241,19 +276,21 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
                 parity=shipment.entries[source.variant][target],
                 test_accuracy=accuracies[source.variant],
             )
-            for source in sources
+            for source in exports.sources
             for target in shipment.files.get(source.variant, {})
         ],
         bundle_files=shipment.bundle_files,
     )
-    write_json(out_dir / "export.json", reports)
-    shutil.rmtree(out_dir / "work", ignore_errors=True)
 
+
+def _metrics(cfg: ExportConfig, exports: _Exports, shipment: Shipment, count: int) -> dict[str, Any]:
+    """The stage's metrics: counts, what shipped where, and one line per file and target."""
+    reports = exports.reports
     entries = [(name, fmt, e) for name, r in reports.items() for fmt, e in r["files"].items()]
     metrics: dict[str, Any] = {
         "exported": sum(e["ok"] for _, _, e in entries),
         "failed": sum(not e["ok"] for _, _, e in entries),
-        "shipped_onnx": [m.variant for m in shipped],
+        "shipped_onnx": [m.variant for m in exports.shipped],
         "deploy_dir": "deploy",
         "parity_samples": count,
         "variants": reports,
@@ -268,11 +305,11 @@ def run(cfg: ExportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         for target in cfg.targets
         if target != "onnx"
     }
-    metrics["shipped"]["onnx"] = [m.variant for m in shipped]
+    metrics["shipped"]["onnx"] = [m.variant for m in exports.shipped]
     for name, report in reports.items():
         if report.get("skipped"):
             metrics[name] = f"skipped: {report['skipped']}"
-    return StageResult(metrics=metrics, artifacts=artifacts)
+    return metrics
 
 
 def _ship_targets(
@@ -316,136 +353,4 @@ def _describe(entry: dict[str, Any]) -> str:
     return f"ok ({numbers})" if entry["ok"] else f"FAILED: {entry.get('error')} ({numbers})"
 
 
-def _export_variant(
-    cfg: ExportConfig,
-    variant: Variant,
-    ctx: Context,
-    out_dir: Path,
-    images: torch.Tensor,
-    sample: np.ndarray,
-    facts: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Path], deploy.ShippedModel | None, Source | None]:
-    """Export one variant to every format; never raises for a problem with this variant.
-
-    Returns its report, its files, the ONNX it ships (if any) and, for the edge targets, what
-    they convert from, carrying the source model's logits on ``images`` (the parity reference).
-    """
-    base = safe_filename(variant.name)
-    report: dict[str, Any] = {"variant": variant.name, "source_format": variant.format, "files": {}}
-    files: dict[str, Path] = {}
-    shipped: deploy.ShippedModel | None = None
-    ships = gating.shipped(variant.name)  # a control's ONNX is measured but not handed over
-    onnx_dir = out_dir / ("deploy" if ships else "controls")
-
-    if variant.format not in ("torch", "onnx"):
-        report["skipped"] = (
-            f"{variant.format} variants ship as their own file and are not exported to ONNX/TorchScript"
-        )
-        return report, files, None, None
-
-    if variant.format == "onnx":
-        reference = attempt(lambda: run_onnx(Path(variant.file), images.numpy(), cfg.threads))
-        if isinstance(reference, Failure):
-            report["files"]["onnx"] = failed(f"the source ONNX file does not run: {reference}")
-            return report, files, None, None
-        source = lambda path: copy_with_metadata(Path(variant.file), path, facts)  # noqa: E731
-        entry, path = make_onnx(cfg, base, out_dir, onnx_dir, reference, images, source)
-        report["files"]["onnx"] = entry
-        _parent_agreement(variant, ctx, images, path, cfg, entry)
-        if entry["ok"]:
-            files["onnx"] = path
-            if ships:
-                files["onnx_json"] = deploy.model_json_path(path)
-                shipped = _shipped(variant, path, sample, cfg, entry, facts)
-        quantized = entry["ok"] and deploy.is_quantized(path)
-        half = entry["ok"] and deploy.is_fp16(path)
-        onnx_path = path if entry["ok"] else None
-        convertible = Source(variant.name, base, onnx_path, None, images, quantized, half, reference)
-        return report, files, shipped, convertible
-
-    try:
-        model, _spec = variant.load_torch()
-        model = model.eval().cpu()
-        with torch.no_grad():
-            reference = batched(lambda x: model(torch.from_numpy(x)).numpy(), images.numpy())
-    except Exception as exc:  # a variant file we cannot even load: report, don't stop the others
-        ctx.log.error("export: %s: cannot load the torch model:\n%s", variant.name, traceback.format_exc())
-        for fmt in cfg.formats:
-            report["files"][fmt] = failed(f"cannot load the torch model: {type(exc).__name__}: {exc}")
-        return report, files, None, None
-    trace_input = images[:2]
-    if len(trace_input) < 2:  # a batch of 1 would specialise the batch dimension
-        trace_input = trace_input.repeat(2, 1, 1, 1)
-
-    if "onnx" in cfg.formats:
-
-        def source(path: Path) -> None:
-            export_onnx(model, trace_input, path, opset=cfg.opset, metadata=as_metadata(facts))
-
-        entry, path = make_onnx(cfg, base, out_dir, onnx_dir, reference, images, source)
-        report["files"]["onnx"] = entry
-        if entry["ok"]:
-            files["onnx"] = path
-            if ships:
-                files["onnx_json"] = deploy.model_json_path(path)
-                shipped = _shipped(variant, path, sample, cfg, entry, facts)
-        elif entry.get("traceback"):
-            ctx.log.error("export: %s onnx:\n%s", variant.name, entry.pop("traceback"))
-        entry.pop("traceback", None)
-
-    if "torchscript" in cfg.formats:
-        entry, path = make_torchscript(cfg, base, out_dir, model, trace_input, reference, images, facts)
-        report["files"]["torchscript"] = entry
-        if entry.get("traceback"):
-            ctx.log.error("export: %s torchscript:\n%s", variant.name, entry["traceback"])
-        entry.pop("traceback", None)
-        if entry["ok"]:
-            files["torchscript"] = path
-            files["torchscript_json"] = path.with_suffix(".model.json")
-    onnx_path = files.get("onnx")
-    return (
-        report,
-        files,
-        shipped,
-        Source(variant.name, base, onnx_path, model, images, False, False, reference),
-    )
-
-
 # ---------------------------------------------------------------- the parent, the bundle
-
-
-def _parent_agreement(
-    variant: Variant, ctx: Context, images: torch.Tensor, path: Path, cfg: ExportConfig, entry: dict
-) -> None:
-    """For an ONNX-only variant, how far it is from the torch model it was made from (info only)."""
-    parent = ctx.variants.get(variant.parent or "")
-    if parent is None or parent.format != "torch" or not entry.get("ok"):
-        return
-    try:
-        model, _ = parent.load_torch()
-        with torch.no_grad():
-            ref = batched(lambda x: model.eval()(torch.from_numpy(x)).numpy(), images.numpy())
-        out = run_onnx(path, images.numpy(), cfg.threads)
-    except Exception as exc:  # information only: never fails the export
-        entry["parent_error"] = first_line(exc)
-        return
-    entry["parent"] = parent.name
-    entry["parent_max_abs_diff"] = float(np.max(np.abs(ref - out)))
-    entry["parent_top1_agreement"] = float(np.mean(ref.argmax(1) == out.argmax(1)))
-
-
-def _shipped(
-    variant: Variant, path: Path, sample: np.ndarray, cfg: ExportConfig, entry: dict, facts: dict
-) -> deploy.ShippedModel:
-    expected = run_onnx(path, sample, cfg.threads)
-    quantized = deploy.is_quantized(path)
-    return deploy.ShippedModel(
-        variant=variant.name,
-        file=path,
-        expected=expected,
-        metadata=facts,
-        parity=entry,
-        test_accuracy=variant.metrics.get("test_accuracy"),
-        quantized=quantized,
-        atol=cfg.parity_atol,
-    )

@@ -77,24 +77,8 @@ def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         for label, result in ctx.results.items()
     ]
 
-    names = {v.name for v in inputs}
     benchmark = next((s for s in reversed(stages) if s["kind"] == "benchmark"), None)
-    rows = _benchmark_rows(benchmark, reports_dir)
-    source = (
-        f"benchmark stage `{benchmark['label']}`"
-        if rows is not None and benchmark
-        else "variants' own metrics"
-    )
-    publish: dict[str, str] = {}
-    if rows is None:
-        rows = _rows_from_variants(inputs, cfg.baseline or "baseline")
-        import pandas as pd  # here, not at the top: every CLI run imports the stages (0.5 s)
-
-        frame = pd.DataFrame(rows)
-        frame.to_csv(out_dir / "results.csv", index=False)
-        write_text(out_dir / "results.json", frame.to_json(orient="records", indent=2) + "\n")
-        publish.update({"results.csv": "results.csv", "results.json": "results.json"})
-    rows = [r for r in rows if r.get("variant") in names]
+    rows, source, publish = _results(cfg, inputs, benchmark, reports_dir, out_dir)
     predictions = _benchmark_predictions(benchmark, reports_dir, rows, ctx)
 
     baseline = cfg.baseline or (benchmark["metrics"].get("baseline") if benchmark else None) or "baseline"
@@ -115,19 +99,7 @@ def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
     )
     page = reporting.build_page(inputs_view)
     html = reporting.render_html(page)
-    write_text(out_dir / "latest.html", html)
-    write_text(out_dir / f"{ctx.run_id}.html", html)
-    faults.checkpoint("report:writing")
-    write_text(out_dir / "summary.md", reporting.render_markdown(page))
-    write_json(out_dir / PREVIOUS, {"run_id": ctx.run_id, "pipeline": ctx.pipeline.name, "results": rows})
-    publish.update(
-        {
-            "latest.html": "latest.html",
-            f"{ctx.run_id}.html": f"{ctx.run_id}.html",
-            "summary.md": "summary.md",
-            PREVIOUS: PREVIOUS,
-        }
-    )
+    publish.update(_write_pages(page, html, rows, ctx, out_dir))
     seconds = time.perf_counter() - started
     ctx.log.info(
         "report: %d rows, %d charts, %d warning(s), %.0f KiB HTML in %.1fs",
@@ -148,6 +120,47 @@ def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         "seconds": round(seconds, 2),
     }
     return StageResult(metrics=metrics, publish=publish)
+
+
+def _results(
+    cfg: ReportConfig, inputs: list[Variant], benchmark: dict | None, reports_dir: Path | None, out_dir: Path
+) -> tuple[list[dict[str, Any]], str, dict[str, str]]:
+    """The rows the report shows (of its input variants), where they came from, and the files to
+    publish: the benchmark's table, or, without a benchmark, one made from the variants' own
+    metrics (then written and published as results.csv/json)."""
+    rows = _benchmark_rows(benchmark, reports_dir)
+    source = (
+        f"benchmark stage `{benchmark['label']}`"
+        if rows is not None and benchmark
+        else "variants' own metrics"
+    )
+    publish: dict[str, str] = {}
+    if rows is None:
+        rows = _rows_from_variants(inputs, cfg.baseline or "baseline")
+        import pandas as pd  # here, not at the top: every CLI run imports the stages (0.5 s)
+
+        frame = pd.DataFrame(rows)
+        frame.to_csv(out_dir / "results.csv", index=False)
+        write_text(out_dir / "results.json", frame.to_json(orient="records", indent=2) + "\n")
+        publish.update({"results.csv": "results.csv", "results.json": "results.json"})
+    names = {v.name for v in inputs}
+    return [r for r in rows if r.get("variant") in names], source, publish
+
+
+def _write_pages(
+    page: dict, html: str, rows: list[dict[str, Any]], ctx: Context, out_dir: Path
+) -> dict[str, str]:
+    """The page as latest.html and <run-id>.html, summary.md, and the rows the next run compares
+    with; returns what to publish."""
+    from compress import report as reporting
+
+    write_text(out_dir / "latest.html", html)
+    write_text(out_dir / f"{ctx.run_id}.html", html)
+    faults.checkpoint("report:writing")
+    write_text(out_dir / "summary.md", reporting.render_markdown(page))
+    write_json(out_dir / PREVIOUS, {"run_id": ctx.run_id, "pipeline": ctx.pipeline.name, "results": rows})
+    names = ("latest.html", f"{ctx.run_id}.html", "summary.md", PREVIOUS)
+    return {name: name for name in names}
 
 
 def _stage_view(label: str, kind: str, result: StageResult, reports_dir: Path | None) -> dict[str, Any]:
