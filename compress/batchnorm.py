@@ -29,8 +29,8 @@ from torch.optim.swa_utils import update_bn
 from compress import distributed
 from compress.config import BN_ADAPT_BATCHES
 from compress.data import DataBundle, iterate_batches
-from compress.evaluation import evaluate
 from compress.layout import channels_last, is_conv_net
+from compress.measure import evaluate
 from compress.training_defaults import DEFAULT_BATCH
 
 

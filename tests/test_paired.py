@@ -1,5 +1,5 @@
-"""Paired statistics of two prediction vectors on the same images (``compress.gating.paired``) and
-the benchmark's predictions file (``compress.gating.predictions``): the drop's interval against
+"""Paired statistics of two prediction vectors on the same images (``compress.measure.paired``) and
+the benchmark's predictions file (``compress.results``): the drop's interval against
 known values, a bootstrap and its coverage; flips, classes and the table's paired columns; the
 file's round trip and its refusal of what is not one."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compress.gating import paired
-from compress.gating.paired import (
+from compress.measure import paired
+from compress.measure.paired import (
     PAIRED_COLUMNS,
     add_table_columns,
     compare,
@@ -18,8 +18,7 @@ from compress.gating.paired import (
     table_columns,
     wilson,
 )
-from compress.gating.predictions import FILE_NAME, Predictions, load, row_key
-from compress.stages.benchmark import columns
+from compress.results import PREDICTIONS_FILE, Predictions, columns, load_predictions, row_key
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -176,9 +175,9 @@ def test_predictions_file_round_trip(tmp_path):
     store = Predictions(labels, CLASSES, fingerprint="abc123")
     store.add("baseline", "pytorch", reference)
     store.add("pruned.int8", "onnxruntime", variant)
-    path = tmp_path / FILE_NAME
+    path = tmp_path / PREDICTIONS_FILE
     store.save(path)
-    back = load(path)
+    back = load_predictions(path)
     assert back.classes == CLASSES and back.fingerprint == "abc123"
     assert np.array_equal(back.labels, labels)
     assert set(back.rows) == {row_key("baseline", "pytorch"), "pruned.int8@onnxruntime"}
@@ -204,7 +203,7 @@ def test_a_file_that_is_not_a_predictions_file_is_refused(tmp_path):
         path = tmp_path / name
         write(path)
         with pytest.raises(ValueError, match=name):
-            load(path)
+            load_predictions(path)
     with pytest.raises(ValueError, match="missing.npz"):
-        load(tmp_path / "missing.npz")
+        load_predictions(tmp_path / "missing.npz")
     assert paired.DEFAULT_CONFIDENCE == 0.95

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -91,6 +92,7 @@ def _finished(trials: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- resume, constraint, test split
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_to_exactly_n_trials_and_never_picks_infeasible(tmp_path, data_root):
     pipeline = write_pipeline(tmp_path, BASE + TUNE + REFIT)
     env = {**os.environ, "COMPRESS_DATA_ROOT": str(data_root), "PYTHONUNBUFFERED": "1", **ONE_THREAD}
@@ -342,6 +344,7 @@ def _trials_table_held(url: str, waiters: int) -> Iterator[None]:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_postgres_study(tmp_path, data_root, postgres_url):  # noqa: F811
     # tune comes first and targets the train stage, so the workers need no cached input
     text = BASE.replace("  - stage: train\n", TUNE_FIRST + "  - stage: train\n")
@@ -429,6 +432,7 @@ DISTILL_AND_QUANTIZE = """\
 """
 
 
+@pytest.mark.slow
 def test_distill_and_quantize_settings_are_tuned_on_validation_data_only(tmp_path, data_root):
     pipeline = write_pipeline(tmp_path, BASE + DISTILL_AND_QUANTIZE)
     result = run_cli(pipeline, cwd=tmp_path, data_root=data_root, env=ONE_THREAD)
@@ -576,12 +580,23 @@ def test_slack_without_confirmation_is_a_config_error(tmp_path):
 
 
 def test_a_drop_of_exactly_the_tolerance_meets_it():
-    """99.22% -> 99.12% is 0.1 pp (0.10000000000000009 in floating point): it meets 0.1 pp."""
+    """99.22% -> 99.12% is 0.1 pp (0.10000000000000009 in floating point): it meets 0.1 pp in
+    tune's constraint, and in the gates and quantize's tolerance alike (one rule, ``measure.rules``)."""
+    from compress.gating.numbers import accuracy_drop_pp, passes
+    from compress.measure import within_tolerance
     from compress.tuning.constraint import ConstraintConfig, drop_pp
 
     constraint = ConstraintConfig(max_drop_pp=0.1)
     assert (0.9922 - 0.9912) * 100 > 0.1  # the float noise this guards against
     assert drop_pp(0.9922, 0.9912, constraint) == 0.1
+    assert constraint.excess(drop_pp(0.9922, 0.9912, constraint)) == 0
     assert drop_pp(0.9922, 0.9911, constraint) > 0.1
+    assert constraint.excess(drop_pp(0.9922, 0.9911, constraint)) > 0
     relative = ConstraintConfig(max_drop_pp=1.0, relative=True)
     assert drop_pp(0.5, 0.495, relative) == 1.0
+    assert drop_pp(0.0, 0.1, relative) == math.inf
+    gate_drop = accuracy_drop_pp({"accuracy": 0.9912}, {"accuracy": 0.9922})
+    assert gate_drop == 0.1 and passes(gate_drop, "<=", 0.1)
+    assert not passes(accuracy_drop_pp({"accuracy": 0.9911}, {"accuracy": 0.9922}), "<=", 0.1)
+    assert within_tolerance(0.9922, 0.9912, 0.1) and not within_tolerance(0.9922, 0.9911, 0.1)
+    assert within_tolerance(0.9922, 0.5, None)

@@ -4,6 +4,10 @@ Relative numbers are always taken between two rows of the same runtime:
 
 - accuracy drop, in percentage points: ``100 * (accuracy[against] - accuracy[variant])``;
 - size / gzip / latency ratio: ``value[variant] / value[against]`` (below 1 is smaller/faster).
+
+Drops and comparisons are the measuring package's (``compress.measure.rules``): a gate, the
+check, tune's constraint and quantize's fallback all round the same way, so a value of exactly
+its threshold meets it everywhere.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-_EPS = 1e-9  # float noise, e.g. 100 * (0.981 - 0.971) = 1.0000000000000009 must pass "max 1.0"
+from compress.measure.rules import drop_pp, within
 
 Row = dict[str, Any]
 
@@ -22,12 +26,12 @@ Row = dict[str, Any]
 
 
 def passes(value: float, op: str, threshold: float) -> bool:
-    """``value <= threshold`` (op '<=') or ``value >= threshold`` (op '>='), up to float noise."""
-    slack = _EPS * max(1.0, abs(threshold))
+    """``value <= threshold`` (op '<=') or ``value >= threshold`` (op '>='), up to float noise
+    (``measure.rules.within``: 100 * (0.981 - 0.971) = 1.0000000000000009 passes "max 1.0")."""
     if op == "<=":
-        return value <= threshold + slack
+        return within(value, threshold)
     if op == ">=":
-        return value >= threshold - slack
+        return within(threshold, value)
     raise ValueError(f"unknown comparison {op!r}")
 
 
@@ -47,7 +51,7 @@ def accuracy_drop_pp(row: Row, against: Row) -> float | None:
     ours, theirs = number(row.get("accuracy")), number(against.get("accuracy"))
     if ours is None or theirs is None:
         return None
-    return 100.0 * (theirs - ours)
+    return drop_pp(theirs, ours)
 
 
 def ratio(row: Row, against: Row, column: str) -> float | None:

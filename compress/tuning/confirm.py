@@ -76,47 +76,75 @@ def confirm(
                 bar,
             )
             continue
-        tic = time.perf_counter()
-        with _target_workdir(ctx, cfg.target, dict(trial.params)) as workdir:
-            own = workdir is not None
-            run_dir = workdir if own else out_dir / "confirm" / f"{trial.number:05d}"
-            result = ctx.run_stage(cfg.target, dict(trial.params), run_dir)
-            variant = scored_variant(result, cfg)
-            metrics = variant_metrics(variant, cfg, ctx)
-            value = number(metrics, cfg.constraint.metric, cfg, variant)
-            drop = drop_pp(reference, value, cfg.constraint)
-            meets = cfg.constraint.excess(drop) <= 0
-            if own and not meets:  # never the target's settings: nothing will resume from it
-                shutil.rmtree(run_dir, ignore_errors=True)
-        runs.append(
-            {
-                "number": trial.number,
-                "params": trial.params,
-                "metrics": metrics,
-                "drop": drop,
-                "trial_drop": trial_drop,
-                "meets": meets,
-                "seconds": round(time.perf_counter() - tic, 2),
-            }
-        )
-        ctx.log.info(
-            "%s: confirming trial %d at full budget: %s %.6g, drop %.3f pp -> %s%s",
-            cfg.label,
-            trial.number,
-            cfg.constraint.metric,
-            value,
-            drop,
-            "meets the constraint" if meets else "misses the constraint",
-            f" ({cfg.target} resumes from this run's training instead of repeating it)"
-            if meets and own
-            else "",
-        )
-        if meets:
+        runs.append(_full_budget_run(trial, trial_drop, cfg, ctx, out_dir, reference))
+        if runs[-1]["meets"]:
             chosen = trial
             break
         bar = min(bar, trial_drop)
     if not cfg.keep_trials:
         shutil.rmtree(out_dir / "confirm", ignore_errors=True)
+    _record(summary, cfg, runs, skipped, chosen)
+
+
+def _full_budget_run(
+    trial: optuna.trial.FrozenTrial,
+    trial_drop: float,
+    cfg: SearchSpec,
+    ctx: Context,
+    out_dir: Path,
+    reference: float,
+) -> dict[str, Any]:
+    """One candidate re-run with the target's full budget and checked against the constraint
+    without slack: its entry in ``summary["confirmation"]["runs"]``.
+
+    Run in the target's own work directory when the engine offers one, so a candidate that
+    meets the constraint is what the target resumes from; one that misses is removed there.
+    """
+    assert cfg.constraint is not None
+    tic = time.perf_counter()
+    with _target_workdir(ctx, cfg.target, dict(trial.params)) as workdir:
+        own = workdir is not None
+        run_dir = workdir if own else out_dir / "confirm" / f"{trial.number:05d}"
+        result = ctx.run_stage(cfg.target, dict(trial.params), run_dir)
+        variant = scored_variant(result, cfg)
+        metrics = variant_metrics(variant, cfg, ctx)
+        value = number(metrics, cfg.constraint.metric, cfg, variant)
+        drop = drop_pp(reference, value, cfg.constraint)
+        meets = cfg.constraint.excess(drop) <= 0
+        if own and not meets:  # never the target's settings: nothing will resume from it
+            shutil.rmtree(run_dir, ignore_errors=True)
+    run = {
+        "number": trial.number,
+        "params": trial.params,
+        "metrics": metrics,
+        "drop": drop,
+        "trial_drop": trial_drop,
+        "meets": meets,
+        "seconds": round(time.perf_counter() - tic, 2),
+    }
+    ctx.log.info(
+        "%s: confirming trial %d at full budget: %s %.6g, drop %.3f pp -> %s%s",
+        cfg.label,
+        trial.number,
+        cfg.constraint.metric,
+        value,
+        drop,
+        "meets the constraint" if meets else "misses the constraint",
+        f" ({cfg.target} resumes from this run's training instead of repeating it)" if meets and own else "",
+    )
+    return run
+
+
+def _record(
+    summary: dict[str, Any],
+    cfg: SearchSpec,
+    runs: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+    chosen: optuna.trial.FrozenTrial | None,
+) -> None:
+    """``summary["confirmation"]`` (the rule, the runs, the candidates skipped) and
+    ``summary["chosen"]``: the confirmed trial with its full-budget numbers, or None."""
+    assert cfg.constraint is not None
     summary["confirmation"] = {
         "candidates": cfg.confirm,
         "rule": f"best candidates first, at most {cfg.confirm} full-budget run(s), after a miss only "

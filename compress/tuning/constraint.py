@@ -1,15 +1,14 @@
 """The tolerable loss (Intel Neural Compressor's accuracy criterion): how far a metric fell
-below the reference, and whether that is within the tolerance. One rounding for both, so a
-drop of exactly the tolerance meets it wherever it is checked.
+below the reference, and whether that is within the tolerance. Both are the measuring package's
+(``compress.measure.rules``), so a drop of exactly the tolerance meets it here as in the gates.
 """
 
 from __future__ import annotations
 
-import math
-
 from pydantic import Field
 
 from compress.config import StrictModel
+from compress.measure import rules
 
 
 class ConstraintConfig(StrictModel):
@@ -44,16 +43,10 @@ class ConstraintConfig(StrictModel):
     def excess(self, drop: float, slack: float = 0.0) -> float:
         """How far ``drop`` is past the tolerance (plus ``slack``); <= 0 meets it (Optuna's
         convention for constraints). Rounded like ``drop_pp``."""
-        return round(drop - self.max_drop_pp - slack, 9)
+        return rules.excess(drop, self.max_drop_pp + slack)
 
 
 def drop_pp(reference: float, value: float, constraint: ConstraintConfig) -> float:
-    """How far ``value`` is below ``reference``: percentage points, or percent of it when relative.
-
-    Rounded to 1e-9 so a drop of exactly the tolerance (99.22% -> 99.12% is 0.1 pp, but
-    0.100000000000000009 in binary floating point) meets it.
-    """
-    drop = (reference - value) * 100
-    if constraint.relative:
-        drop = drop / reference if reference else math.inf
-    return round(drop, 9)
+    """How far ``value`` is below ``reference``: percentage points, or percent of it when relative
+    (``measure.rules.drop_pp``, so a drop of exactly the tolerance meets it)."""
+    return rules.drop_pp(reference, value, relative=constraint.relative)

@@ -1,13 +1,15 @@
-"""Scoring a model on one split: loss, top-1 and per-class accuracy, the same way everywhere.
+"""Accuracy: a model scored on one split (loss, top-1, per class), and top-1 accuracy from
+stored predictions, the same way everywhere.
 
-Its own module so that what evaluates a model after training (``training.fit``) and what
-adjusts one before it is scored (``batchnorm``) share it without importing each other.
+``evaluate`` is what scores a model after training (``training.fit``), what adjusts one before
+it is scored (``batchnorm``) and what the stages use, so each number is taken the same way.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,3 +64,18 @@ def evaluate(
         "count": n,
         "per_class_accuracy": per_class,
     }
+
+
+def accuracy_from_predictions(
+    predictions: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> tuple[float, int, dict[str, float | None]]:
+    """Top-1 accuracy, correct count and per-class accuracy (None for an absent class)."""
+    predictions = np.asarray(predictions)
+    labels = np.asarray(labels)
+    hits = predictions == labels
+    per_class: dict[str, float | None] = {}
+    for index, name in enumerate(classes):
+        mask = labels == index
+        per_class[name] = float(hits[mask].mean()) if mask.any() else None
+    correct = int(hits.sum())
+    return correct / max(len(labels), 1), correct, per_class

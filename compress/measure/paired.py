@@ -24,14 +24,21 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from compress.gating.predictions import Predictions
-
 DEFAULT_CONFIDENCE = 0.95
+
+
+class PredictionStore(Protocol):
+    """Every row's top-1 predictions on the same test images (``compress.results.Predictions``):
+    what ``add_table_columns`` pairs, named here so that measuring imports nothing above it."""
+
+    labels: np.ndarray
+    classes: list[str]
+
+    def get(self, variant: str, runtime: str) -> np.ndarray | None: ...
 
 
 def wilson(successes: int, n: int, z: float) -> tuple[float, float]:
@@ -226,7 +233,7 @@ def table_columns(stats: PairedStats | None) -> dict[str, Any]:
 
 
 def add_table_columns(
-    rows: list[dict[str, Any]], store: Predictions, baseline: str, confidence: float = DEFAULT_CONFIDENCE
+    rows: list[dict[str, Any]], store: PredictionStore, baseline: str, confidence: float = DEFAULT_CONFIDENCE
 ) -> None:
     """Every measured row's paired columns against ``baseline`` in the same runtime (the reference
     of the table's deltas); None where either side has no predictions."""
