@@ -73,6 +73,7 @@ def _ort_ops(path: Path, tmp_path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
 
 
+@pytest.mark.slow
 def test_qat_variant_is_a_qdq_onnx_that_onnxruntime_runs_in_int8(qat_run: Path, tmp_path: Path) -> None:
     record = _record(qat_run, "quantize", "baseline.int8-qat")
     metrics = record["metrics"]
@@ -97,6 +98,7 @@ def test_qat_variant_is_a_qdq_onnx_that_onnxruntime_runs_in_int8(qat_run: Path, 
     assert training["distill"] == {"temperature": 4.0, "alpha": 0.5}
 
 
+@pytest.mark.slow
 def test_auto_keeps_ptq_when_it_meets_the_tolerance_and_trains_when_it_does_not(qat_run: Path) -> None:
     kept = _record(qat_run, "quantize", "baseline.int8-auto")
     assert kept["metrics"]["quantization_method"] == "ptq" and kept["metrics"]["qat_needed"] is False
@@ -118,6 +120,7 @@ def test_auto_keeps_ptq_when_it_meets_the_tolerance_and_trains_when_it_does_not(
     assert big and all(w.min() >= -2 and w.max() <= 1 for w in big)  # a 2-bit grid in int8 storage
 
 
+@pytest.mark.slow
 def test_freezer_stops_observers_and_batch_norm_statistics_and_survives_train() -> None:
     torch.manual_seed(0)
     model = build_model(
@@ -179,6 +182,7 @@ def test_bad_qat_settings_fail_before_anything_runs(tmp_path: Path, block: str, 
     assert "stages[1] (quantize)" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
 def test_qat_on_torchvision_architectures_runs_in_int8(arch: str, tmp_path: Path) -> None:
     """Residual adds with a reused ReLU (ResNet), depthwise convs, hardswish and

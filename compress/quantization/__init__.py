@@ -1,22 +1,22 @@
-"""Int8 post-training quantization mechanics, apart from the stage.
+"""Int8 (and fp16) quantization mechanics, apart from the stage.
 
 The ``quantize`` stage (``compress/stages/quantize.py``) decides *what* to quantize and when a
-result is good enough; this package knows *how*: ``ort`` (onnxruntime dynamic/static int8),
-``torchao`` (PyTorch int8 through PT2E and ``quantize_``), ``evaluate`` (accuracy and
-interleaved latency of candidates) and ``search`` (the accuracy- and latency-aware choice of
-what stays in fp32).
+result is good enough; this package knows *how*: ``ort`` (onnxruntime dynamic/static int8, fp16),
+``torchao`` (PyTorch int8 through PT2E and ``quantize_``), ``qat`` (quantization-aware training
+with torchao's PT2E flow), ``evaluate`` (accuracy and interleaved latency of candidates),
+``search`` (the accuracy- and latency-aware choice of what stays in fp32), ``job`` (what the modes
+of one parent share), ``modes`` (one unit per mode, each making its file) and ``finish`` (the one
+step that measures a quantized file and builds its record and ``Variant``).
 """
 
 from compress.quantization.evaluate import (
     accuracy_of,
-    compare_latency,
     file_sizes,
+    interleaved_ms,
     onnx_accuracy,
     onnx_predictor,
     onnx_runner,
-    ort_session,
     torch_runner,
-    torch_threads,
 )
 from compress.quantization.ort import (
     DYNAMIC_OP_TYPES,
@@ -29,7 +29,7 @@ from compress.quantization.ort import (
     quantize_onnx_dynamic,
     quantize_onnx_static,
 )
-from compress.quantization.search import Try, accuracy_fallback, drop_pp, latency_search, meets
+from compress.quantization.search import Try, accuracy_fallback, accuracy_step, latency_search
 from compress.quantization.torchao import pt2e_static, save_exported, torch_predictor, torchao_dynamic
 
 __all__ = [
@@ -40,17 +40,15 @@ __all__ = [
     "Try",
     "accuracy_fallback",
     "accuracy_of",
-    "compare_latency",
-    "drop_pp",
+    "accuracy_step",
     "file_sizes",
     "graph_nodes",
     "int8_initializers",
+    "interleaved_ms",
     "latency_search",
-    "meets",
     "onnx_accuracy",
     "onnx_predictor",
     "onnx_runner",
-    "ort_session",
     "prepare_onnx",
     "pt2e_static",
     "quantize_onnx_dynamic",
@@ -58,6 +56,5 @@ __all__ = [
     "save_exported",
     "torch_predictor",
     "torch_runner",
-    "torch_threads",
     "torchao_dynamic",
 ]

@@ -1,11 +1,9 @@
 """Scoring and timing quantized candidates the way the benchmark does: accuracy over a split with
-the bundle's normalisation, onnxruntime sessions with a fixed thread count, interleaved latency."""
+the bundle's normalisation, onnxruntime sessions with a fixed thread count, and latency from the
+benchmark's own interleaved timer (``compress.measure.time_interleaved``)."""
 
 from __future__ import annotations
 
-import logging
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,8 @@ import torch
 from compress import measure
 from compress.data import DataBundle, Split
 
-log = logging.getLogger("compress.quantization")
+WARMUP_CALLS = 3  # untimed calls of each runner before its first timed round
+UNCAPPED_SECONDS = 1e9  # no time cap: ``rounds`` alone says when the timing stops
 
 
 def accuracy_of(
@@ -33,14 +32,10 @@ def accuracy_of(
     return {"accuracy": correct / max(count, 1), "correct": correct, "count": count}
 
 
-def ort_session(path: Path, threads: int = 0):
-    """A CPU onnxruntime session, set up as the benchmark sets it up; ``threads=0`` lets
-    onnxruntime choose."""
-    return measure.ort_session(path, threads)
-
-
 def onnx_predictor(path: Path, threads: int = 0) -> Callable[[torch.Tensor], np.ndarray]:
-    session = ort_session(path, threads)
+    """``predict(normalised batch) -> logits`` of an ONNX file in a benchmark-style onnxruntime
+    session; ``threads=0`` lets onnxruntime choose (scoring is not timed, so it may use every core)."""
+    session = measure.ort_session(path, threads)
     name = session.get_inputs()[0].name
 
     def predict(x: torch.Tensor) -> np.ndarray:
@@ -54,40 +49,50 @@ def onnx_accuracy(path: Path, bundle: DataBundle, split: Split, batch_size: int 
     return accuracy_of(onnx_predictor(path), bundle, split, batch_size)
 
 
-torch_threads = measure.torch_threads
+def interleaved_ms(runners: Sequence[Callable[[], Any]], rounds: int, runs: int) -> list[dict[str, float]]:
+    """Median and fastest milliseconds per call of each runner, in the stage's record format.
 
-
-def compare_latency(
-    runners: Sequence[Callable[[], Any]], rounds: int = 15, runs: int = 3, warmup: int = 3
-) -> list[dict[str, float]]:
-    """Median and min milliseconds per call of each runner, timed in interleaved rounds.
-
-    Interleaving (A, B, C, A, B, C, ...) means a burst of load from another process hits
-    every candidate alike, so the comparison stays fair on a shared machine.
+    Timed by ``measure.time_interleaved`` (A, B, C, A, B, C, ...: a burst of load from another
+    process hits every candidate alike), with the stage's meaning of its settings: exactly
+    ``rounds`` rounds, each timing ``runs`` back-to-back calls and keeping their average.
     """
-    for runner in runners:
-        for _ in range(warmup):
-            runner()
-    samples: list[list[float]] = [[] for _ in runners]
-    for _ in range(rounds):
-        for i, runner in enumerate(runners):
-            tic = time.perf_counter()
+
+    def back_to_back(runner: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
             for _ in range(runs):
                 runner()
-            samples[i].append((time.perf_counter() - tic) * 1000 / runs)
+
+        return run
+
+    timed = measure.time_interleaved(
+        [back_to_back(runner) for runner in runners],
+        1,  # the images per call do not matter here: only the milliseconds are kept
+        warmup=-(-WARMUP_CALLS // runs),
+        repeats=rounds,
+        min_seconds=0.0,
+        max_seconds=UNCAPPED_SECONDS,
+    )
     return [
-        {"p50_ms": round(statistics.median(s), 4), "min_ms": round(min(s), 4), "rounds": rounds, "runs": runs}
-        for s in samples
+        {
+            "p50_ms": round(t.p50_ms / runs, 4),
+            "min_ms": round(t.min_ms / runs, 4),
+            "rounds": rounds,
+            "runs": runs,
+        }
+        for t in timed
     ]
 
 
 def onnx_runner(path: Path, sample: torch.Tensor, threads: int) -> Callable[[], Any]:
-    session = ort_session(path, threads)
+    """One timed call: ``sample`` through the file in a session with ``threads`` intra-op threads."""
+    session = measure.ort_session(path, threads)
     feed = {session.get_inputs()[0].name: sample.cpu().numpy().astype(np.float32)}
     return lambda: session.run(None, feed)
 
 
 def torch_runner(module: Callable[[torch.Tensor], Any], sample: torch.Tensor) -> Callable[[], Any]:
+    """One timed call: ``sample`` through a PyTorch module without autograd."""
+
     def run() -> Any:
         with torch.no_grad():
             return module(sample)
@@ -96,4 +101,5 @@ def torch_runner(module: Callable[[torch.Tensor], Any], sample: torch.Tensor) ->
 
 
 def file_sizes(path: Path) -> dict[str, int]:
+    """Bytes on disk and gzip-compressed, as the benchmark sizes files."""
     return {"bytes": measure.file_size(path), "gzip_bytes": measure.gzip_size(path)}

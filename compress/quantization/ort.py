@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from compress import faults
-from compress.exporting import INPUT_NAME, export_onnx
 from compress.fileio import atomic_path
+from compress.ship.convert import INPUT_NAME, export_onnx
 
 log = logging.getLogger("compress.quantization")
 

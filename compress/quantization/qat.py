@@ -34,8 +34,8 @@ import onnx
 import torch
 from torch import nn
 
-from compress.exporting import export_onnx
 from compress.quantization.torchao import export_for_quantizer
+from compress.ship.convert import export_onnx
 
 log = logging.getLogger("compress.quantization")
 

@@ -9,19 +9,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from compress.measure import drop_pp
-from compress.quantization.evaluate import compare_latency
+from compress.measure import drop_pp, within_tolerance
+from compress.quantization.evaluate import interleaved_ms
 
 log = logging.getLogger("compress.quantization")
 
 
 @dataclass
 class Try:
+    """One measured mix: the layers it kept in fp32, its validation accuracy and whether that is
+    within the tolerance of the parent's."""
+
     excluded: list[str]
-    val_accuracy: float
+    val_accuracy: float | None
     drop_pp: float
     meets: bool
     note: str = ""
+
+    @classmethod
+    def measured(cls, parent_val: float | None, acc: float | None, tolerance: float | None, note: str) -> Try:
+        """A try with nothing kept in fp32; without a validation split (``acc`` None) it never
+        meets the tolerance and its drop reads 0."""
+        if parent_val is None or acc is None:
+            return cls([], acc, 0.0, False, note)
+        return cls([], acc, drop_pp(parent_val, acc), within_tolerance(parent_val, acc, tolerance), note)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -33,8 +44,20 @@ class Try:
         }
 
 
-def meets(parent: float, accuracy: float, tolerance: float | None) -> bool:
-    return tolerance is None or drop_pp(parent, accuracy) <= tolerance + 1e-9
+def accuracy_step(
+    mode: str,
+    tolerance: float | None,
+    candidates: list[str],
+    val_accuracy: Callable[[list[str]], float],
+    parent_val: float | None,
+) -> tuple[list[str], list[Try], list[dict[str, Any]]]:
+    """What a mode measures on validation before it ships (callers skip it without a validation
+    split): the accuracy-aware fallback for a static variant with a tolerance, else one try of
+    everything quantized, recorded with the reason there was no fallback."""
+    if mode == "static" and tolerance is not None:
+        return accuracy_fallback(candidates, val_accuracy, parent_val, tolerance)
+    note = f"{mode}: no fallback" if mode in ("dynamic", "fp16", "weight-only") else "tolerance: null"
+    return [], [Try.measured(parent_val, val_accuracy([]), tolerance, note)], []
 
 
 def accuracy_fallback(
@@ -60,7 +83,7 @@ def accuracy_fallback(
         return memo[key]
 
     first = measure([])
-    tries = [Try([], first, drop_pp(parent_val, first), meets(parent_val, first, tolerance), "all quantized")]
+    tries = [Try.measured(parent_val, first, tolerance, "all quantized")]
     if tries[0].meets or not candidates:
         return [], tries, []
     sensitivity = []
@@ -73,7 +96,7 @@ def accuracy_fallback(
     for k in range(1, len(ranked) + 1):
         excluded = ranked[:k]
         acc = measure(excluded)
-        ok = meets(parent_val, acc, tolerance)
+        ok = within_tolerance(parent_val, acc, tolerance)
         tries.append(Try(excluded, acc, drop_pp(parent_val, acc), ok, f"{k} most sensitive in fp32"))
         log_.info("quantize: fp32 layers %s -> val %.4f (drop %.3f pp)", excluded, acc, tries[-1].drop_pp)
         if ok:
@@ -147,7 +170,7 @@ def latency_search(
             if not moves:
                 break
             runners = [parent, build(current)] + [build(ex) for ex in moves.values()]
-            timings = compare_latency(runners, rounds=rounds, runs=runs)
+            timings = interleaved_ms(runners, rounds, runs)
             current_ms = timings[1]["min_ms"]
             step: dict[str, Any] = {
                 "level": level,
@@ -169,7 +192,7 @@ def latency_search(
                 options = {k: v for k, v in options.items() if k != best_label}
                 continue
             # confirm in a fresh interleaved comparison, so one lucky round cannot decide
-            confirm = compare_latency([build(current), build(moves[best_label])], rounds=rounds, runs=runs)
+            confirm = interleaved_ms([build(current), build(moves[best_label])], rounds, runs)
             step["confirm"] = {"current": confirm[0], "candidate": confirm[1]}
             if confirm[1]["min_ms"] >= confirm[0]["min_ms"] * (1 - margin):
                 step["chosen"] = None

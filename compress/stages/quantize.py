@@ -36,8 +36,7 @@ from compress.data import calibration_images
 from compress.errors import ArtifactError
 from compress.fileio import write_json
 from compress.quantization.job import Job
-from compress.quantization.ort_job import quantize_with_onnxruntime
-from compress.quantization.torchao_job import quantize_with_torchao
+from compress.quantization.modes import quantize_parent
 from compress.stages import stage
 from compress.variants import StageResult, Variant
 
@@ -296,17 +295,11 @@ class QuantizeConfig(StageConfig):
 
 @stage("quantize", QuantizeConfig, version=3)
 def run(cfg: QuantizeConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
-    for parent in inputs:
-        if parent.format != "torch":
-            raise ArtifactError(
-                f"stage {cfg.label!r}: variant {parent.name!r} is a {parent.format} file; quantize "
-                "takes PyTorch variants (e.g. baseline, pruned, student), not already-exported ones"
-            )
+    _check_inputs(cfg, inputs)
     bundle = ctx.data()
     count = min(cfg.calibration.images, len(bundle.train))
     images = calibration_images(bundle, count, seed=ctx.seed)
-    reps = -(-cfg.latency.batch_size // len(images))
-    sample = images.repeat(reps, 1, 1, 1)[: cfg.latency.batch_size].contiguous()
+    sample = measure.fixed_inputs(images, cfg.latency.batch_size)
     ctx.log.info(
         "quantize (%s): %s, modes %s, %d training images for calibration",
         cfg.backend,
@@ -320,10 +313,8 @@ def run(cfg: QuantizeConfig, inputs: list[Variant], ctx: Context, out_dir: Path)
     adapted: dict[str, Any] = {}  # parent -> its BatchNorm adaptation's record
     for parent in inputs:
         model, _ = parent.load_torch()
-        model.eval()
-        job = Job(cfg, parent, model, bundle, images, sample, ctx, out_dir)
-        runner = quantize_with_onnxruntime if cfg.backend == "onnxruntime" else quantize_with_torchao
-        for variant, record in runner(job):
+        job = Job(cfg, parent, model.eval(), bundle, images, sample, ctx, out_dir)
+        for variant, record in quantize_parent(job):
             report["variants"][record["name"]] = record
             if variant is not None:
                 variants.append(variant)
@@ -333,26 +324,37 @@ def run(cfg: QuantizeConfig, inputs: list[Variant], ctx: Context, out_dir: Path)
             adapted[parent.name] = report.setdefault("batchnorm", {})[parent.name] = job.batchnorm
     shutil.rmtree(out_dir / "work", ignore_errors=True)
     write_json(out_dir / "quantize.json", report)
+    metrics = _stage_metrics(cfg, report, adapted, problems)
+    if problems:
+        ctx.log.warning("quantize: evaluated but could not save: %s", problems)
+    return StageResult(variants=variants, metrics=metrics, publish={"quantize.json": f"{cfg.label}.json"})
+
+
+def _check_inputs(cfg: QuantizeConfig, inputs: list[Variant]) -> None:
+    """Quantize starts from PyTorch models: an exported file has lost what calibration and QAT need."""
+    for parent in inputs:
+        if parent.format != "torch":
+            raise ArtifactError(
+                f"stage {cfg.label!r}: variant {parent.name!r} is a {parent.format} file; quantize "
+                "takes PyTorch variants (e.g. baseline, pruned, student), not already-exported ones"
+            )
+
+
+def _stage_metrics(
+    cfg: QuantizeConfig, report: dict[str, Any], adapted: dict[str, Any], problems: dict[str, str]
+) -> dict[str, Any]:
+    """The stage's summary in the manifest: each variant's headline numbers (the full records are in
+    ``quantize.json``), the BatchNorm adaptations and the variants that could not be saved."""
     metrics = {
         "backend": cfg.backend,
-        "calibration_images": count,
+        "calibration_images": report["calibration_images"],
         "variants": {name: _brief(r["metrics"]) for name, r in report["variants"].items()},
     }
     if adapted:
         metrics["batchnorm"] = adapted
     if problems:
         metrics["not_saved"] = problems
-        ctx.log.warning("quantize: evaluated but could not save: %s", problems)
-    return StageResult(variants=variants, metrics=metrics, publish={"quantize.json": f"{cfg.label}.json"})
-
-
-# ------------------------------------------------------------------ onnxruntime
-
-
-# ------------------------------------------------------------------ PyTorch
-
-
-# ------------------------------------------------------------------ shared
+    return metrics
 
 
 def _brief(metrics: dict[str, Any]) -> dict[str, Any]:

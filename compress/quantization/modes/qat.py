@@ -1,6 +1,6 @@
-"""Modes ``qat`` and ``auto`` of the onnxruntime backend: one parent fine-tuned against int8
-(``qat``), or calibrated first and fine-tuned only when that misses the tolerance (``auto``),
-shipped as a QDQ ONNX whose int8 kernels onnxruntime is asked to confirm."""
+"""Modes ``qat`` and ``auto`` (onnxruntime): one parent fine-tuned against int8 (``qat``), or
+calibrated first and fine-tuned only when that misses the tolerance (``auto``), shipped as a QDQ
+ONNX whose int8 kernels onnxruntime is asked to confirm."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +17,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.export_files import parity
+from compress.distillation.teacher import Distillation, teacher_logits
 from compress.models import load_checkpoint
-from compress.quantization import evaluate, ort, qat
-from compress.quantization import search as fallbacks
-from compress.quantization.job import (
-    Job,
-    Reference,
-    log_variant,
-    quantized_variant,
-    test_accuracy,
-    variant_metrics,
-    variant_record,
-)
-from compress.training import Distillation, fit, teacher_logits
+from compress.quantization import evaluate, qat
+from compress.quantization.finish import Quantized, Reference
+from compress.quantization.job import Job
+from compress.quantization.modes.onnxruntime import OnnxParent
+from compress.quantization.search import Try
+from compress.ship.files import parity
+from compress.training import FitSettings, fit
 from compress.training_defaults import DEFAULT_BATCH
-from compress.variants import Variant
 
 QAT_MODES = ("qat", "auto")
 PARITY_SAMPLE = 256
 PARITY_SHARE = 0.01  # int8 against its own float simulation: 1 % of the largest logit, as for int8 targets
+
+Made = tuple[str, nn.Module, Path, float | None]  # (method, program, file, val accuracy)
 
 
 @dataclass
@@ -51,48 +48,79 @@ def weight_bits(job: Job) -> int:
     return min(job.cfg.qat.weight_bits, 7) if job.cfg.effective_reduce_range else job.cfg.qat.weight_bits
 
 
-def quantize_aware(job: Job, mode: str, ref: Reference) -> tuple[Variant, dict[str, Any]]:
+def quantize_aware(job: Job, mode: str, parent: OnnxParent) -> Quantized:
     """One ``qat`` or ``auto`` variant: the candidates are measured on validation, the better one
     ships, and its int8 kernels and parity with its PyTorch program are checked and recorded."""
     cfg, bundle = job.cfg, job.bundle
     name = cfg.output_name(job.parent.name, mode)
-    work = job.out_dir / "work" / name
-    work.mkdir(parents=True, exist_ok=True)
+    work = job.work_dir(name)
     final = job.out_dir / f"{name}.onnx"
-    candidates, training = _candidates(job, mode, ref, name, work)
+    candidates, training = _candidates(job, mode, parent.ref, name, work)
     method, converted, chosen, val = _choose(job, mode, name, candidates.made)
     # every candidate's test accuracy, for the record only (the choice above saw validation alone)
-    tested = [
-        test_accuracy(job, lambda split, f=m[2]: evaluate.onnx_accuracy(f, bundle, split))
-        for m in candidates.made
-    ]
+    tested = [job.test_accuracy(partial(evaluate.onnx_accuracy, m[2], bundle)) for m in candidates.made]
     test = tested[[m[0] for m in candidates.made].index(method)]
     os.replace(chosen, final)
-    metrics = _measured_metrics(job, mode, ref, final, val, test)
-    kernels = qat.int8_kernels(final, work / "optimized.onnx")
-    checked = _parity(converted, final, bundle.normalize(bundle.test.x[:PARITY_SAMPLE]))
-    metrics.update(
-        runtime="onnxruntime",
-        quantization_method=method,
-        weight_bits=weight_bits(job),
-        reduce_range=job.cfg.effective_reduce_range,
-        calibration_images=len(job.images) if method == "ptq" else 0,
-        calibration_method="minmax (torchao X86, observers)" if method == "ptq" else None,
-        int8_kernels=kernels,
-        runs_in_int8=bool(kernels),
-        qdq_parity=checked,
-        qat=training,
-    )
+    metrics = _checked_metrics(job, name, method, final, converted, training)
     if mode == "auto":
         metrics.update(_auto_metrics(candidates.tries, tested))
+    path_used = _path_used(job, method)
+    return Quantized(
+        mode=mode,
+        name=name,
+        file=final,
+        file_format="onnx",
+        path_used=path_used,
+        accuracy=partial(evaluate.onnx_accuracy, final, bundle),
+        runner=evaluate.onnx_runner(final, job.sample, cfg.latency.threads),
+        scored=(val, test),  # the chosen file was scored on validation and test above
+        metrics=metrics,
+        record={
+            "accuracy_tries": [
+                {**t.to_json(), "method": m[0], "test_accuracy": r["accuracy"]}
+                for t, m, r in zip(candidates.tries, candidates.made, tested, strict=True)
+            ],
+            "sensitivity": [],
+            "latency_search": [],
+            "settings": cfg.qat.model_dump(mode="json"),
+        },
+        info={
+            "backend": "onnxruntime",
+            "mode": mode,
+            "method": method,
+            "path": path_used,
+            "fp32_onnx": str(parent.fp32.relative_to(job.out_dir)),
+            "fp32_layers": [],
+        },
+    )
+
+
+def _checked_metrics(
+    job: Job, name: str, method: str, final: Path, converted: nn.Module, training: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What QAT adds to the metrics: how the shipped file was made, and whether onnxruntime runs
+    it with int8 kernels and agrees with the PyTorch program it was exported from (warned if not)."""
+    bundle = job.bundle
+    kernels = qat.int8_kernels(final, job.work_dir(name) / "optimized.onnx")
+    checked = _parity(converted, final, bundle.normalize(bundle.test.x[:PARITY_SAMPLE]))
     if not kernels:
         job.ctx.log.warning(
             "quantize: onnxruntime runs %s without int8 kernels (no QLinear/QGemm after fusion)", name
         )
     if not checked["ok"]:
         job.ctx.log.warning("quantize: %s differs from its PyTorch program: %s", name, checked["error"])
-    log_variant(job.ctx.log, name, metrics)
-    return _qat_variant(job, mode, name, method, final, ref, metrics, candidates, tested)
+    return {
+        "runtime": "onnxruntime",
+        "quantization_method": method,
+        "weight_bits": weight_bits(job),
+        "reduce_range": job.cfg.effective_reduce_range,
+        "calibration_images": len(job.images) if method == "ptq" else 0,
+        "calibration_method": "minmax (torchao X86, observers)" if method == "ptq" else None,
+        "int8_kernels": kernels,
+        "runs_in_int8": bool(kernels),
+        "qdq_parity": checked,
+        "qat": training,
+    }
 
 
 @dataclass
@@ -104,22 +132,18 @@ class _Candidates:
     ref: Reference
     work: Path
     meta: dict[str, str]
-    tries: list[fallbacks.Try] = field(default_factory=list)
-    made: list[tuple[str, nn.Module, Path, float | None]] = field(
-        default_factory=list
-    )  # (method, program, file, val accuracy)
+    tries: list[Try] = field(default_factory=list)
+    made: list[Made] = field(default_factory=list)
 
     def measure(self, method: str, converted: nn.Module, note: str) -> bool:
         """Export ``converted`` as QDQ ONNX and score it on validation; whether it meets the tolerance."""
-        bundle, cfg = self.job.bundle, self.job.cfg
-        has_val = len(bundle.val) > 0
+        bundle = self.job.bundle
         file = self.work / f"{method}.onnx"
         qat.export_qdq(converted, self.job.sample[:2], file, self.meta)
-        acc = evaluate.onnx_accuracy(file, bundle, bundle.val)["accuracy"] if has_val else None
-        ok = has_val and fallbacks.meets(self.ref.val, acc, cfg.tolerance)
-        self.tries.append(_try(self.ref.val, acc, ok, note))
+        acc = evaluate.onnx_accuracy(file, bundle, bundle.val)["accuracy"] if self.job.has_val else None
+        self.tries.append(Try.measured(self.ref.val, acc, self.job.cfg.tolerance, note))
         self.made.append((method, converted, file, acc))
-        return ok
+        return self.tries[-1].meets
 
 
 def _candidates(
@@ -129,7 +153,6 @@ def _candidates(
     trains. Returns the measured candidates and the training summary (None without training)."""
     cfg, bundle, log = job.cfg, job.bundle, job.ctx.log
     meta = {"compress.variant": name, "preprocessing": json.dumps(bundle.preprocessing())}
-    has_val = len(bundle.val) > 0
     candidates = _Candidates(job, ref, work, meta)
     training: dict[str, Any] | None = None
     if mode == "auto":
@@ -140,7 +163,7 @@ def _candidates(
         log.info(
             "quantize: %s static PTQ val %s (%s the %.2f pp tolerance)%s",
             name,
-            f"{candidates.tries[0].val_accuracy:.4f}" if has_val else "n/a",
+            f"{candidates.tries[0].val_accuracy:.4f}" if job.has_val else "n/a",
             "within" if ok else "misses",
             cfg.tolerance,
             "" if ok else ": quantization-aware training follows",
@@ -151,12 +174,9 @@ def _candidates(
     return candidates, training
 
 
-def _choose(
-    job: Job, mode: str, name: str, made: list[tuple[str, nn.Module, Path, float | None]]
-) -> tuple[str, nn.Module, Path, float | None]:
+def _choose(job: Job, mode: str, name: str, made: list[Made]) -> Made:
     """auto ships QAT only when it beats PTQ on the validation split: training can also lose."""
-    has_val = len(job.bundle.val) > 0
-    chosen = max(made, key=lambda m: -1.0 if m[3] is None else m[3]) if has_val else made[-1]
+    chosen = max(made, key=lambda m: -1.0 if m[3] is None else m[3]) if job.has_val else made[-1]
     if mode == "auto" and len(made) == 2 and chosen[0] == "ptq":
         job.ctx.log.warning(
             "quantize: %s: QAT did not beat static PTQ on the validation split; PTQ ships", name
@@ -164,35 +184,7 @@ def _choose(
     return chosen
 
 
-def _measured_metrics(
-    job: Job, mode: str, ref: Reference, final: Path, val: float | None, test: dict[str, Any]
-) -> dict[str, Any]:
-    """The shipped file's latency and size against the fp32 reference, with its accuracies."""
-    cfg = job.cfg
-    fp32_ms, int8_ms = evaluate.compare_latency(
-        [ref.runner, evaluate.onnx_runner(final, job.sample, cfg.latency.threads)],
-        rounds=cfg.latency.rounds,
-        runs=cfg.latency.runs,
-    )
-    metrics = variant_metrics(
-        job,
-        mode,
-        val,
-        test,
-        ref.val,
-        ref.test,
-        evaluate.file_sizes(final),
-        ref.sizes,
-        fp32_ms,
-        int8_ms,
-        [],
-        [],
-    )
-    metrics.update(ort.int8_initializers(final))
-    return metrics
-
-
-def _auto_metrics(tries: list[fallbacks.Try], tested: list[dict[str, Any]]) -> dict[str, Any]:
+def _auto_metrics(tries: list[Try], tested: list[dict[str, Any]]) -> dict[str, Any]:
     """What ``auto`` adds: how PTQ scored, whether QAT was needed and how it scored."""
     return {
         "ptq_val_accuracy": tries[0].val_accuracy,
@@ -211,51 +203,6 @@ def _path_used(job: Job, method: str) -> str:
         + ("prepare_qat_pt2e + fine-tuning" if method == "qat" else "prepare_pt2e + calibration")
         + f" ({weight_bits(job)}-bit weights), convert_pt2e, QDQ ONNX"
     )
-
-
-def _qat_variant(
-    job: Job,
-    mode: str,
-    name: str,
-    method: str,
-    final: Path,
-    ref: Reference,
-    metrics: dict[str, Any],
-    candidates: _Candidates,
-    tested: list[dict[str, Any]],
-) -> tuple[Variant, dict[str, Any]]:
-    """The stage's record of one QAT/auto variant (every candidate's tries) and its ``Variant``."""
-    path_used = _path_used(job, method)
-    record = variant_record(
-        job,
-        name,
-        mode,
-        path_used,
-        metrics,
-        accuracy_tries=[
-            {**t.to_json(), "method": m[0], "test_accuracy": r["accuracy"]}
-            for t, m, r in zip(candidates.tries, candidates.made, tested, strict=True)
-        ],
-        sensitivity=[],
-        latency_search=[],
-        settings=job.cfg.qat.model_dump(mode="json"),
-    )
-    variant = quantized_variant(
-        job,
-        name,
-        "onnx",
-        final,
-        metrics,
-        {
-            "backend": "onnxruntime",
-            "mode": mode,
-            "method": method,
-            "path": path_used,
-            "fp32_onnx": str(ref.fp32.relative_to(job.out_dir)),
-            "fp32_layers": [],
-        },
-    )
-    return variant, record
 
 
 def _train(job: Job, name: str, work: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -281,9 +228,7 @@ def _train(job: Job, name: str, work: Path) -> tuple[nn.Module, dict[str, Any]]:
         teacher = copy.deepcopy(job.calibration_model()).eval()
         logits = teacher_logits(teacher, bundle, ctx.device) if settings.augment == "none" else None
         distill = Distillation(teacher, settings.distill.temperature, settings.distill.alpha, logits)
-    result = fit(
-        prepared,
-        bundle,
+    run = FitSettings(
         settings,
         ctx.device,
         ctx.seed,
@@ -292,6 +237,7 @@ def _train(job: Job, name: str, work: Path) -> tuple[nn.Module, dict[str, Any]]:
         distill=distill,
         after_step=after_step,
     )
+    result = fit(prepared, bundle, run)
     history = result.history
     summary = {
         "epochs": settings.epochs,
@@ -315,8 +261,3 @@ def _parity(converted: nn.Module, path: Path, images: torch.Tensor) -> dict[str,
     produced = evaluate.onnx_predictor(path)(images)
     bound = PARITY_SHARE * float(np.max(np.abs(reference)))
     return parity(reference, np.asarray(produced), _ParityBound(bound))
-
-
-def _try(parent_val: float | None, acc: float | None, ok: bool, note: str) -> fallbacks.Try:
-    drop = fallbacks.drop_pp(parent_val, acc) if parent_val is not None and acc is not None else 0.0
-    return fallbacks.Try([], acc, drop, ok, note)
