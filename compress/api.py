@@ -30,8 +30,8 @@ from compress.config import mask_secrets
 from compress.engine import RunSummary, StageFailed
 from compress.engine import run_pipeline as run_engine
 from compress.errors import CompressError, GateFailure, StorageError
-from compress.fileio import read_json
 from compress.gating import Outcome
+from compress.results import ResultsTable
 
 log = logging.getLogger("compress")
 
@@ -208,14 +208,12 @@ def _caller_state_kept() -> Iterator[None]:
 
 
 def _results_table(summary: RunSummary) -> pd.DataFrame:
-    """The table reports/<pipeline>/results.json holds after this run: the copy of the last stage
-    that published one (a benchmark, else a report), read from the run itself, since the
+    """The table reports/<pipeline>/results.json holds after this run: the one the last stage
+    that made one declared (a benchmark, else a report), read from the run itself, since the
     reports folder may still hold an older run's table when this run made none."""
     for record in reversed(summary.records):
-        path = record.directory / "results.json"
-        if record.kind in ("benchmark", "report") and path.is_file():
-            rows = read_json(path)
-            return pd.DataFrame(rows if isinstance(rows, list) else [])
+        if record.result.table is not None:
+            return pd.DataFrame(ResultsTable.load(record.result.table).rows)
     return pd.DataFrame()
 
 

@@ -6,10 +6,11 @@
     python -m compress.check reports/mnist/results.json --baseline reports/baselines/mnist.json \\
         --update-baseline [--exclude VARIANT ...]
 
-The current file is a benchmark table (``results.json``: one row per variant and runtime); its
-top-1 predictions are read from ``predictions.npz`` beside it when it is there. The reference
-is one JSON file written by ``--update-baseline``: the rows plus each row's predictions (see
-``compress/gating/reference_file.py``); a bare results table (an older reference) works too.
+The current file is a benchmark table (``results.json``: one row per variant and runtime, read
+as a ``compress.results.ResultsTable``); its top-1 predictions are read from ``predictions.npz``
+beside it when it is there. The reference is one JSON file written by ``--update-baseline``: the
+rows plus each row's predictions (see ``compress/gating/reference_file.py``); a bare results
+table (an older reference) works too.
 Each reference row is compared with the current row of the same variant and runtime:
 
 - accuracy: a drop of more than ``--max-drop`` percentage points fails; with predictions of the
@@ -46,42 +47,23 @@ from typing import Any, NoReturn
 from compress import gating
 from compress.errors import CompressError
 from compress.fileio import write_bytes, write_json
-from compress.gating import predictions, reference_file
+from compress.gating import reference_file
 from compress.gating.comparison import Comparison, compare_runs
 from compress.gating.numbers import confidence_text
 from compress.gating.outcome import DECIDE_MODES
-from compress.gating.paired import DEFAULT_CONFIDENCE
 from compress.gating.pairing import matches
+from compress.measure.paired import DEFAULT_CONFIDENCE
+from compress.results import (
+    PREDICTIONS_FILE,
+    REFERENCE_COLUMNS,
+    Predictions,
+    ResultsTable,
+    predictions_beside,
+)
 
 EXIT_REGRESSION = 1
 EXIT_BAD_INPUT = 2
 MAX_FILE_BYTES = 50_000_000
-KEPT_COLUMNS = (
-    "variant",
-    "runtime",
-    "format",
-    "parent",
-    "status",
-    "error",
-    "accuracy",
-    "accuracy_delta_pp",
-    "correct",
-    "test_count",
-    "per_class_accuracy",
-    "size_bytes",
-    "gzip_bytes",
-    "size_ratio",
-    "gzip_ratio",
-    "parameters",
-    "nonzero_parameters",
-    "sparsity",
-    "macs",
-    "threads",
-    "cpu_model",
-    "torch_version",
-    "onnxruntime_version",
-    "export_ok",
-)
 
 
 class BadInput(CompressError):
@@ -179,13 +161,8 @@ def _float(text: str) -> float:
     return value
 
 
-def load_rows(path: Path, role: str) -> list[dict[str, Any]]:
-    """A benchmark table from ``path``; BadInput with a one-line reason otherwise."""
-    return load_table(path, role)[0]
-
-
-def load_table(path: Path, role: str) -> tuple[list[dict[str, Any]], predictions.Predictions | None]:
-    """A benchmark table (a results.json, or a reference file) and the predictions the file
+def load_table(path: Path, role: str) -> ResultsTable:
+    """A benchmark table (a results.json, or a reference file) with the predictions the file
     carries (a reference written with them); BadInput with a one-line reason otherwise."""
     if not path.exists():
         hint = "; create it with --update-baseline" if role == "reference" else ""
@@ -202,44 +179,15 @@ def load_table(path: Path, role: str) -> tuple[list[dict[str, Any]], predictions
         raise BadInput(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
     try:
         data, found = reference_file.read(data)
-    except ValueError as exc:
+        return ResultsTable.from_json(data, found)
+    except ValueError as exc:  # TableError too: the one-line reason, after the file's name
         raise BadInput(f"{path}: {exc}") from None
-    if not isinstance(data, list):
-        raise BadInput(
-            f"{path}: expected a benchmark results table (a JSON list of rows), got a JSON {_kind(data)}"
-        )
-    _check_rows(path, data)
-    return data, found
 
 
-def _check_rows(path: Path, data: list[Any]) -> None:
-    seen: set[tuple[str, str]] = set()
-    for index, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise BadInput(f"{path}: row {index} is a JSON {_kind(row)}, not an object")
-        for key in ("variant", "runtime"):
-            if not isinstance(row.get(key), str) or not row[key]:
-                raise BadInput(f"{path}: row {index} has no {key!r} name; is this a benchmark results.json?")
-        for key in ("accuracy", "size_bytes"):
-            if row.get(key) is not None and gating.number(row[key]) is None:
-                raise BadInput(f"{path}: row {index} ({row['variant']}): {key} is not a number: {row[key]!r}")
-        pair = (row["variant"], row["runtime"])
-        if pair in seen:
-            raise BadInput(f"{path}: {pair[0]} [{pair[1]}] appears twice")
-        seen.add(pair)
-
-
-def _kind(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(type(value), "number")
-
-
-def current_predictions(path: Path) -> predictions.Predictions | None:
+def current_predictions(path: Path) -> Predictions | None:
     """The predictions.npz beside a results.json; None when there is none."""
-    beside = path.parent / predictions.FILE_NAME
-    if not beside.is_file():
-        return None
     try:
-        return predictions.load(beside)
+        return predictions_beside(path)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
 
@@ -248,7 +196,7 @@ def reference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The columns the check reads (plus identification), sorted: what gets committed."""
     kept = []
     for row in rows:
-        keep = {k: row[k] for k in KEPT_COLUMNS if k in row}
+        keep = {k: row[k] for k in REFERENCE_COLUMNS if k in row}
         for key in sorted(row):
             if key.startswith("latency_b") and (key.endswith("_p50_ms") or key.endswith("_p95_ms")):
                 keep[key] = row[key]
@@ -256,9 +204,9 @@ def reference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(kept, key=lambda r: (r["variant"], r["runtime"]))
 
 
-def update_baseline(args: argparse.Namespace, current: list[dict[str, Any]], found) -> int:
+def update_baseline(args: argparse.Namespace, current: ResultsTable) -> int:
     """Write the reference from the current rows and their predictions; 0 when written."""
-    rows = reference_rows([r for r in current if r["variant"] not in args.exclude])
+    rows, found = reference_rows(current.without(args.exclude)), current.predictions
     if found is not None:
         if any(gating.number(r.get("test_count")) not in (None, len(found.labels)) for r in rows):
             raise BadInput(
@@ -272,7 +220,7 @@ def update_baseline(args: argparse.Namespace, current: list[dict[str, Any]], fou
         ]
         if stale:
             raise BadInput(
-                f"{args.current.parent / predictions.FILE_NAME}: predictions disagree with the accuracy of "
+                f"{args.current.parent / PREDICTIONS_FILE}: predictions disagree with the accuracy of "
                 f"{', '.join(stale)}; is it from another run?"
             )
     try:
@@ -283,7 +231,7 @@ def update_baseline(args: argparse.Namespace, current: list[dict[str, Any]], fou
     extra = (
         f", with the predictions of {stored} row(s) on {len(found.labels)} test images"
         if found is not None
-        else f"; no {predictions.FILE_NAME} beside it, so the reference holds no predictions"
+        else f"; no {PREDICTIONS_FILE} beside it, so the reference holds no predictions"
     )
     print(f"wrote {args.baseline}: {len(rows)} rows from {args.current}{extra}")
     return 0
@@ -301,12 +249,8 @@ def limits_text(limits: gating.Thresholds) -> str:
 
 def run_check(args: argparse.Namespace) -> tuple[Comparison, gating.Thresholds]:
     """Load both files (BadInput on a bad one) and compare them; the --exclude'd variants are left out."""
-    current, now = load_table(args.current, "current")
-    if now is None:
-        now = current_predictions(args.current)
-    reference, then = load_table(args.baseline, "reference")
-    current = [r for r in current if r["variant"] not in args.exclude]
-    reference = [r for r in reference if r["variant"] not in args.exclude]
+    current = _with_predictions(load_table(args.current, "current"), args.current)
+    reference = load_table(args.baseline, "reference")
     limits = gating.Thresholds(
         args.max_drop,
         args.max_size_ratio,
@@ -315,15 +259,29 @@ def run_check(args: argparse.Namespace) -> tuple[Comparison, gating.Thresholds]:
         args.decide,
         args.confidence,
     )
-    return compare_runs(current, reference, limits, now, then), limits
+    compared = compare_runs(
+        current.without(args.exclude),
+        reference.without(args.exclude),
+        limits,
+        current.predictions,
+        reference.predictions,
+    )
+    return compared, limits
+
+
+def _with_predictions(table: ResultsTable, path: Path) -> ResultsTable:
+    """The current table with its predictions: those its file carries, else the predictions.npz
+    beside it."""
+    if table.predictions is None:
+        table.predictions = current_predictions(path)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.update_baseline:
-            current, found = load_table(args.current, "current")
-            return update_baseline(args, current, found or current_predictions(args.current))
+            return update_baseline(args, _with_predictions(load_table(args.current, "current"), args.current))
         result, limits = run_check(args)
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -46,13 +46,18 @@ class Context:
     # True inside a tuning trial: the test split is off limits (ctx.data().test raises), so a
     # stage must skip its test evaluation; its scores come from the validation split.
     tuning: bool = False
-    # Pass to ``training.fit(on_epoch=ctx.on_epoch)``: a tuning trial reports each epoch's
+    # Pass as ``training.FitSettings(on_epoch=ctx.on_epoch)``: a tuning trial reports each epoch's
     # validation accuracy through it, and its pruner may stop the trial early.
     on_epoch: EpochHook | None = None
     # True for ``--worker`` processes that share one study with others.
     worker: bool = False
-    # read-only views for stages that report on the run (see the report stage):
-    results: dict[str, StageResult] = field(default_factory=dict)  # stage label -> its result, so far
+    # read-only views for stages that report on the run (the report and gates stages):
+    # stage label -> its result, so far; a benchmark's results table is its declared output
+    # ``results[label].table`` (see compress.results), never looked up in its directory
+    results: dict[str, StageResult] = field(default_factory=dict)
+    # stage label -> {name it publishes under reports/<pipeline>/: the file in that stage's output},
+    # so a later stage reads this run's published files as declared outputs, not from reports/
+    published: dict[str, dict[str, Path]] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)  # the run manifest as written so far
     reports_dir: Path | None = None  # reports/<pipeline>/ (published files of earlier runs are there)
     _data: DataBundle | None = None

@@ -54,6 +54,10 @@ class StageResult:
     their own directory. ``artifacts`` attaches further files to existing variants
     (variant name -> kind -> path, e.g. the export stage's ``{"baseline": {"onnx": ...}}``);
     later stages find them in ``ctx.artifacts`` and they count in those stages' cache keys.
+    ``table`` is the results table the stage made (its ``results.json``, with ``predictions.npz``
+    beside it when kept; see ``compress.results``): a declared output, so later stages read it
+    from ``ctx.results[label].table`` rather than from the stage's directory, and a cached stage
+    hands it on like its variants.
     """
 
     variants: list[Variant] = field(default_factory=list)
@@ -63,3 +67,4 @@ class StageResult:
     # settings for later stages, {stage label: {YAML path inside it: value}} (the tune stage's
     # choice); the engine applies them to that stage's config, re-validated, before its cache key
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    table: Path | None = None

@@ -4,8 +4,10 @@ file size; zeroed weights show up in non-zero counts and gzip size, not in raw s
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
+import shutil
 import time
 
 import numpy as np
@@ -17,13 +19,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from compress import measure
 from compress.config import load_pipeline
 from compress.context import Context
+from compress.engine import cache
 from compress.errors import ConfigError
+from compress.measure import evaluate
 from compress.models import build_model, load_model, save_model
+from compress.results import ResultsTable, columns, predictions_beside
 from compress.stages import config_registry
 from compress.stages import export as export_stage
-from compress.stages.benchmark import BenchmarkConfig, columns
+from compress.stages.benchmark import BenchmarkConfig
 from compress.stages.benchmark import run as run_benchmark
-from compress.training import evaluate
 from compress.variants import Variant
 from tests.conftest import TINY_PIPELINE, write_pipeline
 
@@ -138,6 +142,23 @@ def test_table_has_the_promised_columns_and_rows(measured):
         "predictions.npz": "predictions.npz",
     }
     assert result.metrics["rows"] == 8 and "half@onnxruntime" in result.metrics
+
+
+def test_the_table_is_the_stages_declared_output_and_a_cache_hit_hands_it_on(measured, tmp_path):
+    _ctx, result, _table, out = measured
+    assert result.table == out / "results.json"
+    table = ResultsTable.load(result.table)
+    assert table.rows == json.loads((out / "results.json").read_text())
+    assert table.columns == columns([1, 16])
+    kept = predictions_beside(result.table)
+    assert kept is not None and set(kept.rows) == {f"{r['variant']}@{r['runtime']}" for r in table.rows}
+    # committed to the cache and reused: the table is restored inside the entry, like a variant
+    partial, entry = tmp_path / "partial", tmp_path / "benchmark-0123"
+    shutil.copytree(out, partial)
+    cache.commit(partial, entry, dataclasses.replace(result, table=partial / "results.json"))
+    reused = cache.load_cached(entry, "benchmark")
+    assert reused is not None and reused.table == entry / "results.json"
+    assert ResultsTable.load(reused.table).rows == table.rows and reused.publish == result.publish
 
 
 def test_half_width_has_a_quarter_of_the_parameters_and_of_the_file(measured):

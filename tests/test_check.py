@@ -13,8 +13,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from compress.check import KEPT_COLUMNS, main
-from compress.stages.benchmark import columns
+from compress.check import main
+from compress.results import REFERENCE_COLUMNS, columns
 from tests.conftest import run_cli
 
 CPU = "Intel(R) Xeon(R) CPU @ 2.20GHz"
@@ -50,7 +50,7 @@ def check(tmp_path, capsys, current, *options, reference=REFERENCE):
 
 
 def test_the_columns_read_are_the_benchmark_tables():
-    assert set(KEPT_COLUMNS) <= set(columns([1]))
+    assert set(REFERENCE_COLUMNS) <= set(columns([1]))
 
 
 def test_an_accuracy_drop_beyond_the_threshold_fails_and_one_within_passes(tmp_path, capsys):

@@ -22,9 +22,8 @@ import pytest
 
 from compress.benchmarks.ci_noise import CI_FLAGS, collapse_class
 from compress.check import main, reference_rows
-from compress.gating import predictions as predictions_file
 from compress.gating import reference_file
-from compress.gating.predictions import Predictions
+from compress.results import PREDICTIONS_FILE, Predictions, load_predictions
 from tests.conftest import BENCH, TINY_PIPELINE, run_cli, write_pipeline
 
 CI_OPTIONS = [
@@ -44,7 +43,7 @@ def bench(tmp_path_factory, data_root) -> Path:
     result = run_cli(write_pipeline(cwd, text), cwd=cwd, data_root=data_root)
     assert result.returncode == 0, result.output
     reports = cwd / "reports" / "tiny"
-    assert (reports / "results.json").is_file() and (reports / predictions_file.FILE_NAME).is_file()
+    assert (reports / "results.json").is_file() and (reports / PREDICTIONS_FILE).is_file()
     return reports
 
 
@@ -54,9 +53,9 @@ def copy_run(bench: Path, where: Path, rows: list | None = None, store: Predicti
     rows = rows if rows is not None else json.loads((bench / "results.json").read_text())
     (where / "results.json").write_text(json.dumps(rows))
     if store is not None:
-        store.save(where / predictions_file.FILE_NAME)
-    elif (bench / predictions_file.FILE_NAME).is_file():
-        shutil.copy(bench / predictions_file.FILE_NAME, where / predictions_file.FILE_NAME)
+        store.save(where / PREDICTIONS_FILE)
+    elif (bench / PREDICTIONS_FILE).is_file():
+        shutil.copy(bench / PREDICTIONS_FILE, where / PREDICTIONS_FILE)
     return where / "results.json"
 
 
@@ -71,12 +70,13 @@ def write_reference(capsys, bench: Path, path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_update_baseline_stores_predictions_and_the_next_check_reports_flips(bench, tmp_path, capsys):
     written = write_reference(capsys, bench, tmp_path / "reference.json")
     assert written["test_set"]["images"] == IMAGES and len(written["test_set"]["classes"]) == 10
     assert all(len(row["predictions"]) < IMAGES / 4 for row in written["rows"])  # compact: ~90 % right
     _, stored = reference_file.read(written)
-    saved = predictions_file.load(bench / predictions_file.FILE_NAME)
+    saved = load_predictions(bench / PREDICTIONS_FILE)
     assert np.array_equal(stored.labels, saved.labels) and stored.fingerprint == saved.fingerprint
     assert set(stored.rows) == set(saved.rows)
     assert all(np.array_equal(stored.rows[k], saved.rows[k]) for k in saved.rows)
@@ -94,7 +94,7 @@ def test_update_baseline_stores_predictions_and_the_next_check_reports_flips(ben
 def collapsed_run(bench: Path, where: Path, variant: str = "pruned", runtime: str = "onnxruntime"):
     """``bench`` with 8 % of one class's images in ``variant [runtime]`` predicted as the next class."""
     rows = json.loads((bench / "results.json").read_text())
-    store = predictions_file.load(bench / predictions_file.FILE_NAME)
+    store = load_predictions(bench / PREDICTIONS_FILE)
     labels = np.asarray(store.labels)
     right = np.asarray(store.get(variant, runtime)) == labels
     # the largest class whose 8 % is under 1 pp of the test set, with that many images right
@@ -105,6 +105,7 @@ def collapsed_run(bench: Path, where: Path, variant: str = "pruned", runtime: st
     return copy_run(bench, where, rows, store), store.classes[index], rows
 
 
+@pytest.mark.slow
 def test_a_class_collapse_the_average_hides_fails_naming_the_variant_and_the_class(bench, tmp_path, capsys):
     write_reference(capsys, bench, tmp_path / "reference.json")
     current, name, rows = collapsed_run(bench, tmp_path / "collapsed")
@@ -129,6 +130,7 @@ def test_a_class_collapse_the_average_hides_fails_naming_the_variant_and_the_cla
         assert messages == [f"pruned [onnxruntime]: {line.split('pruned [onnxruntime]', 1)[1].strip()}"]
 
 
+@pytest.mark.slow
 def test_an_older_reference_without_predictions_passes_with_a_note(bench, tmp_path, capsys):
     rows = json.loads((bench / "results.json").read_text())
     older = [{k: v for k, v in row.items() if k != "per_class_accuracy"} for row in reference_rows(rows)]
@@ -155,6 +157,7 @@ def test_an_older_reference_without_predictions_passes_with_a_note(bench, tmp_pa
     assert "note: the reference holds no predictions (written before check stored them" in out
 
 
+@pytest.mark.slow
 def test_a_reference_on_other_test_images_says_so_and_compares_numbers(bench, tmp_path, capsys):
     written = write_reference(capsys, bench, tmp_path / "reference.json")
     other = json.loads(json.dumps(written))
@@ -181,6 +184,7 @@ def test_a_reference_on_other_test_images_says_so_and_compares_numbers(bench, tm
     assert code == 0 and "(another label vector; another data fingerprint)" in out, out
 
 
+@pytest.mark.slow
 def test_no_predictions_beside_the_current_results_skips_paired_figures(bench, tmp_path, capsys):
     write_reference(capsys, bench, tmp_path / "reference.json")
     (tmp_path / "alone").mkdir()
@@ -208,7 +212,7 @@ def synthetic(tmp_path: Path, name: str, wrong: int, start: int = 0) -> Path:
            "test_count": 1000, "per_class_accuracy": {"a": float(hits[:500].mean()), "b": 1.0}}  # fmt: skip
     (tmp_path / name).mkdir()
     (tmp_path / name / "results.json").write_text(json.dumps([row]))
-    store.save(tmp_path / name / predictions_file.FILE_NAME)
+    store.save(tmp_path / name / PREDICTIONS_FILE)
     return tmp_path / name / "results.json"
 
 
@@ -275,7 +279,7 @@ def test_bad_flag_values_exit_2_with_one_line(tmp_path, capsys, flags, words):
 
 def test_unreadable_predictions_are_bad_input(pair, tmp_path, capsys):
     current, reference = pair
-    (current.parent / predictions_file.FILE_NAME).write_bytes(b"not a zip file")
+    (current.parent / PREDICTIONS_FILE).write_bytes(b"not a zip file")
     code = main([str(current), "--baseline", str(reference)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "not a readable predictions file" in err, err
@@ -283,7 +287,7 @@ def test_unreadable_predictions_are_bad_input(pair, tmp_path, capsys):
     written = json.loads(reference.read_text())
     written["rows"][0]["predictions"] = "!!!"
     reference.write_text(json.dumps(written))
-    (current.parent / predictions_file.FILE_NAME).unlink()
+    (current.parent / PREDICTIONS_FILE).unlink()
     code = main([str(current), "--baseline", str(reference)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "predictions is not valid base64" in err, err
@@ -292,7 +296,7 @@ def test_unreadable_predictions_are_bad_input(pair, tmp_path, capsys):
 def test_update_baseline_refuses_predictions_from_another_run(tmp_path, capsys):
     results = synthetic(tmp_path, "run", 20)
     stale = synthetic(tmp_path, "other", 40)
-    shutil.copy(stale.parent / predictions_file.FILE_NAME, results.parent / predictions_file.FILE_NAME)
+    shutil.copy(stale.parent / PREDICTIONS_FILE, results.parent / PREDICTIONS_FILE)
     code = main([str(results), "--baseline", str(tmp_path / "ref.json"), "--update-baseline"])
     err = capsys.readouterr().err
     assert code == 2 and "predictions disagree with the accuracy of model [pytorch]" in err, err

@@ -23,9 +23,9 @@ from compress.config import load_pipeline
 from compress.context import Context
 from compress.fileio import read_json, write_json
 from compress.gating import GateRule, evaluate
-from compress.gating.paired import PAIRED_COLUMNS
-from compress.gating.predictions import FILE_NAME, Predictions, load
+from compress.measure.paired import PAIRED_COLUMNS
 from compress.models import load_model, save_model
+from compress.results import PREDICTIONS_FILE, Predictions, load_predictions
 from compress.run import main
 from compress.stages import config_registry
 from tests.conftest import BENCH, PYTORCH_BENCHMARK, TINY_PIPELINE, run_cli, write_pipeline
@@ -303,7 +303,7 @@ def check_table(reports, name, breaks, expected, classes):
     assert -1 < bad["accuracy_delta_pp"] < 0 and bad["worst_class_drop_pp"] > 5  # hidden in the total
     assert bad["class_drop_pp"][name] == round(bad["worst_class_drop_pp"], 3)
     assert bad["accuracy_drop_ci_low_pp"] < -bad["accuracy_delta_pp"] < bad["accuracy_drop_ci_high_pp"]
-    stored = load(reports / FILE_NAME)
+    stored = load_predictions(reports / PREDICTIONS_FILE)
     assert set(stored.rows) == {"baseline@pytorch", "collapsed@pytorch"} and stored.classes == classes
     assert all(v.dtype == np.uint8 and v.shape == (1000,) for v in stored.rows.values())
     assert np.array_equal(stored.get("collapsed", "pytorch"), expected) and stored.fingerprint
@@ -334,9 +334,9 @@ def forget_predictions(cache):
     """Make the cached benchmark look like one of an older version: no predictions.npz."""
     [entry] = cache.glob("benchmark-*")
     recorded = read_json(entry / "result.json")
-    del recorded["files"][FILE_NAME], recorded["publish"][FILE_NAME]
+    del recorded["files"][PREDICTIONS_FILE], recorded["publish"][PREDICTIONS_FILE]
     write_json(entry / "result.json", recorded)
-    (entry / FILE_NAME).unlink()
+    (entry / PREDICTIONS_FILE).unlink()
 
 
 def test_a_hidden_collapse_passes_the_average_and_fails_the_class_gate(tmp_path, tiny_run, data_root, capsys):

@@ -105,6 +105,7 @@ def report_run(tiny_run, data_root, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_page_lists_every_variant_with_the_numbers_of_results_json(report_run):
     reports = report_run["reports"]
     results = json.loads((reports / "results.json").read_text())
@@ -146,6 +147,7 @@ def test_page_lists_every_variant_with_the_numbers_of_results_json(report_run):
         assert f"| {row['variant']} | {row['runtime']} | {100 * row['accuracy']:.2f} % |" in summary
 
 
+@pytest.mark.slow
 def test_report_reruns_every_run_and_compares_with_the_previous_one(report_run):
     first, second = report_run["first_manifest"], report_run["manifest"]
     status = {s["name"]: s["status"] for s in second["stages"]}
@@ -340,6 +342,7 @@ def test_stage_specific_sections_appear_only_with_their_data():
     assert "trial 3: prune.amount=0.3" in html
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(report_run, tmp_path):
     html = report_run["reports"] / "latest.html"
     results = json.loads((report_run["reports"] / "results.json").read_text())
@@ -379,3 +382,29 @@ def test_an_fp16_variant_slower_than_its_parent_is_a_warning_even_by_five_percen
         "1 thread: 0.210 ms vs 0.200 ms at batch 1 (1.05x); 4.200 ms vs 4.000 ms at batch 64 (1.05x). "
         "Do not ship it for speed on this CPU."
     ]
+
+
+def test_without_a_benchmark_the_table_comes_from_the_variants_in_the_benchmarks_columns(tmp_path):
+    """The report's own table (no benchmark stage) is a ResultsTable too: the same column names,
+    in the benchmark's order, only those the variants' metrics fill; written as results.csv/json."""
+    from compress.report.table import table_columns
+    from compress.results import ResultsTable, columns
+    from compress.stages.report import _rows_from_variants
+
+    files = {name: tmp_path / f"{name}.pt" for name in ("baseline", "pruned")}
+    for path, size in zip(files.values(), (1000, 400), strict=True):
+        path.write_bytes(b"x" * size)
+    variants = [
+        Variant("baseline", "torch", files["baseline"], stage="train", metrics={"test_accuracy": 0.9}),
+        Variant("pruned", "torch", files["pruned"], "prune", "baseline", metrics={"sparsity": 0.5}),
+    ]
+    table = ResultsTable.of(_rows_from_variants(variants, "baseline"))
+    assert table.columns == [c for c in columns() if c in table.columns]
+    assert table.rows[0]["accuracy_delta_pp"] == 0 and table.rows[1]["size_ratio"] == 0.4
+    assert table.rows[1]["status"] == "not measured" and "accuracy_delta_pp" not in table.rows[1]
+    assert table.save(tmp_path) == {"results.csv": "results.csv", "results.json": "results.json"}
+    back = ResultsTable.load(tmp_path / "results.json")
+    assert back.columns == table.columns and back.rows[1]["accuracy_delta_pp"] is None
+    assert (tmp_path / "results.csv").read_text().splitlines()[0] == ",".join(table.columns)
+    # every column the page shows is a column of the table
+    assert {c["key"] for c in table_columns([1, 64])} <= set(columns([1, 64]))

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.gating.paired import compare, confusion_change
-from compress.gating.predictions import load as load_predictions
+from compress.measure.paired import compare, confusion_change
 from compress.report import ReportInputs, build_page, render_html, render_markdown
 from compress.report.classes import class_deltas
 from compress.report.formatting import runtime_label
+from compress.results import load_predictions
 from compress.variants import Variant
 from tests.conftest import BENCH, TINY_PIPELINE, run_cli, write_pipeline
 from tests.test_report import MANIFEST, TableReader, read_page, rows_for
@@ -209,6 +209,7 @@ def gated_run(tiny_run, data_root, tmp_path_factory):
     return {"green": green, "red": red, "reports": reports, **first}
 
 
+@pytest.mark.slow
 def test_the_report_of_a_real_run_shows_intervals_flips_worst_class_and_the_confusion_change(gated_run):
     assert gated_run["green"].returncode == 0, gated_run["green"].output
     reports, rows = gated_run["reports"], gated_run["results"]
@@ -248,6 +249,7 @@ def test_the_report_of_a_real_run_shows_intervals_flips_worst_class_and_the_conf
     assert sum(shown) == matrix.sum() and sorted(n for n in shown if n) == sorted(matrix[matrix > 0].tolist())
 
 
+@pytest.mark.slow
 def test_a_green_run_closes_with_one_count_line_and_no_pass_lines(gated_run):
     out = gated_run["green"].stdout
     gates = gated_run["gates"]
@@ -261,6 +263,7 @@ def test_a_green_run_closes_with_one_count_line_and_no_pass_lines(gated_run):
     assert summary.splitlines()[2].endswith(f"Quality gates: {gates['passed']} passed, 0 failed.")
 
 
+@pytest.mark.slow
 def test_a_failing_gate_leads_the_closing_lines_and_summary_md(gated_run):
     red = gated_run["red"]
     assert red.returncode == 1, red.output

@@ -38,7 +38,7 @@ import numpy as np
 from compress.gating.comparison import Thresholds, compare_runs
 from compress.gating.drops import Drop
 from compress.gating.outcome import FAILED, Outcome
-from compress.gating.predictions import Predictions
+from compress.results import Predictions
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "pipelines" / "ci-smoke.yaml"
@@ -104,14 +104,12 @@ def check_cli(results: Path, args: argparse.Namespace) -> tuple[int, str]:
 def load(results: Path, reference: Path) -> tuple[list, Predictions | None, list, Predictions | None]:
     from compress.check import current_predictions, load_table
 
-    current, now = load_table(results, "current")
-    then_rows, then = load_table(reference, "reference")
-    keep = [r for r in current if r["variant"] not in EXCLUDED]
+    current, then = load_table(results, "current"), load_table(reference, "reference")
     return (
-        keep,
-        now or current_predictions(results),
-        [r for r in then_rows if r["variant"] not in EXCLUDED],
-        then,
+        current.without(EXCLUDED),
+        current.predictions or current_predictions(results),
+        then.without(EXCLUDED),
+        then.predictions,
     )
 
 

@@ -94,6 +94,7 @@ def commit(partial: Path, entry: Path, result: StageResult) -> None:
             "metrics": result.metrics,
             "publish": result.publish,
             "overrides": result.overrides,
+            "table": Path(result.table).relative_to(partial).as_posix() if result.table else None,
             "files": files,
         },
     )
@@ -128,6 +129,7 @@ def load_cached(entry: Path, label: str, verify: bool = True) -> StageResult | N
         metrics=data["metrics"],
         publish=data.get("publish", {}),
         overrides=data.get("overrides", {}),
+        table=entry / data["table"] if data.get("table") else None,
         artifacts={
             name: {kind: entry / p for kind, p in files.items()}
             for name, files in data.get("artifacts", {}).items()

@@ -63,6 +63,7 @@ def trial_runner(ctx: Context, registry: dict[str, StageDef]):
             variants=dict(ctx.variants),
             artifacts={k: dict(v) for k, v in ctx.artifacts.items()},
             results=dict(ctx.results),
+            published=dict(ctx.published),
             run_stage=None,
             stage_workdir=None,
             log=_TRIAL_LOG,  # warnings only: the tune stage logs one line per trial

@@ -3,16 +3,16 @@
 One package decides whether a number is good enough, so the ``gates`` stage (rules in the
 pipeline YAML, checked after the benchmark) and ``python -m compress.check`` (a run against a
 stored reference) compare numbers the same way, print the same table and write the same
-JUnit XML. Both work on rows of the benchmark stage's ``results.json`` (one row per variant
-and runtime; see ``compress/stages/benchmark.py`` for its columns).
+JUnit XML. Both work on rows of the results table (one row per variant and runtime; its
+columns and its kept predictions are in ``compress/results.py``).
 
 Modules: ``numbers``, ``rules`` (the YAML schema), ``outcome`` (judging one number),
 ``evaluation`` (rules over a table), ``comparison`` (two tables), ``output`` (table, JUnit),
-``chance`` (whether a variant learned anything: the report, the CLI and a gate share it),
-``paired`` (two rows' predictions on the same images: the drop's interval, flips, each class),
-``predictions`` (the benchmark's ``predictions.npz`` those come from), and for
-``compress.check``: ``reference_file`` (the committed reference, with predictions), ``pairing``
-(which rows can be compared image by image) and ``drops`` (accuracy and class drops).
+``chance`` (whether a variant learned anything: the report, the CLI and a gate share it), and
+for ``compress.check``: ``reference_file`` (the committed reference, with predictions),
+``pairing`` (which rows can be compared image by image) and ``drops`` (accuracy and class
+drops). Paired figures (the drop's interval, flips, each class) come from
+``compress.measure.paired``.
 """
 
 from compress.gating.comparison import Thresholds, compare

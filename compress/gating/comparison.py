@@ -34,10 +34,10 @@ from compress.gating.numbers import (
     times,
 )
 from compress.gating.outcome import DECIDE_MODES, FAILED, SKIPPED, Outcome, judge
-from compress.gating.paired import DEFAULT_CONFIDENCE, PairedStats
 from compress.gating.pairing import OLD_REFERENCE, Key, key, pair
-from compress.gating.predictions import Predictions
 from compress.gating.rules import MetricDef
+from compress.measure.paired import DEFAULT_CONFIDENCE, PairedStats
+from compress.results import Predictions
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from compress.gating.numbers import Row, number, pp
 from compress.gating.outcome import FAILED, Interval, Outcome, judge
-from compress.gating.paired import PairedStats
 from compress.gating.rules import ESTIMATE, MetricDef
+from compress.measure.paired import PairedStats
 
 CHECK_DROP = MetricDef(
     "accuracy_drop", "<=", True, "accuracy drop", pp, "pp lost against the reference", interval=True

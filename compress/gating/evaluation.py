@@ -2,7 +2,7 @@
 
 Drops and flips are paired: both rows' top-1 predictions on the same images (the benchmark's
 ``predictions.npz``, a :class:`PairedSource` here) give the drop's interval, each class's drop
-and the flips (``compress.gating.paired``). Without them ``max_accuracy_drop`` with
+and the flips (``compress.measure.paired``). Without them ``max_accuracy_drop`` with
 ``decide: estimate`` still gates from the table; the rules that need them are skipped, saying why.
 """
 
@@ -19,9 +19,9 @@ from compress.gating.numbers import (
     ratio,
 )
 from compress.gating.outcome import ESTIMATE, FAILED, PASSED, SKIPPED, Interval, Outcome, judge
-from compress.gating.paired import PairedStats, compare
-from compress.gating.predictions import Predictions
 from compress.gating.rules import EXPORT_RUNTIMES, RUNTIME_NAMES, GateRule, rule_ids, shipped
+from compress.measure.paired import PairedStats, compare
+from compress.results import Predictions
 
 NO_PREDICTIONS = "the benchmark saved no per-image predictions (predictions.npz)"
 _TOLERANCE = 1e-9  # the predictions and the table must give the same accuracy, up to float noise

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compress.gating.numbers import Row, number
-from compress.gating.paired import PairedStats, compare
-from compress.gating.predictions import Predictions
+from compress.measure.paired import PairedStats, compare
+from compress.results import Predictions
 
 Key = tuple[str, str]
 OLD_REFERENCE = (

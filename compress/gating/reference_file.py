@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from compress.gating.numbers import Row
-from compress.gating.predictions import Predictions, row_key
+from compress.results import Predictions, row_key
 
 FORMAT = "compress.check reference"
 VERSION = 1

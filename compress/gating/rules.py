@@ -4,7 +4,7 @@ Each rule names exactly one metric (``max_accuracy_drop: 1.0``) plus where it ap
 ``variants`` (default ``all``: every shipped variant, see :func:`shipped`), ``runtime`` and, for
 relative metrics, the ``against`` variant of the same runtime. Drop rules (``max_accuracy_drop``,
 ``max_class_drop``) also say what meets the threshold: the measured drop (``decide: estimate``)
-or an end of its paired confidence interval (``lower``, ``upper``; see ``compress.gating.paired``).
+or an end of its paired confidence interval (``lower``, ``upper``; see ``compress.measure.paired``).
 """
 
 from __future__ import annotations

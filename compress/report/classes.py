@@ -5,7 +5,7 @@ An average hides a collapsed class. The chart puts every variant (rows) against 
 the baseline's (pp; from the rows' ``class_drop_pp``, else from their ``per_class_accuracy``,
 which older results tables have too). The confusion change takes one variant (the one the
 summary recommends, else the one that lost most) and counts, over the images the baseline got
-right and the variant got wrong, true class -> predicted class (``compress.gating.paired``),
+right and the variant got wrong, true class -> predicted class (``compress.measure.paired``),
 from the benchmark's kept predictions; without them the section says so in one line.
 """
 
@@ -18,11 +18,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from compress import gating
-from compress.gating.paired import confusion_change
-from compress.gating.predictions import row_key
+from compress.measure.paired import confusion_change
 from compress.report.charts import MAX_CHART_ROWS, chart
 from compress.report.formatting import is_number, runtime_label
 from compress.report.table import ok_rows
+from compress.results import row_key
 
 MAX_CLASSES = 40  # columns of the chart; beyond this, the classes that lost most
 MAX_CONFUSION = 12  # rows and columns of the confusion change

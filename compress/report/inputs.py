@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from compress.results import Predictions, row_key
+
 
 @dataclass
 class ReportInputs:
     """What the report is built from; the report stage gathers it from the run context."""
 
-    results: list[dict[str, Any]]  # the benchmark rows (results.json records)
+    results: list[dict[str, Any]]  # the rows of the results table shown (compress.results)
     variants: dict[str, Any] = field(default_factory=dict)  # name -> Variant (for info/metrics)
     stages: list[dict[str, Any]] = field(default_factory=list)  # {label, kind, metrics, published}
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -26,12 +28,10 @@ class ReportInputs:
     predictions: dict[str, Any] | None = None
 
 
-def predictions_data(predictions: Any, keys: set[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """A :class:`compress.gating.predictions.Predictions` as plain lists, the rows limited to
+def predictions_data(predictions: Predictions, keys: set[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """A :class:`compress.results.Predictions` as plain lists, the rows limited to
     ``keys`` ((variant, runtime) pairs): ``{"labels", "classes", "rows": {"variant@runtime": [...]}}``.
     Plain data, so the inputs of a report can be recorded as JSON and rebuilt (the snapshot test)."""
-    from compress.gating.predictions import row_key
-
     wanted = None if keys is None else {row_key(v, rt) for v, rt in keys}
     return {
         "labels": predictions.labels.astype(int).tolist(),

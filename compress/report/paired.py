@@ -1,7 +1,7 @@
 """How a row's paired figures read: the accuracy delta with its interval, the flips, the worst class.
 
 The benchmark compares each row with the baseline in the same runtime on the same test images
-(``compress.gating.paired``): the drop (baseline - variant, pp, positive = worse) with its
+(``compress.measure.paired``): the drop (baseline - variant, pp, positive = worse) with its
 confidence interval, the share of top-1 predictions that changed (``fixed``: now right,
 ``broken``: now wrong) and the class that lost most. The page shows deltas (variant - baseline,
 negative = worse), as its "Δ acc." column always did, so an interval [low, high] on the drop

@@ -5,18 +5,18 @@ export stage attached; ONNX-only variants run from their own file when not expor
 edge targets' runtimes where the export stage shipped a file: ``ort`` (onnxruntime on the
 ``.ort`` file), ``openvino`` (OpenVINO CPU on the IR), ``litert`` (the LiteRT interpreter; its
 models have batch 1, so batch N is N invocations) and ``executorch`` (XNNPACK-delegated
-``.pte``), each through the same loader ``compress.verify`` uses (``compress.targets.runners``). Every
+``.pte``), each through the same loader ``compress.verify`` uses (``compress.ship.targets.runners``). Every
 row is measured the same way (``compress.measure``): the same input tensor, the same thread
 count, warm-up before timing, accuracy on the whole test split. Deltas are against the
 baseline variant in the same runtime, and so are the paired columns (drop interval, flips, worst
-class: ``compress.gating.paired``). The table goes to ``results.csv`` / ``results.json``, every
-row's top-1 predictions to ``predictions.npz`` (all published to ``reports/<pipeline>/``); its
-columns are listed in ``columns``.
+class: ``compress.measure.paired``). The table (``compress.results``: its columns are listed
+there) goes to ``results.csv`` / ``results.json``, every row's top-1 predictions to
+``predictions.npz`` (all published to ``reports/<pipeline>/``), and is the stage's declared
+output (``StageResult.table``), which the gates and the report read.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -30,11 +30,10 @@ from pydantic import Field, field_validator, model_validator
 from compress import measure
 from compress.config import StageConfig
 from compress.context import Context
-from compress.fileio import write_json, write_text
-from compress.gating import paired
-from compress.gating.predictions import FILE_NAME as PREDICTIONS_FILE
-from compress.gating.predictions import Predictions
-from compress.runtimes import (
+from compress.fileio import write_json
+from compress.measure import paired
+from compress.results import PREDICTIONS_FILE, RESULTS_JSON, Predictions, ResultsTable, columns
+from compress.ship.runtimes import (
     FILE_FORMAT,
     RUNTIMES,
     export_report,
@@ -125,64 +124,7 @@ class BenchmarkConfig(StageConfig):
         return names
 
 
-def columns(batch_sizes: list[int]) -> list[str]:
-    """The results table's columns, in order (see the module docstring of this stage)."""
-    cols = [
-        "variant",
-        "runtime",
-        "format",
-        "parent",
-        "stage",
-        "is_baseline",
-        "status",
-        "error",
-        "file",
-        "accuracy",
-        "accuracy_delta_pp",
-        *("accuracy_drop_ci_low_pp", "accuracy_drop_ci_high_pp"),  # paired: see gating.paired
-        "correct",
-        "test_count",
-        "per_class_min_accuracy",
-        "per_class_accuracy",
-        *("flip_rate", "flips_fixed", "flips_broken", "worst_class", "worst_class_drop_pp"),
-        *("worst_class_drop_ci_low_pp", "worst_class_drop_ci_high_pp", "class_drop_pp", "paired_confidence"),
-        "top1_agreement_pytorch",
-        "size_bytes",
-        "gzip_bytes",
-        "size_ratio",
-        "gzip_ratio",
-        "parameters",
-        "nonzero_parameters",
-        "sparsity",
-        "parameters_ratio",
-        "macs",
-        "nonzero_macs",
-        "macs_ratio",
-        "counts_from",
-    ]
-    for b in batch_sizes:
-        cols += [
-            f"latency_b{b}_p50_ms",
-            f"latency_b{b}_p95_ms",
-            f"latency_b{b}_spread_pct",
-            f"latency_b{b}_repeats",
-            f"throughput_b{b}",
-            f"latency_ratio_b{b}",
-        ]
-    cols += [
-        "threads",
-        "cpu_model",
-        "torch_version",
-        "onnxruntime_version",
-        "runtime_version",
-        "export_ok",
-        "parity_max_abs_diff",
-        "parity_top1_agreement",
-    ]
-    return cols
-
-
-@stage("benchmark", BenchmarkConfig, version=3)
+@stage("benchmark", BenchmarkConfig, version=4)  # 4: the table is a declared output
 def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,24 +169,19 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
 
     paired_started = time.perf_counter()  # vs the baseline, same runtime; every row's predictions
     paired.add_table_columns(rows, store, cfg.baseline)
-    store.save(out_dir / PREDICTIONS_FILE)
-    ctx.log.info(
-        "benchmark: paired columns, %s in %.3f s", PREDICTIONS_FILE, time.perf_counter() - paired_started
-    )
 
     import pandas as pd  # here, not at the top: every CLI run imports the stages (0.5 s)
 
-    frame = _with_deltas(pd.DataFrame(rows), cfg)
-    frame = frame.reindex(columns=columns(cfg.batch_sizes))
-    csv_frame = frame.copy()
-    for column in ("per_class_accuracy", "class_drop_pp"):  # JSON text in a CSV cell
-        csv_frame[column] = csv_frame[column].map(lambda v: json.dumps(v) if isinstance(v, dict) else v)
-    csv_frame.to_csv(out_dir / "results.csv", index=False)
-    write_text(out_dir / "results.json", frame.to_json(orient="records", indent=2) + "\n")
+    frame = _with_deltas(pd.DataFrame(rows), cfg).reindex(columns=columns(cfg.batch_sizes))
+    table = ResultsTable(frame.to_dict(orient="records"), list(frame.columns), store)
+    publish = table.save(out_dir)
+    ctx.log.info(
+        "benchmark: paired columns, %s in %.3f s", PREDICTIONS_FILE, time.perf_counter() - paired_started
+    )
     seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {
-        "rows": len(frame),
-        "failed_rows": int((frame["status"] != "ok").sum()) if len(frame) else 0,
+        "rows": len(table.rows),
+        "failed_rows": sum(row["status"] != "ok" for row in table.rows),
         "threads": threads,
         "cpu_model": env["cpu_model"],
         "batch_sizes": cfg.batch_sizes,
@@ -252,13 +189,10 @@ def run(cfg: BenchmarkConfig, inputs: list[Variant], ctx: Context, out_dir: Path
         "test_images": int(len(labels)),
         "seconds": round(seconds, 2),
     }
-    for row in frame.to_dict(orient="records"):
+    for row in table.rows:
         metrics[f"{row['variant']}@{row['runtime']}"] = _summary_line(row, cfg.batch_sizes)
     write_json(out_dir / "summary.json", metrics)
-    return StageResult(
-        metrics=metrics,
-        publish={name: name for name in ("results.csv", "results.json", PREDICTIONS_FILE)},
-    )
+    return StageResult(metrics=metrics, publish=publish, table=out_dir / RESULTS_JSON)
 
 
 class _Rows:

@@ -24,15 +24,17 @@ Each rule names one gate and where it applies::
 controls and, for comparisons, the ``against`` variant itself; list names to gate others.
 ``runtime: all`` (the default) evaluates each runtime's row separately.
 
-The stage reads the benchmark stage's ``results.json`` and ``predictions.npz`` (``benchmark:``
-names it; default: the last benchmark stage before this one; without the predictions, from a
-benchmark of an older version, the rules that need them are skipped, saying why), evaluates every
-rule per (variant, runtime) row, pairing the predictions of each row and its ``against`` row, and
-writes ``gates.json`` and JUnit XML ``gates.xml`` (published to ``reports/<pipeline>/``). It
-completes even when gates fail: the failure is in its result's metrics (``failed`` > 0,
-``results`` = one entry per gate and row, see ``compress.gating.Outcome``), which
-``python -m compress.run`` turns into exit code 1, and the report stage shows as warnings.
-Because it reads another stage's outputs rather than variants, it is re-evaluated on every
+The stage reads the benchmark stage's results table, its declared output (``StageResult.table``:
+``results.json`` and ``predictions.npz`` beside it; see ``compress.results``), as the engine hands
+it over in ``ctx.results`` (``benchmark:`` names the stage; default: the last benchmark stage
+before this one; without the predictions, from a benchmark of an older version, the rules that
+need them are skipped, saying why). It evaluates every rule per (variant, runtime) row, pairing
+the predictions of each row and its ``against`` row, and writes ``gates.json`` and JUnit XML
+``gates.xml`` (published to ``reports/<pipeline>/``). It completes even when gates fail: the
+failure is in its result's metrics (``failed`` > 0, ``results`` = one entry per gate and row, see
+``compress.gating.Outcome``), which ``python -m compress.run`` turns into exit code 1, and the
+report stage shows as warnings.
+Because it reads another stage's result rather than variants, it is re-evaluated on every
 run (``needs_results``): cheap, and never stale after a ``--force``'d benchmark.
 """
 
@@ -48,9 +50,9 @@ from compress import gating
 from compress.config import PipelineConfig, StageConfig, did_you_mean
 from compress.context import Context
 from compress.errors import ArtifactError
-from compress.fileio import read_json, write_bytes, write_json
+from compress.fileio import write_bytes, write_json
 from compress.gating import GateRule
-from compress.gating import predictions as stored
+from compress.results import PREDICTIONS_FILE, Predictions, ResultsTable, TableError, predictions_beside
 from compress.stages import stage
 from compress.variants import StageResult, Variant
 
@@ -161,39 +163,33 @@ def _benchmark_stage(earlier: list[Any], label: str | None) -> Any:
     )
 
 
-def benchmark_directory(ctx: Context, label: str) -> Path:
-    """Where the benchmark stage ``label`` of this run left its files."""
-    directories = {s["name"]: s.get("directory") for s in ctx.manifest.get("stages", [])}
-    return Path(directories.get(label) or ctx.run_dir / "stages" / label)
-
-
-def read_predictions(ctx: Context, label: str) -> tuple[stored.Predictions | None, str]:
-    """The benchmark stage's per-image predictions, or None and why (one line for a skipped gate)."""
-    path = benchmark_directory(ctx, label) / stored.FILE_NAME
-    if not path.is_file():
-        return None, (
-            f"the benchmark stage {label!r} saved no {stored.FILE_NAME} (it ran before paired "
-            f"statistics existed); re-run it with --from {label}"
-        )
+def read_table(ctx: Context, label: str) -> ResultsTable:
+    """The benchmark stage's results table, as its result declared it (``ctx.results``)."""
+    result = ctx.results.get(label)
+    path = result.table if result is not None else None
+    if path is None or not Path(path).is_file():
+        where = f" at {path}" if path is not None else ""
+        raise ArtifactError(f"stage gates: the benchmark stage {label!r} left no results table{where}")
     try:
-        return stored.load(path), ""
+        return ResultsTable.load(path)
+    except TableError as exc:
+        raise ArtifactError(f"stage gates: {exc}") from None
+
+
+def read_predictions(ctx: Context, label: str) -> tuple[Predictions | None, str]:
+    """The predictions kept beside the benchmark's table, or None and why (one line for a
+    skipped gate)."""
+    try:
+        found = predictions_beside(ctx.results[label].table)
     except ValueError as exc:
         ctx.log.warning("gates: %s", exc)
         return None, str(exc)
-
-
-def read_table(ctx: Context, label: str) -> list[dict[str, Any]]:
-    """The benchmark stage's rows (its results.json) from this run's stage directory."""
-    path = benchmark_directory(ctx, label) / "results.json"
-    if not path.is_file():
-        raise ArtifactError(f"stage gates: the benchmark stage {label!r} left no results table at {path}")
-    try:
-        rows = read_json(path)
-    except ValueError as exc:
-        raise ArtifactError(f"stage gates: {path} is not valid JSON ({exc})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "variant" in r for r in rows):
-        raise ArtifactError(f"stage gates: {path} is not a benchmark results table (a list of rows)")
-    return rows
+    if found is None:
+        return None, (
+            f"the benchmark stage {label!r} saved no {PREDICTIONS_FILE} (it ran before paired "
+            f"statistics existed); re-run it with --from {label}"
+        )
+    return found, ""
 
 
 @stage("gates", GatesConfig, version=1, needs_data=False, needs_results=True)
@@ -201,13 +197,13 @@ def run(cfg: GatesConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
     bench = _benchmark_stage(_earlier_stages(ctx.pipeline.config, cfg), cfg.benchmark)
     label = bench.label
     rules = cfg.resolved_rules(getattr(bench, "baseline", None))
-    rows = read_table(ctx, label)
+    rows = read_table(ctx, label).rows
     started = time.perf_counter()
     predictions, missing = read_predictions(ctx, label)
     outcomes = gating.evaluate(rules, rows, predictions, missing)
     ctx.log.info(
         "gates: %s and %d rules evaluated in %.3f s",
-        f"{stored.FILE_NAME} read" if predictions is not None else f"no {stored.FILE_NAME}",
+        f"{PREDICTIONS_FILE} read" if predictions is not None else f"no {PREDICTIONS_FILE}",
         len(rules),
         time.perf_counter() - started,
     )

@@ -1,19 +1,22 @@
 """Stage ``report``: one self-contained HTML page that says which variant to ship and why.
 
 It runs after the benchmark and reads, through the run context (never another stage's
-directory): every variant, every earlier stage's ``StageResult`` (``ctx.results``), the files
-those stages published under ``reports/<pipeline>/`` (``ctx.reports_dir``; e.g. the
-benchmark's ``results.json``, the quantize stage's sensitivity tables) and the run manifest
-(``ctx.manifest``). The content is built in ``compress.report``.
+directory): every variant, every earlier stage's ``StageResult`` (``ctx.results``; the
+benchmark's results table is its declared output ``table``, see ``compress.results``), the
+files those stages publish (``ctx.published``, read where each stage wrote them; e.g. the
+quantize stage's sensitivity tables), the run manifest (``ctx.manifest``), and from
+``reports/<pipeline>/`` only the previous run's ``report.json`` (``ctx.reports_dir``).
+The content is built in ``compress.report``.
 
-The benchmark's kept predictions (``predictions.npz``, published beside ``results.json``) are
-read the same way, for the confusion change of the recommended variant; a benchmark that kept
-none leaves that section one line saying so.
+The benchmark's kept predictions (``predictions.npz``, beside its ``results.json``) come with
+its table, for the confusion change of the recommended variant; a benchmark that kept none
+leaves that section one line saying so.
 
 Writes (published under ``reports/<pipeline>/``): ``latest.html`` and ``<run-id>.html``,
 ``summary.md`` (summary + table in Markdown, for CI job summaries), and ``report.json`` (the
 rows this page shows; the next run reads it for "versus the previous run"). When no benchmark
-stage ran, ``results.csv``/``results.json`` are written from the variants' own metrics.
+stage ran, a results table with the same columns is made from the variants' own metrics and
+written (``results.csv``/``results.json``), and declared as this stage's ``table``.
 
 The stage is registered with ``needs_results=True``: the page shows per-run facts (run id,
 timings, cache hits, the comparison with the previous run), so its cache key includes the run
@@ -22,7 +25,6 @@ id and it is rebuilt on every run; it therefore always reflects the current upst
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +34,9 @@ from pydantic import Field
 from compress import faults
 from compress.config import StageConfig
 from compress.context import Context
+from compress.errors import ArtifactError
 from compress.fileio import read_json, write_json, write_text
+from compress.results import RESULTS_JSON, ResultsTable, TableError, predictions_beside
 from compress.stages import stage
 from compress.variants import StageResult, Variant
 
@@ -70,19 +74,20 @@ def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    reports_dir = ctx.reports_dir
     kinds = {s.label: s.stage for s in ctx.pipeline.stages}
     stages = [
-        _stage_view(label, kinds.get(label, label), result, reports_dir)
+        _stage_view(label, kinds.get(label, label), result, ctx.published.get(label, {}))
         for label, result in ctx.results.items()
     ]
 
     benchmark = next((s for s in reversed(stages) if s["kind"] == "benchmark"), None)
-    rows, source, publish = _results(cfg, inputs, benchmark, reports_dir, out_dir)
-    predictions = _benchmark_predictions(benchmark, reports_dir, rows, ctx)
+    table, source = _results(cfg, inputs, benchmark, ctx)
+    publish = table.save(out_dir) if benchmark is None else {}  # without a benchmark: made here
+    rows = table.only(v.name for v in inputs)
+    predictions = _predictions(table, rows)
 
     baseline = cfg.baseline or (benchmark["metrics"].get("baseline") if benchmark else None) or "baseline"
-    previous = _read_previous(reports_dir, ctx)
+    previous = _read_previous(ctx.reports_dir, ctx)
     inputs_view = reporting.ReportInputs(
         results=rows,
         variants={v.name: v for v in inputs},
@@ -119,32 +124,29 @@ def run(cfg: ReportConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         "previous_run": previous.get("run_id") if previous else None,
         "seconds": round(seconds, 2),
     }
-    return StageResult(metrics=metrics, publish=publish)
+    made = out_dir / RESULTS_JSON if benchmark is None else None
+    return StageResult(metrics=metrics, publish=publish, table=made)
 
 
 def _results(
-    cfg: ReportConfig, inputs: list[Variant], benchmark: dict | None, reports_dir: Path | None, out_dir: Path
-) -> tuple[list[dict[str, Any]], str, dict[str, str]]:
-    """The rows the report shows (of its input variants), where they came from, and the files to
-    publish: the benchmark's table, or, without a benchmark, one made from the variants' own
-    metrics (then written and published as results.csv/json)."""
-    rows = _benchmark_rows(benchmark, reports_dir)
-    source = (
-        f"benchmark stage `{benchmark['label']}`"
-        if rows is not None and benchmark
-        else "variants' own metrics"
-    )
-    publish: dict[str, str] = {}
-    if rows is None:
+    cfg: ReportConfig, inputs: list[Variant], benchmark: dict | None, ctx: Context
+) -> tuple[ResultsTable, str]:
+    """The results table and where it came from: the benchmark's (its declared output), or,
+    without a benchmark, one made from the variants' own metrics."""
+    if benchmark is None:
         rows = _rows_from_variants(inputs, cfg.baseline or "baseline")
-        import pandas as pd  # here, not at the top: every CLI run imports the stages (0.5 s)
-
-        frame = pd.DataFrame(rows)
-        frame.to_csv(out_dir / "results.csv", index=False)
-        write_text(out_dir / "results.json", frame.to_json(orient="records", indent=2) + "\n")
-        publish.update({"results.csv": "results.csv", "results.json": "results.json"})
-    names = {v.name for v in inputs}
-    return [r for r in rows if r.get("variant") in names], source, publish
+        return ResultsTable.of(rows), "variants' own metrics"
+    path = ctx.results[benchmark["label"]].table
+    if path is None:
+        raise ArtifactError(f"stage report: the benchmark stage {benchmark['label']!r} left no results table")
+    try:
+        table = ResultsTable.load(path)
+        table.predictions = predictions_beside(path)
+    except TableError as exc:
+        raise ArtifactError(f"stage report: {exc}") from None
+    except ValueError as exc:  # an unreadable predictions.npz: the table still reports
+        ctx.log.warning("report: %s; the confusion change is left out", exc)
+    return table, f"benchmark stage `{benchmark['label']}`"
 
 
 def _write_pages(
@@ -163,12 +165,14 @@ def _write_pages(
     return {name: name for name in names}
 
 
-def _stage_view(label: str, kind: str, result: StageResult, reports_dir: Path | None) -> dict[str, Any]:
-    """What the report needs of one earlier stage: its metrics, published JSON and curves."""
+def _stage_view(label: str, kind: str, result: StageResult, files: dict[str, Path]) -> dict[str, Any]:
+    """What the report needs of one earlier stage: its metrics, published JSON and curves.
+
+    ``files`` are the stage's declared published files (``ctx.published``), read where the
+    stage wrote them, so a report never depends on what an earlier run left in reports/."""
     published: dict[str, Any] = {}
-    for target in result.publish.values():
-        path = reports_dir / target if reports_dir is not None else None
-        if path is not None and target.endswith(".json") and path.is_file() and target != "results.json":
+    for target, path in files.items():
+        if target.endswith(".json") and path.is_file() and target != "results.json":
             try:
                 published[target] = read_json(path)
             except (OSError, ValueError):
@@ -199,38 +203,14 @@ def _stage_view(label: str, kind: str, result: StageResult, reports_dir: Path | 
     return view
 
 
-def _benchmark_rows(
-    benchmark: dict[str, Any] | None, reports_dir: Path | None
-) -> list[dict[str, Any]] | None:
-    """The benchmark's table, from the results.json it published in this run."""
-    if benchmark is None or reports_dir is None:
-        return None
-    target = benchmark["publish"].get("results.json", "results.json")
-    path = reports_dir / target
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else None
-
-
-def _benchmark_predictions(
-    benchmark: dict[str, Any] | None, reports_dir: Path | None, rows: list[dict[str, Any]], ctx: Context
-) -> dict[str, Any] | None:
-    """The top-1 predictions the benchmark kept and published in this run (``predictions.npz``,
-    beside its results.json), limited to the rows shown; None when it kept none (an older
-    benchmark) or the file is unreadable."""
-    from compress.gating import predictions as kept
+def _predictions(table: ResultsTable, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The top-1 predictions the benchmark kept with its table, limited to the rows shown; None
+    when it kept none (an older benchmark) or they were unreadable."""
     from compress.report.inputs import predictions_data
 
-    target = benchmark["publish"].get(kept.FILE_NAME) if benchmark is not None else None
-    if target is None or reports_dir is None or not (reports_dir / target).is_file():
+    if table.predictions is None:
         return None
-    try:
-        found = kept.load(reports_dir / target)
-    except ValueError as exc:
-        ctx.log.warning("report: %s; the confusion change is left out", exc)
-        return None
-    return predictions_data(found, {(str(r.get("variant")), str(r.get("runtime"))) for r in rows})
+    return predictions_data(table.predictions, {(str(r.get("variant")), str(r.get("runtime"))) for r in rows})
 
 
 def _rows_from_variants(inputs: list[Variant], baseline: str) -> list[dict[str, Any]]:
