@@ -15,7 +15,7 @@ How a run divides the work (see ``engine._run_on_ranks``):
 - Stages registered with ``distributed=True`` (train, prune, distill) run on every rank:
   ``training.fit`` wraps the model in DDP, each rank trains on its shard of the epoch (the
   ``DistributedSampler`` split of the single-process shuffle, re-drawn every epoch) and
-  ``training.evaluate`` counts its share of the images, the counts summed across ranks.
+  ``measure.evaluate`` counts its share of the images, the counts summed across ranks.
   Rank 0 writes into the stage's cache directory; the others write into a scratch copy
   that is deleted afterwards, then read what rank 0 committed.
 - Every other stage (quantize, export, benchmark, gates, report, tune) runs on rank 0 only,

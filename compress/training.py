@@ -2,7 +2,8 @@
 
 ``fit`` checkpoints after every epoch (atomically) into a work directory and resumes from
 the last checkpoint it finds there, so a killed run loses at most one epoch. The same
-``fit`` trains baselines, fine-tunes pruned models and distils students (``teacher=``).
+``fit`` trains baselines, fine-tunes pruned models and distils students
+(``FitSettings.distill``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,44 +25,105 @@ from compress import checkpoints, distributed, faults, training_defaults
 from compress.batchnorm import adapt_batchnorm
 from compress.config import TrainingConfig
 from compress.data import DataBundle, iterate_batches
-from compress.distill_losses import FeatureDistillation
 from compress.errors import ConfigError
-from compress.evaluation import EVAL_BATCH, evaluate
 from compress.fileio import write_json
 from compress.layout import channels_last, is_conv_net
+from compress.measure import evaluate
 
 log = logging.getLogger(__name__)
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
-@dataclass
-class Distillation:
-    """Teacher and the Hinton et al. loss settings; the teacher is never updated."""
+class FeatureLoss(Protocol):
+    """A teacher's intermediate-feature loss as ``fit`` handles it: hooked into both models for
+    the fit and unhooked after it. It is an ``nn.Module`` whose parameters (a hint regressor) train
+    and are checkpointed with the student (``distillation.losses.FeatureDistillation``)."""
 
-    teacher: nn.Module
-    temperature: float = 4.0
-    alpha: float = 0.5
-    # Optional teacher logits for every training image, row i for bundle.train row i. Only
-    # valid without augmentation (the teacher must see exactly the images the student sees);
-    # it saves the teacher's forward pass in every epoch.
-    logits: torch.Tensor | None = None
-    # An intermediate-feature loss (hint, attention) added to the KD loss; needs the live teacher.
-    features: FeatureDistillation | None = None
+    def bind(self, student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> None: ...
+
+    def unbind(self) -> None: ...
 
 
-@torch.no_grad()
-def teacher_logits(teacher: nn.Module, bundle: DataBundle, device: torch.device) -> torch.Tensor:
-    """The teacher's float32 logits for every training image, in split order (eval mode).
+class Distiller(Protocol):
+    """What ``fit`` distils a student from (``distillation.teacher.Distillation``), named here so
+    training never imports the distillation package that builds on it.
 
-    Computed once per stage instead of once per batch per epoch; only valid without
-    augmentation (``Distillation.logits``).
+    ``fit`` freezes ``teacher`` and binds ``features``; ``train_one_epoch`` checks the cached
+    ``logits`` (one row per training image, no augmentation) and takes each batch's ``loss``.
+    Read-only properties, so a dataclass's plain fields of narrower types satisfy them.
     """
-    teacher.to(device).eval()
-    with channels_last(teacher):
-        rows = [
-            teacher(x).float().cpu() for x, _ in iterate_batches(bundle, bundle.train, EVAL_BATCH, device)
-        ]
-    return torch.cat(rows)
+
+    @property
+    def teacher(self) -> nn.Module: ...
+
+    @property
+    def logits(self) -> torch.Tensor | None: ...
+
+    @property
+    def features(self) -> FeatureLoss | None: ...
+
+    def loss(
+        self,
+        logits: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rows: torch.Tensor | None,
+        device: torch.device,
+        label_smoothing: float,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What ``fit`` trains with besides the model and the data: the training settings, the device
+    and seed, the work directory its checkpoints go to, and the optional teacher and hooks.
+
+    One value instead of ten arguments, so that a call site names what it sets and leaves the
+    rest at their defaults; ``train_one_epoch`` takes the same value.
+    """
+
+    cfg: TrainingConfig
+    device: torch.device
+    seed: int
+    workdir: Path
+    desc: str = "train"  # names the fit in the progress bar, the log and error messages
+    distill: Distiller | None = None  # a teacher: the KD loss (plus any feature loss)
+    after_step: Callable[[], None] | None = None  # pruning re-applies its masks, QAT freezes observers
+    on_epoch: EpochHook | None = None  # a tuning trial reports each epoch (and may stop the fit)
+
+
+@dataclass
+class Stepper:
+    """What turns a batch's loss into a weight update: the optimizer and its schedule, and the
+    precision the forward passes compute in (fp16 through a grad scaler, made here)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: str = "fp32"  # resolve_precision
+    scaler: torch.amp.GradScaler | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
+
+    def autocast(self, device: torch.device) -> AbstractContextManager:
+        """Mixed precision for the forward pass on CUDA; nothing in fp32 or on a CPU."""
+        if device.type == "cuda" and self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return nullcontext()
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimizer step (through the grad scaler when there is one) and one scheduler step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
 
 
 @dataclass
@@ -81,27 +143,6 @@ class FitResult:
         if self.batchnorm is not None and self.batchnorm["kept"]:
             return self.batchnorm["val_accuracy_after"]
         return self.history[-1]["val_accuracy"] if self.history else None
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy."""
-    hard = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
-    if alpha == 0:
-        return hard
-    soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
 def make_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -182,85 +223,46 @@ def training_configs(cfg: Any) -> dict[str, TrainingConfig]:
     return found
 
 
-def _autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return nullcontext()
-
-
 def _batch_loss(
     logits: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor,
     batch: tuple[torch.Tensor, ...],
-    cfg: TrainingConfig,
-    device: torch.device,
-    distill: Distillation | None,
+    run: FitSettings,
 ) -> torch.Tensor:
-    """Cross-entropy, or the KD loss against the teacher's logits (cached ones are looked up by
-    the batch's row indices, ``batch[2]``) plus any feature loss."""
+    """Cross-entropy, or the teacher's loss (``Distiller.loss``); cached teacher logits are looked
+    up by the batch's row indices, ``batch[2]``."""
+    cfg, distill = run.cfg, run.distill
     if distill is None:
         return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-    if distill.logits is not None:
-        teacher = distill.logits[batch[2]].to(device)
-    else:
-        with torch.no_grad():
-            teacher = distill.teacher(x)
-    loss = kd_loss(
-        logits.float(), teacher.float(), y, distill.temperature, distill.alpha, cfg.label_smoothing
-    )
-    return loss + distill.features.loss() if distill.features is not None else loss
-
-
-def _step(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-) -> None:
-    """One optimizer step (through the fp16 grad scaler when there is one) and one scheduler step."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    scheduler.step()
+    rows = batch[2] if distill.logits is not None else None
+    return distill.loss(logits, x, y, rows, run.device, cfg.label_smoothing)
 
 
 def train_one_epoch(
-    model: nn.Module,
-    bundle: DataBundle,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    cfg: TrainingConfig,
-    device: torch.device,
-    seed: int,
-    desc: str,
-    distill: Distillation | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    after_step: Callable[[], None] | None = None,
-    precision: str | None = None,
-    shard: torch.Tensor | None = None,
-    nhwc_input: bool = False,
+    model: nn.Module, bundle: DataBundle, run: FitSettings, stepper: Stepper, epoch: int
 ) -> dict[str, float]:
-    """One pass over the training split; ``after_step`` lets pruning re-apply its masks.
+    """Pass ``epoch`` (from 0) over the training split; ``run.after_step`` lets pruning re-apply
+    its masks. The shuffle and augmentation are seeded by (``run.seed``, ``epoch``), so a resumed
+    fit sees the batches it would have seen without the interruption.
 
-    Under DDP, ``shard`` is this rank's part of the epoch (``distributed.epoch_shard``, already
-    shuffled): it is read in order, in batches of ``batch_size / world size``, augmented with a
-    per-rank seed, and the returned loss and accuracy are summed over all ranks.
+    Under DDP this rank reads its part of the epoch (``distributed.epoch_shard``, the shuffle
+    ``DistributedSampler(seed=seed * 100_003).set_epoch(epoch)`` deals out) in order, in batches
+    of ``batch_size / world size``, augmented with a per-rank seed, and the returned loss and
+    accuracy are summed over all ranks.
     """
+    cfg, device, distill = run.cfg, run.device, run.distill
+    desc = f"{run.desc} {epoch + 1}/{cfg.epochs}"
     model.train()
     batch_size = cfg.batch_size or training_defaults.DEFAULT_BATCH
-    precision = precision or resolve_precision(cfg, device)
+    seed, shard = run.seed * 100_003 + epoch, None
     cached = distill is not None and distill.logits is not None
     if cached and (cfg.augment != "none" or len(distill.logits) != len(bundle.train)):
         raise ValueError("cached teacher logits need augment 'none' and one row per training image")
     if cached and distill.features is not None:
         raise ValueError("a feature loss needs the teacher's features: it cannot use cached teacher logits")
-    if shard is not None:  # already shuffled: read in order, augment with this rank's seed
+    if distributed.active():  # already shuffled: read in order, augment with this rank's seed
+        shard = distributed.epoch_shard(len(bundle.train), run.seed * 100_003, epoch)
         batch_size = distributed.per_rank_batch(batch_size, f"{desc}: batch_size")
         seed = distributed.rank_seed(seed)
     batches = iterate_batches(
@@ -285,16 +287,17 @@ def train_one_epoch(
         mininterval=1.0,
         disable=not distributed.is_main(),
     )
+    nhwc_input = is_conv_net(model)  # a conv net trains in channels-last memory (``fit``)
     for batch in bar:
         x, y = batch[0], batch[1]
-        if nhwc_input:  # a conv net in channels-last memory (``fit``)
+        if nhwc_input:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, precision):
+        with stepper.autocast(device):
             logits = model(x)
-            loss = _batch_loss(logits, x, y, batch, cfg, device, distill)
-        _step(loss, optimizer, scheduler, scaler)
-        if after_step is not None:
-            after_step()
+            loss = _batch_loss(logits, x, y, batch, run)
+        stepper.step(loss)
+        if run.after_step is not None:
+            run.after_step()
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -305,19 +308,8 @@ def train_one_epoch(
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
-def fit(
-    model: nn.Module,
-    bundle: DataBundle,
-    cfg: TrainingConfig,
-    device: torch.device,
-    seed: int,
-    workdir: Path,
-    desc: str = "train",
-    distill: Distillation | None = None,
-    after_step: Callable[[], None] | None = None,
-    on_epoch: EpochHook | None = None,
-) -> FitResult:
-    """Train for ``cfg.epochs``, validating each epoch; resumable from ``workdir``.
+def fit(model: nn.Module, bundle: DataBundle, settings: FitSettings) -> FitResult:
+    """Train for ``settings.cfg.epochs``, validating each epoch; resumable from ``settings.workdir``.
 
     The checkpoint holds model, optimizer, scheduler and history, saved after every epoch;
     the per-epoch shuffle is seeded by (seed, epoch), so a resumed run sees the same batches
@@ -327,89 +319,86 @@ def fit(
     ``cfg.precision`` says (``resolve_precision``) and cuDNN's autotuner. Under torchrun: see
     ``_data_parallel``.
     """
+    device, desc, workdir = settings.device, settings.desc, settings.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = workdir / "checkpoint.pt"
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     model.to(device)
-    precision = resolve_precision(cfg, device)
+    precision = resolve_precision(settings.cfg, device)
     # the batch size and lr the YAML left open, before any hook is bound (lr auto trains a copy)
-    cfg, derived = training_defaults.resolve(cfg, model, bundle, device, seed, workdir, make_optimizer, desc)
+    cfg, derived = training_defaults.resolve(settings, model, bundle, make_optimizer)
+    run = replace(settings, cfg=cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    features = _freeze_teacher(model, distill, bundle, device)
-    optimizer = make_optimizer(model if features is None else nn.ModuleList([model, features]), cfg)
-    batch_size = int(cfg.batch_size)  # concrete: training_defaults.resolve
-    parallel = distributed.active()
-    per_rank = distributed.per_rank_batch(batch_size, f"{desc}: batch_size") if parallel else batch_size
-    shard_size = -(-len(bundle.train) // distributed.world_size()) if parallel else len(bundle.train)
-    scheduler = make_scheduler(optimizer, cfg, -(-shard_size // per_rank))  # = ceil(len(train) / batch)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    trained = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "features": features}
-    trained = {key: part for key, part in trained.items() if part is not None}
+    features = _freeze_teacher(model, run.distill, bundle, device)
+    stepper = _stepper(model, features, bundle, run, precision)
+    trained = {"model": model, "optimizer": stepper.optimizer, "scheduler": stepper.scheduler}
+    trained = {**trained, "features": features} if features is not None else trained
     start_epoch, history = checkpoints.resume(checkpoint_path, trained, device, desc)
-    world = distributed.world_size() if parallel else 1
+    world = distributed.world_size() if distributed.active() else 1
     result = FitResult(history, start_epoch, precision=precision, world_size=world, derived=derived)
-    nhwc_input = is_conv_net(model)
-    with channels_last(model, *([distill.teacher] if distill is not None else [])):
-        net = _data_parallel(model, device, seed, desc, per_rank, precision)
+    with channels_last(model, *([run.distill.teacher] if run.distill is not None else [])):
+        net = _data_parallel(model, run, precision)
         started = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
             tic = time.perf_counter()
-            stats = train_one_epoch(
-                net,
-                bundle,
-                optimizer,
-                scheduler,
-                cfg,
-                device,
-                seed=seed * 100_003 + epoch,
-                desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                distill=distill,
-                scaler=scaler,
-                after_step=after_step,
-                precision=precision,
-                # DistributedSampler(seed=seed * 100_003).set_epoch(epoch): the single-process shuffle
-                shard=distributed.epoch_shard(len(bundle.train), seed * 100_003, epoch) if parallel else None,
-                nhwc_input=nhwc_input,
-            )
-            row = _epoch_row(model, bundle, device, stats, epoch + 1, optimizer, time.perf_counter() - tic)
+            stats = train_one_epoch(net, bundle, run, stepper, epoch)
+            seconds = time.perf_counter() - tic
+            row = _epoch_row(model, bundle, device, stats, epoch + 1, stepper.optimizer, seconds)
             result.history.append(row)
             _log_epoch(row, cfg.epochs, desc)
             if distributed.is_main():  # the other ranks' workdirs are scratch copies
                 checkpoints.save(checkpoint_path, trained, result.history, epoch + 1)
             faults.checkpoint(f"fit:{workdir}:epoch{epoch + 1}")
-            if on_epoch is not None:
-                on_epoch(epoch + 1, {**row, "epochs": cfg.epochs})  # epochs: so a hook knows the last one
+            if run.on_epoch is not None:
+                run.on_epoch(epoch + 1, {**row, "epochs": cfg.epochs})  # epochs: so a hook knows the last one
     result.seconds = time.perf_counter() - started
     if features is not None:
         features.unbind()
-    _adapt_and_record(model, bundle, cfg, device, seed, desc, result, workdir)
+    _adapt_and_record(model, bundle, run, result)
     return result
 
 
-def _adapt_and_record(
+def _stepper(
     model: nn.Module,
+    features: FeatureLoss | None,
     bundle: DataBundle,
-    cfg: TrainingConfig,
-    device: torch.device,
-    seed: int,
-    desc: str,
-    result: FitResult,
-    workdir: Path,
-) -> None:
+    run: FitSettings,
+    precision: str,
+) -> Stepper:
+    """The optimizer over the model (and the hint regressor, which trains with it) and a schedule
+    as long as the epochs' steps: ``ceil(len(train) / batch)``, per rank's shard under DDP."""
+    cfg = run.cfg
+    optimizer = make_optimizer(model if features is None else nn.ModuleList([model, features]), cfg)
+    batch_size = int(cfg.batch_size)  # concrete: training_defaults.resolve
+    parallel = distributed.active()
+    per_rank = distributed.per_rank_batch(batch_size, f"{run.desc}: batch_size") if parallel else batch_size
+    shard_size = -(-len(bundle.train) // distributed.world_size()) if parallel else len(bundle.train)
+    scheduler = make_scheduler(optimizer, cfg, -(-shard_size // per_rank))
+    return Stepper(optimizer, scheduler, precision)
+
+
+def _adapt_and_record(model: nn.Module, bundle: DataBundle, run: FitSettings, result: FitResult) -> None:
     """BatchNorm adaptation after the last epoch (also when every epoch was done before a resume:
     it depends on the weights alone), then the history file."""
     measured = result.history[-1]["val_accuracy"] if result.history else None
+    cfg = run.cfg
     result.batchnorm = adapt_batchnorm(
-        model, bundle, device, cfg.bn_adapt_batches, seed, desc, cfg.batch_size, log, val_before=measured
+        model,
+        bundle,
+        run.device,
+        cfg.bn_adapt_batches,
+        run.seed,
+        run.desc,
+        cfg.batch_size,
+        log,
+        val_before=measured,
     )
     if distributed.is_main():
-        write_json(workdir / "history.json", result.history)
+        write_json(run.workdir / "history.json", result.history)
 
 
-def _data_parallel(
-    model: nn.Module, device: torch.device, seed: int, desc: str, per_rank: int, precision: str
-) -> nn.Module:
+def _data_parallel(model: nn.Module, run: FitSettings, precision: str) -> nn.Module:
     """Under torchrun the model in DistributedDataParallel (rank 0's weights and buffers on every
     rank, dropout seeded per rank); otherwise the model itself.
 
@@ -420,11 +409,12 @@ def _data_parallel(
     """
     if not distributed.active():
         return model
-    net = distributed.wrap(model, device)
-    torch.manual_seed(distributed.rank_seed(seed))
+    per_rank = distributed.per_rank_batch(int(run.cfg.batch_size), f"{run.desc}: batch_size")
+    net = distributed.wrap(model, run.device)
+    torch.manual_seed(distributed.rank_seed(run.seed))
     log.info(
         "%s: DistributedDataParallel on %d processes, %d images per process per step, %s",
-        desc,
+        run.desc,
         distributed.world_size(),
         per_rank,
         precision,
@@ -433,8 +423,8 @@ def _data_parallel(
 
 
 def _freeze_teacher(
-    model: nn.Module, distill: Distillation | None, bundle: DataBundle, device: torch.device
-) -> FeatureDistillation | None:
+    model: nn.Module, distill: Distiller | None, bundle: DataBundle, device: torch.device
+) -> FeatureLoss | None:
     """The teacher on ``device``, in eval mode and never updated; a feature loss hooked into both
     models (the hint regressor trains with the student), which ``fit`` returns to optimise."""
     if distill is None:

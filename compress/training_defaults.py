@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +28,18 @@ from compress import distributed, lr_find
 from compress.config import TrainingConfig
 from compress.data import DataBundle
 from compress.fileio import read_json, write_json
+
+
+class FitRun(Protocol):
+    """What ``resolve`` reads of ``training.FitSettings``; named here, not imported, because
+    ``training`` (and ``batchnorm`` below it) import this module."""
+
+    cfg: TrainingConfig
+    device: torch.device
+    seed: int
+    workdir: Path
+    desc: str
+
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +78,19 @@ def baseline_batch_size(cfg: TrainingConfig, train_images: int, desc: str = "tra
 
 
 def resolve(
-    cfg: TrainingConfig,
+    settings: FitRun,
     model: nn.Module,
     bundle: DataBundle,
-    device: torch.device,
-    seed: int,
-    workdir: Path,
     make_optimizer: Callable[[nn.Module, TrainingConfig], torch.optim.Optimizer],
-    desc: str = "train",
 ) -> tuple[TrainingConfig, dict[str, Any]]:
-    """``cfg`` with a concrete batch size and learning rate, and a record of what was derived.
+    """``settings.cfg`` with a concrete batch size and learning rate, and a record of what was
+    derived (the range test runs on ``settings``' device and seed, and is kept in its workdir).
 
     The record (``{"batch_size": ..., "lr_auto": {...}}``) goes into the stage's metrics so the
     run says which values it chose and why. The batch is ``cfg``'s or 128 (the train stage sets
     its own first: ``baseline_batch_size``).
     """
+    cfg, desc, workdir = settings.cfg, settings.desc, settings.workdir
     batch = cfg.batch_size or DEFAULT_BATCH
     record: dict[str, Any] = {"batch_size": batch}
     cfg = cfg.model_copy(update={"batch_size": batch})
@@ -95,7 +105,14 @@ def resolve(
             log.info("%s: lr auto: %.2e, as the range test chose before the resume", desc, found["lr"])
             return found
         found = lr_find.range_test(
-            model, bundle, lambda m: make_optimizer(m, probe), batch, cfg.augment, device, seed, desc
+            model,
+            bundle,
+            lambda m: make_optimizer(m, probe),
+            batch,
+            cfg.augment,
+            settings.device,
+            settings.seed,
+            desc,
         ).as_dict()
         workdir.mkdir(parents=True, exist_ok=True)
         write_json(saved, found)

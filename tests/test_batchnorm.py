@@ -17,8 +17,9 @@ from compress.batchnorm import adapt_batchnorm
 from compress.config import DataConfig, TrainingConfig
 from compress.data import DataBundle, iterate_batches, load_data
 from compress.layout import channels_last
+from compress.measure import evaluate
 from compress.models import build_model
-from compress.training import evaluate, fit
+from compress.training import FitSettings, fit
 from tests.conftest import REPO, finish_cli, run_cli, start_cli, write_pipeline
 
 CPU = torch.device("cpu")
@@ -55,7 +56,7 @@ def _trained_briefly(bundle: DataBundle, tmp_path: Path) -> nn.Module:
         schedule="constant",
         bn_adapt_batches=0,
     )
-    result = fit(model, bundle, cfg, CPU, seed=0, workdir=tmp_path / "fit")
+    result = fit(model, bundle, FitSettings(cfg, CPU, seed=0, workdir=tmp_path / "fit"))
     assert result.batchnorm is None  # bn_adapt_batches: 0 turns it off
     return model
 
@@ -118,10 +119,11 @@ def test_adaptation_is_the_same_after_a_resume(bundle: DataBundle, tmp_path: Pat
     """fit re-estimates after its last epoch also when a resumed run had every epoch done: the
     statistics depend on the weights, the data and the seed alone."""
     cfg = TrainingConfig(epochs=1, batch_size=64, optimizer={"name": "adam", "lr": 0.01}, bn_adapt_batches=8)
+    settings = FitSettings(cfg, CPU, seed=0, workdir=tmp_path / "fit")
     first = _slow_norm_net()
-    done = fit(first, bundle, cfg, CPU, seed=0, workdir=tmp_path / "fit")
+    done = fit(first, bundle, settings)
     again = _slow_norm_net()
-    resumed = fit(again, bundle, cfg, CPU, seed=0, workdir=tmp_path / "fit")  # every epoch was done
+    resumed = fit(again, bundle, settings)  # every epoch was done
     assert resumed.resumed_from_epoch == 1 and resumed.batchnorm is not None
     assert done.batchnorm["val_accuracy_after"] == resumed.batchnorm["val_accuracy_after"]
     for key, value in first.state_dict().items():
@@ -201,6 +203,7 @@ with distributed.session():
 """
 
 
+@pytest.mark.slow
 def test_every_rank_ends_with_the_same_statistics(tmp_path: Path, data_root: Path) -> None:
     """Under torchrun every rank adapts on the same batches and takes rank 0's statistics, also
     when the trained ones (which DDP's last step leaves different on each rank) are kept."""
@@ -256,6 +259,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 def test_mobilenet_v3_small_scores_far_above_chance_after_a_short_run(
     tmp_path: Path, data_root: Path
 ) -> None:

@@ -12,12 +12,14 @@ import torch.nn.functional as F
 
 from compress.config import TrainingConfig, load_pipeline
 from compress.data import DataBundle, Split
+from compress.distillation.losses import kd_loss
+from compress.distillation.teacher import Distillation
 from compress.errors import ConfigError
 from compress.fileio import sha256_file
 from compress.models import build_model
 from compress.stages import config_registry
 from compress.stages import distill as distill_stage
-from compress.training import Distillation, fit, kd_loss
+from compress.training import FitSettings, fit
 from compress.variants import Variant
 from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
 
@@ -86,29 +88,19 @@ def test_cached_teacher_logits_train_exactly_like_the_live_teacher(tmp_path: Pat
     for cache in (None, logits, logits.flip(0)):
         torch.manual_seed(1)
         model = build_model({"arch": "mlp", "hidden": [32], **fields})
+        distill = Distillation(teacher, 4.0, 0.9, cache)
         fit(
             model,
             bundle,
-            cfg,
-            torch.device("cpu"),
-            3,
-            tmp_path / str(len(weights)),
-            distill=Distillation(teacher, 4.0, 0.9, cache),
+            FitSettings(cfg, torch.device("cpu"), 3, tmp_path / str(len(weights)), distill=distill),
         )
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
     assert (weights[0] - weights[2]).abs().max() > 1e-2  # misaligned logits would show
     with pytest.raises(ValueError, match="augment 'none'"):
         shifted = cfg.model_copy(update={"augment": "shift"})
-        fit(
-            model,
-            bundle,
-            shifted,
-            torch.device("cpu"),
-            3,
-            tmp_path / "shift",
-            distill=Distillation(teacher, 4.0, 0.9, logits),
-        )
+        distill = Distillation(teacher, 4.0, 0.9, logits)
+        fit(model, bundle, FitSettings(shifted, torch.device("cpu"), 3, tmp_path / "shift", distill=distill))
 
 
 # ---------------------------------------------------------------- configuration
@@ -148,6 +140,7 @@ def test_an_onnx_teacher_is_a_config_error(tmp_path: Path):
 # ---------------------------------------------------------------- a tiny run through the CLI
 
 
+@pytest.mark.slow
 def test_tiny_distillation_through_the_cli(tmp_path: Path, data_root: Path):
     pipeline = write_pipeline(tmp_path, TINY_PIPELINE + DISTILL)
     result = run_cli(pipeline, cwd=tmp_path, data_root=data_root)

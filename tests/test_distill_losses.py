@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compress.config import load_pipeline
-from compress.distill_losses import FeatureDistillation, attention_loss, hint_loss
+from compress.distillation.losses import FeatureDistillation, attention_loss, hint_loss
 from compress.errors import ConfigError
 from compress.models import build_model
 from compress.stages import config_registry
@@ -96,6 +96,7 @@ def test_attention_with_an_mlp_student_is_a_one_line_config_error(tmp_path: Path
         load_pipeline(bad, config_registry())
 
 
+@pytest.mark.slow
 def test_tiny_feature_distillation_through_the_cli(tmp_path: Path, data_root: Path):
     stages = """\
   - {stage: distill, name: hint, output: hinted, loss: hint, feature_weight: 0.5, epochs: 1,

@@ -14,12 +14,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compress import exporting, measure, pruning
+from compress import measure, pruning
 from compress.config import DataConfig
 from compress.data import load_data
 from compress.fileio import sha256_file
 from compress.measure import count_parameters
 from compress.models import build_model, load_model, save_model
+from compress.ship import convert
 from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
 
 PRUNE_STAGES = """\
@@ -58,9 +59,9 @@ def pruned_run(tiny_run, data_root, tmp_path_factory):
 def test_pruning_sensitivity_has_one_row_per_layer_measured_alone(pruned_run, data_root):
     """Distiller's analysis: each prunable layer alone pruned to the stage's 0.8, all others
     dense, scored on the validation split; recomputed here from the baseline file."""
+    from compress.measure import evaluate
     from compress.pruning import masks
     from compress.report.charts import pruning_sensitivity_chart
-    from compress.training import evaluate
 
     _, run_dir, manifest = pruned_run
     record = json.loads((run_dir / "stages" / "prune" / "result.json").read_text())
@@ -101,7 +102,7 @@ def test_magnitude_saved_weights_hold_the_sparsity(pruned_run, tmp_path):
     cwd, run_dir, manifest = pruned_run
     metrics = manifest["variants"]["pruned"]["metrics"]
     model, spec = load_model(run_dir / "stages" / "prune" / "model.pt")
-    onnx_path = exporting.export_onnx(model, torch.zeros(1, 1, 28, 28), tmp_path / "pruned.onnx")
+    onnx_path = convert.export_onnx(model, torch.zeros(1, 1, 28, 28), tmp_path / "pruned.onnx")
     zeros, total = _onnx_weight_zeros(onnx_path)
     assert total == metrics["prunable_weights"]
     assert zeros / total == pytest.approx(0.8, abs=1e-3)
@@ -125,13 +126,13 @@ def test_structured_model_is_smaller_and_exports(pruned_run, tmp_path):
     metrics = manifest["variants"]["slim"]["metrics"]
     assert (metrics["macs"], metrics["parameters"], metrics["macs_before"]) == (macs1, params1, macs0)
     assert slim.classifier.out_features == 10
-    onnx_path = exporting.export_onnx(slim, x[:1], tmp_path / "slim.onnx")
-    ts_path = exporting.export_torchscript(slim, x[:1], tmp_path / "slim.pt")
+    onnx_path = convert.export_onnx(slim, x[:1], tmp_path / "slim.onnx")
+    ts_path = convert.export_torchscript(slim, x[:1], tmp_path / "slim.pt")
     with torch.no_grad():
         expected = slim.eval()(x).numpy()
         traced = torch.jit.load(str(ts_path))(x).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {exporting.INPUT_NAME: x.numpy()})[0]
+    got = session.run(None, {convert.INPUT_NAME: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(traced, expected, rtol=1e-5, atol=1e-5)
 
@@ -183,6 +184,7 @@ def _kl_to(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tensor) 
     return torch.nn.functional.kl_div(s, t, reduction="batchmean", log_target=True).item()
 
 
+@pytest.mark.slow
 def test_distilled_finetuning_learns_from_the_unpruned_input(tiny_run, data_root, tmp_path):
     """alpha 0 is exactly the hard-label fine-tuning (same batches, same masks), so the only
     difference alpha 0.9 makes is the teacher's soft labels: the pruned model ends closer to

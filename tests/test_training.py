@@ -16,7 +16,7 @@ import torch
 from compress.config import DataConfig, TrainingConfig
 from compress.data import load_data
 from compress.models import build_model
-from compress.training import fit
+from compress.training import FitSettings, fit
 from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
 
 
@@ -37,23 +37,18 @@ def test_resumed_training_matches_uninterrupted(tmp_path: Path, data_root: Path)
 
     torch.manual_seed(0)
     straight = build_model(spec)
-    fit(straight, bundle, cfg, device, seed=1, workdir=tmp_path / "straight")
+    fit(straight, bundle, FitSettings(cfg, device, seed=1, workdir=tmp_path / "straight"))
 
     torch.manual_seed(0)
     interrupted = build_model(spec)
     with pytest.raises(_Stop):
-        fit(
-            interrupted,
-            bundle,
-            cfg,
-            device,
-            seed=1,
-            workdir=tmp_path / "resumed",
-            on_epoch=_stop_after_first_epoch,
+        stopped = FitSettings(
+            cfg, device, seed=1, workdir=tmp_path / "resumed", on_epoch=_stop_after_first_epoch
         )
+        fit(interrupted, bundle, stopped)
     torch.manual_seed(123)  # a fresh process would start from a different random state
     resumed = build_model(spec)
-    result = fit(resumed, bundle, cfg, device, seed=1, workdir=tmp_path / "resumed")
+    result = fit(resumed, bundle, FitSettings(cfg, device, seed=1, workdir=tmp_path / "resumed"))
 
     assert result.resumed_from_epoch == 1
     assert [row["epoch"] for row in result.history] == [1, 2]
@@ -61,6 +56,7 @@ def test_resumed_training_matches_uninterrupted(tmp_path: Path, data_root: Path)
         assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_training_at_the_next_epoch(tmp_path: Path, data_root: Path) -> None:
     pipeline = write_pipeline(tmp_path, TINY_PIPELINE.replace("epochs: 1", "epochs: 3"))
     env = {**os.environ, "COMPRESS_DATA_ROOT": str(data_root)}
@@ -97,7 +93,7 @@ def test_conv_nets_train_channels_last_and_come_back_in_the_standard_layout(
     """oneDNN's conv kernels are fastest in channels-last memory, so ``fit`` trains (and
     ``evaluate`` scores) conv nets in it; saving, pruning and export see the standard layout
     again afterwards, also when training stops with an exception."""
-    from compress.training import evaluate
+    from compress.measure import evaluate
 
     bundle = load_data(DataConfig(val_size=200, limit_train=256, limit_test=200), data_root)
     spec = {"arch": "lenet5", "width": 0.5, **bundle.model_fields()}
@@ -109,12 +105,12 @@ def test_conv_nets_train_channels_last_and_come_back_in_the_standard_layout(
     conv.register_forward_pre_hook(lambda _, args: seen.append(conv.weight.is_contiguous()))
 
     with pytest.raises(_Stop):
-        fit(model, bundle, cfg, device, seed=0, workdir=tmp_path / "a", on_epoch=_stop_after_first_epoch)
+        fit(model, bundle, FitSettings(cfg, device, 0, tmp_path / "a", on_epoch=_stop_after_first_epoch))
     assert seen and not any(seen)  # every forward pass, training and validation, in channels-last
     assert conv.weight.is_contiguous()  # back in the standard layout although fit raised
 
     seen.clear()
-    fit(model, bundle, cfg, device, seed=0, workdir=tmp_path / "a")
+    fit(model, bundle, FitSettings(cfg, device, seed=0, workdir=tmp_path / "a"))
     evaluate(model, bundle, bundle.test, device)
     assert seen and not any(seen)
     assert all(p.is_contiguous() for p in model.parameters())

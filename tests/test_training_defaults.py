@@ -15,7 +15,7 @@ from compress.config import TrainingConfig
 from compress.config.data import DataConfig
 from compress.data import load_data
 from compress.models import build_model
-from compress.training import make_optimizer
+from compress.training import FitSettings, make_optimizer
 from compress.training_defaults import FALLBACK_LR, MIN_STEPS, baseline_batch_size, resolve
 from tests.conftest import run_cli, write_pipeline
 
@@ -83,9 +83,8 @@ class _CannotLearn(nn.Module):
 
 def test_a_range_test_that_finds_no_dip_falls_back_to_the_usual_rate(small_mnist, tmp_path: Path) -> None:
     cfg = TrainingConfig(epochs=1, optimizer={"name": "adamw", "lr": "auto"})
-    resolved, record = resolve(
-        cfg, _CannotLearn(), small_mnist, torch.device("cpu"), 0, tmp_path, make_optimizer
-    )
+    settings = FitSettings(cfg, torch.device("cpu"), seed=0, workdir=tmp_path)
+    resolved, record = resolve(settings, _CannotLearn(), small_mnist, make_optimizer)
     assert record["lr_auto"]["lr"] is None  # nothing found, and the record says so
     assert resolved.optimizer.lr == record["lr_auto"]["used"] == FALLBACK_LR["adamw"]
     assert json.loads((tmp_path / "lr_find.json").read_text())["lr"] is None

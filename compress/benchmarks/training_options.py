@@ -24,9 +24,9 @@ import torch
 from compress.config import DataConfig, TrainingConfig
 from compress.data import load_data
 from compress.data.root import resolve_root
-from compress.evaluation import evaluate
+from compress.measure import evaluate
 from compress.models import build_model
-from compress.training import fit
+from compress.training import FitSettings, fit
 
 DEFAULT_MODELS = ["mobilenet_v3_small", "resnet18", "efficientnet_b0", "regnet_x_400mf", "squeezenet1_1"]
 DEFAULT_OPTIONS = ["sgd:0.05:128", "sgd:0.05:16", "adamw:0.001:16", "sgd:auto:16"]
@@ -49,7 +49,8 @@ def run_one(name: str, option: str, bundle, epochs: int) -> dict:
     model = build_model(spec)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
-        result = fit(model, bundle, settings(option, epochs), torch.device("cpu"), 0, Path(work), desc=name)
+        run = FitSettings(settings(option, epochs), torch.device("cpu"), 0, Path(work), desc=name)
+        result = fit(model, bundle, run)
     return {
         "model": name,
         "option": option,

@@ -12,8 +12,9 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -51,7 +52,45 @@ def resolve_device(requested: str, where: str = "device") -> torch.device:
 
 
 def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
+    """Run the pipeline's stages in order, each run or reused from the cache, and record the run
+    (``run.log``, ``config.yaml``, ``manifest.json``, the ``latest`` link).
+
+    Everything that can be refused (flags, device, precision, data) is checked before the run
+    directory exists; the run log's handler is removed however the run ends.
+    """
     registry = load_stages()
+    _check_options(pipeline, options)
+    device = _device(pipeline, options)
+    _check_precision(pipeline, device)
+    data = _find_data(pipeline, options, registry)
+    base = Path(options.artifacts_dir) / pipeline.name
+    run_id = _make_run_dir(base)
+    run_dir = base / run_id
+    # under torchrun only rank 0 writes the run directory, the manifest and reports/
+    main = distributed.is_main()
+    handler = rundir.attach_log_file(run_dir / "run.log") if main else logging.NullHandler()
+    try:
+        if main:
+            write_text(
+                run_dir / "config.yaml", yaml.safe_dump(rundir.resolved_config(pipeline), sort_keys=False)
+            )
+        for record in data.notes:
+            handler.handle(record)
+        ctx = Context(pipeline, run_id, run_dir, device, data.root, data.source, prepared=data.prepared)
+        summary = RunSummary(pipeline.name, run_id, run_dir, Path(options.reports_dir) / pipeline.name)
+        manifest = rundir.manifest_header(pipeline, run_id, device, data.root, data.source)
+        ctx.manifest, ctx.reports_dir = manifest, summary.reports_dir
+        ctx.worker, ctx.run_stage = options.worker, trial_runner(ctx, registry)
+        ctx.stage_workdir = stage_workdir(ctx, registry, base)
+        return _Run(pipeline, options, registry, base, ctx, summary, manifest, main).run_stages()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _check_options(pipeline: Pipeline, options: RunOptions) -> None:
+    """``--from`` and ``--only`` name stages of this pipeline; ``--worker`` names a stage that can
+    share its work (a tune stage) through ``--only``."""
     labels = [s.label for s in pipeline.stages]
     for flag, value in (("--from", options.from_stage), ("--only", options.only_stage)):
         if value is not None and value not in labels:
@@ -66,52 +105,73 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
                 "--worker needs --only STAGE naming a stage that can share its work with other "
                 "processes (a tune stage), e.g. --only tune --worker"
             )
+
+
+def _device(pipeline: Pipeline, options: RunOptions) -> torch.device:
+    """``--device`` or the pipeline's ``device``; under torchrun, this rank's GPU (cuda:LOCAL_RANK)."""
     device = resolve_device(
         options.device or pipeline.config.device, "--device" if options.device else f"{pipeline.path}: device"
     )
-    device = distributed.local_device(device)  # cuda:LOCAL_RANK under torchrun
-    _check_precision(pipeline, device)
+    return distributed.local_device(device)
+
+
+class _FoundData(NamedTuple):
+    root: Path
+    source: str  # where the root came from: --data-root, COMPRESS_DATA_ROOT, data.root, ...
+    prepared: DataSource | None
+    notes: list[logging.LogRecord]  # what finding it logged, for run.log once that exists
+
+
+def _find_data(pipeline: Pipeline, options: RunOptions, registry: dict[str, StageDef]) -> _FoundData:
+    """The data root and the pipeline's data, found and checked before anything is written: missing
+    or bad data fails now, even if every stage is cached."""
     try:
         data_root, data_source = resolve_root(
             options.data_root, pipeline.config.data.root, pipeline.path.parent, options.data_root_from
         )
-        # before anything is written: missing or bad data fails now, even if every stage is cached
-        with _kept_log_records() as data_notes:  # for run.log, which does not exist yet
+        with _kept_log_records() as notes:  # for run.log, which does not exist yet
             prepared = _prepare_data(pipeline, registry, data_root, data_source)
     except DataError as exc:
         raise DataError(f"{pipeline.path}: {exc}") from None
+    return _FoundData(data_root, data_source, prepared, notes)
 
-    base = Path(options.artifacts_dir) / pipeline.name
+
+def _make_run_dir(base: Path) -> str:
+    """A new run directory under ``base`` (rank 0 makes it under torchrun); its run id."""
     try:
-        run_id = distributed.on_main(lambda: rundir.make_run_dir(base))  # under torchrun rank 0 makes it
-        run_dir = base / run_id
+        return distributed.on_main(lambda: rundir.make_run_dir(base))
     except OSError as exc:
         raise ArtifactError(
             f"cannot create {exc.filename or base}: {exc.strerror}; make {base} writable (or use "
             "--artifacts elsewhere) or free some disk space"
         ) from None
-    # under torchrun only rank 0 writes the run directory, the manifest and reports/
-    main = distributed.is_main()
-    handler = rundir.attach_log_file(run_dir / "run.log") if main else logging.NullHandler()
-    try:
-        if main:
-            write_text(
-                run_dir / "config.yaml", yaml.safe_dump(rundir.resolved_config(pipeline), sort_keys=False)
-            )
-        for record in data_notes:
-            handler.handle(record)
-        ctx = Context(pipeline, run_id, run_dir, device, data_root, data_source, prepared=prepared)
-        summary = RunSummary(pipeline.name, run_id, run_dir, Path(options.reports_dir) / pipeline.name)
-        manifest = rundir.manifest_header(pipeline, run_id, device, data_root, data_source)
-        ctx.manifest, ctx.reports_dir = manifest, summary.reports_dir
-        ctx.worker, ctx.run_stage = options.worker, trial_runner(ctx, registry)
-        ctx.stage_workdir = stage_workdir(ctx, registry, base)
-        tuned: dict[str, dict[str, Any]] = {}  # stage label -> settings chosen by a tune stage
+
+
+@dataclass
+class _Run:
+    """One run while its stages run: the context the stages see, the summary the CLI gets, the
+    manifest (rank 0 rewrites it after every stage) and the settings tune stages chose."""
+
+    pipeline: Pipeline
+    options: RunOptions
+    registry: dict[str, StageDef]
+    base: Path
+    ctx: Context
+    summary: RunSummary
+    manifest: dict[str, Any]
+    main: bool  # rank 0 (or no torchrun): writes the run directory and reports/
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage label -> tuned settings
+
+    def run_stages(self) -> RunSummary:
+        """Each stage in order (``--from`` reruns from a stage on, ``--only`` stops after one),
+        then the run's totals in the summary and the manifest, and the ``latest`` link."""
+        options, summary = self.options, self.summary
+        labels = [s.label for s in self.pipeline.stages]
         started = time.perf_counter()
         rerun = options.force
-        for cfg in pipeline.stages:
-            definition = registry[cfg.stage]
-            cfg = _apply_tuned(cfg, tuned.get(cfg.label), pipeline)
+        for cfg in self.pipeline.stages:
+            definition = self.registry[cfg.stage]
+            cfg = _apply_tuned(cfg, self.tuned.get(cfg.label), self.pipeline)
             if options.from_stage == cfg.label:
                 rerun = True
             if options.only_stage is not None:
@@ -122,59 +182,65 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
                 record = _run_or_reuse(
                     definition,
                     cfg,
-                    ctx,
-                    base,
+                    self.ctx,
+                    self.base,
                     force=must_run,
                     cache_only=not must_run,
                     worker=options.worker and must_run,
                 )
             else:
-                record = _run_or_reuse(definition, cfg, ctx, base, force=rerun)
-            summary.records.append(record)
-            log.info(
-                "stage %s: %s in %.1fs%s",
-                record.label,
-                record.status,
-                record.seconds,
-                f" -> {', '.join(record.outputs)}" if record.outputs else "",
-            )
-            ctx.results[cfg.label] = record.result
-            for label, settings in record.result.overrides.items():
-                tuned.setdefault(label, {}).update(settings)
-            for variant in record.result.variants:
-                ctx.variants[variant.name] = variant
-            for name, files in record.result.artifacts.items():
-                ctx.artifacts.setdefault(name, {}).update(files)
-            if not main:
-                continue
-            rundir.link(run_dir / "stages" / cfg.label, record.directory)
-            rundir.publish(record, summary.reports_dir)
-            manifest["stages"].append(rundir.manifest_entry(record, ctx))
-            if cfg.label in tuned:
-                manifest["stages"][-1]["tuned_settings"] = tuned[cfg.label]
-            if definition.distributed and training_configs(cfg):
-                manifest["stages"][-1]["training"] = _training_entry(cfg, record, device)
-            manifest["variants"] = {
-                v.name: {
-                    "stage": v.stage,
-                    "parent": v.parent,
-                    "format": v.format,
-                    "file": str(v.file),
-                    "metrics": rundir.brief(v.metrics),
-                }
-                for v in ctx.variants.values()
-            }
-            write_json(run_dir / "manifest.json", manifest)
-        summary.variants = dict(ctx.variants)
+                record = _run_or_reuse(definition, cfg, self.ctx, self.base, force=rerun)
+            self._take(definition, cfg, record)
+        summary.variants = dict(self.ctx.variants)
         summary.seconds = time.perf_counter() - started
-        manifest["seconds"] = round(summary.seconds, 2)
-        if main:
-            write_json(run_dir / "manifest.json", manifest)
-            rundir.link(base / "latest", run_dir)
+        self.manifest["seconds"] = round(summary.seconds, 2)
+        if self.main:
+            write_json(self.ctx.run_dir / "manifest.json", self.manifest)
+            rundir.link(self.base / "latest", self.ctx.run_dir)
         return summary
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+
+    def _take(self, definition: StageDef, cfg: StageConfig, record: StageRecord) -> None:
+        """A finished stage's record: logged, its results and variants handed to later stages, and
+        (rank 0) linked, published and written to the manifest."""
+        ctx = self.ctx
+        self.summary.records.append(record)
+        log.info(
+            "stage %s: %s in %.1fs%s",
+            record.label,
+            record.status,
+            record.seconds,
+            f" -> {', '.join(record.outputs)}" if record.outputs else "",
+        )
+        ctx.results[cfg.label] = record.result
+        ctx.published[cfg.label] = {
+            target: record.directory / source for source, target in record.result.publish.items()
+        }
+        for label, settings in record.result.overrides.items():
+            self.tuned.setdefault(label, {}).update(settings)
+        for variant in record.result.variants:
+            ctx.variants[variant.name] = variant
+        for name, files in record.result.artifacts.items():
+            ctx.artifacts.setdefault(name, {}).update(files)
+        if not self.main:
+            return
+        rundir.link(ctx.run_dir / "stages" / cfg.label, record.directory)
+        rundir.publish(record, self.summary.reports_dir)
+        self.manifest["stages"].append(rundir.manifest_entry(record, ctx))
+        if cfg.label in self.tuned:
+            self.manifest["stages"][-1]["tuned_settings"] = self.tuned[cfg.label]
+        if definition.distributed and training_configs(cfg):
+            self.manifest["stages"][-1]["training"] = _training_entry(cfg, record, ctx.device)
+        self.manifest["variants"] = {
+            v.name: {
+                "stage": v.stage,
+                "parent": v.parent,
+                "format": v.format,
+                "file": str(v.file),
+                "metrics": rundir.brief(v.metrics),
+            }
+            for v in ctx.variants.values()
+        }
+        write_json(ctx.run_dir / "manifest.json", self.manifest)
 
 
 def _run_or_reuse(

@@ -19,7 +19,8 @@ from torch import nn
 from compress.batchnorm import adapt_batchnorm
 from compress.context import Context
 from compress.data import DataBundle
-from compress.training import Distillation, FitResult, evaluate, fit
+from compress.measure import evaluate
+from compress.training import Distiller, FitResult, FitSettings, fit
 from compress.variants import Variant
 
 
@@ -65,7 +66,7 @@ class PruneJob:
     bundle: DataBundle
     example: torch.Tensor  # one normalised training image, on the CPU, for tracing and MACs
     kept: list[str]  # layer names never pruned (the classifier, ``exclude``)
-    teacher: Distillation | None
+    teacher: Distiller | None
     ctx: Context
     out_dir: Path
 
@@ -79,18 +80,17 @@ class PruneJob:
     ) -> FitResult:
         """Fine-tune ``model`` in place with the stage's settings, teacher and progress callback."""
         ctx = self.ctx
-        return fit(
-            model,
-            self.bundle,
+        run = FitSettings(
             settings,
             ctx.device,
             ctx.seed,
             workdir,
             desc=desc,
-            after_step=after_step,
             distill=self.teacher,
+            after_step=after_step,
             on_epoch=ctx.on_epoch,
         )
+        return fit(model, self.bundle, run)
 
     def variant(self, method: str, metrics: dict, info: dict) -> Variant:
         """The pruned variant: the model the job saved as ``model.pt``, with its metrics."""

@@ -13,10 +13,10 @@ from torch import nn
 
 from compress import measure
 from compress.fileio import write_json
+from compress.measure import evaluate
 from compress.models import load_model, save_model
 from compress.pruning import masks, sensitivity
 from compress.pruning.job import PruneJob, PruneProblem, accuracies, adapt_unfinetuned
-from compress.training import evaluate
 from compress.training_defaults import DEFAULT_BATCH
 from compress.variants import StageResult
 

@@ -31,6 +31,7 @@ from compress.config import (
 )
 from compress.context import Context
 from compress.data import nominal_model_fields
+from compress.distillation.teacher import Distillation, teacher_logits
 from compress.errors import ConfigError
 from compress.models import build_model, inspect
 from compress.pruning.job import PruneJob, PruneProblem, model_name
@@ -38,7 +39,6 @@ from compress.pruning.magnitude_job import run_magnitude
 from compress.pruning.probe import slim_problem
 from compress.pruning.structured_job import run_structured, unreachable
 from compress.stages import stage
-from compress.training import Distillation, teacher_logits
 from compress.variants import StageResult, Variant
 
 MAGNITUDE_ONLY = ("exclude_classifier", "max_layer_sparsity", "layer_sparsity_limits", "ramp", "sensitivity")

@@ -20,13 +20,13 @@ from compress.context import Context
 from compress.data import nominal_model_fields
 from compress.errors import ArtifactError
 from compress.fileio import sha256_file
-from compress.measure import count_parameters
+from compress.measure import count_parameters, evaluate
 from compress.models import apply_state, build_model, is_model_payload, load_checkpoint, save_model
 from compress.models.builders import forward_problem, size_problem
 from compress.models.files import payload_state
 from compress.models.weights import load_exact, state_dict_in
 from compress.stages import stage
-from compress.training import evaluate, fit
+from compress.training import FitSettings, fit
 from compress.training_defaults import baseline_batch_size
 from compress.variants import StageResult, Variant
 
@@ -203,16 +203,10 @@ def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
     history, resumed, batchnorm, derived = [], 0, None, {}
     if cfg.epochs:
         settings = baseline_batch_size(cfg, len(bundle.train), cfg.label)
-        result = fit(
-            model,
-            bundle,
-            settings,
-            ctx.device,
-            ctx.seed,
-            out_dir / "work",
-            desc=cfg.label,
-            on_epoch=ctx.on_epoch,
+        run = FitSettings(
+            settings, ctx.device, ctx.seed, out_dir / "work", desc=cfg.label, on_epoch=ctx.on_epoch
         )
+        result = fit(model, bundle, run)
         history, resumed, batchnorm = result.history, result.resumed_from_epoch, result.batchnorm
         derived = {**result.derived, "batch_size_auto": cfg.batch_size is None}  # and lr auto's rate
     else:

@@ -1,7 +1,7 @@
-"""Intermediate-feature distillation losses: FitNets hints and attention transfer.
+"""Distillation losses: Hinton et al.'s logit loss, FitNets hints and attention transfer.
 
-Logit distillation (``training.kd_loss``) tells the student only what the teacher concludes;
-these losses also tell it how the teacher gets there, by matching an intermediate feature:
+Logit distillation (``kd_loss``) tells the student only what the teacher concludes; the feature
+losses also tell it how the teacher gets there, by matching an intermediate feature:
 
 - ``hint`` (Romero et al. 2015, FitNets): the student's feature, mapped by a small learned
   regressor (a linear layer, or a 1x1 convolution for feature maps) to the teacher's width,
@@ -28,6 +28,27 @@ from compress.measure import run_hooked
 from compress.models import inspect
 
 FeatureLossKind = Literal["hint", "attention"]
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy."""
+    hard = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
+    if alpha == 0:
+        return hard
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
 def attention_map(features: torch.Tensor) -> torch.Tensor:
