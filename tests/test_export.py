@@ -20,11 +20,12 @@ import pandas as pd
 import pytest
 import torch
 
-from compress import export_job, exporting
 from compress.config import load_pipeline
 from compress.context import Context
 from compress.errors import ConfigError
 from compress.models import build_model, load_model, save_model
+from compress.ship import convert
+from compress.ship import variant as variant_export
 from compress.stages import config_registry
 from compress.stages import export as export_stage
 from compress.stages.benchmark import BenchmarkConfig
@@ -191,7 +192,7 @@ def onnx_int8_variant(tmp_path: Path, parent: Variant) -> Variant:
 
     model, _ = parent.load_torch()
     fp32 = tmp_path / "models" / "fp32.onnx"
-    exporting.export_onnx(model, torch.randn(2, 1, 28, 28), fp32)
+    convert.export_onnx(model, torch.randn(2, 1, 28, 28), fp32)
     proto = onnx.load(str(fp32))
     del proto.graph.value_info[:]  # the quantizer re-infers shapes itself
     onnx.save(proto, str(fp32))
@@ -206,14 +207,14 @@ def test_failed_export_is_recorded_and_the_others_still_ship(tmp_path, data_root
     broken = torch_variant(tmp_path, "broken", 0.25)
     int8 = onnx_int8_variant(tmp_path, good)
     ctx.variants = {v.name: v for v in (good, broken, int8)}
-    real_export = export_job.export_onnx
+    real_export = variant_export.export_onnx
 
     def export_or_refuse(model, sample, path, **kwargs):
         if Path(path).name.startswith("broken"):
             raise RuntimeError("Unsupported operator 'aten::fancy_op' (simulated exporter rejection)")
         return real_export(model, sample, path, **kwargs)
 
-    monkeypatch.setattr(export_job, "export_onnx", export_or_refuse)
+    monkeypatch.setattr(variant_export, "export_onnx", export_or_refuse)
     cfg = ExportConfig.model_validate({"stage": "export", "parity_samples": 64, "sample_count": 8})
     out = tmp_path / "export"
     result = export_stage.run(cfg, [good, broken, int8], ctx, out)
@@ -271,7 +272,7 @@ def test_failed_export_is_recorded_and_the_others_still_ship(tmp_path, data_root
 def test_parity_failure_marks_the_export_failed_with_numbers(tmp_path, data_root, monkeypatch):
     ctx = make_context(tmp_path, data_root)
     variant = torch_variant(tmp_path, "drifted", 0.25)
-    real_export = export_job.export_onnx
+    real_export = variant_export.export_onnx
 
     def export_a_different_model(model, sample, path, **kwargs):
         with torch.no_grad():
@@ -282,7 +283,7 @@ def test_parity_failure_marks_the_export_failed_with_numbers(tmp_path, data_root
             with torch.no_grad():
                 model.classifier.bias -= 0.01
 
-    monkeypatch.setattr(export_job, "export_onnx", export_a_different_model)
+    monkeypatch.setattr(variant_export, "export_onnx", export_a_different_model)
     cfg = ExportConfig.model_validate({"stage": "export", "parity_samples": 32, "formats": ["onnx"]})
     result = export_stage.run(cfg, [variant], ctx, tmp_path / "export")
     entry = result.metrics["variants"]["drifted"]["files"]["onnx"]

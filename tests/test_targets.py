@@ -23,10 +23,10 @@ import pytest
 
 from compress.config import load_pipeline
 from compress.errors import ConfigError
+from compress.ship.targets import TARGETS, missing_packages
+from compress.ship.targets.registry import install_hint
 from compress.stages import config_registry
 from compress.stages import export as export_stage
-from compress.targets import TARGETS, missing_packages
-from compress.targets.registry import install_hint
 from tests.conftest import TINY_PIPELINE, CliResult, run_cli, write_pipeline
 
 EDGE = [name for name in TARGETS if name != "onnx"]
@@ -94,6 +94,7 @@ def edge_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> EdgeR
     return EdgeRun(cwd, result)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", EDGE)
 def test_fp32_ships_for_each_target_and_matches_pytorch(edge_run: EdgeRun, target: str) -> None:
     needs(target)
@@ -108,6 +109,7 @@ def test_fp32_ships_for_each_target_and_matches_pytorch(edge_run: EdgeRun, targe
     assert parity["runtime_version"].startswith(TARGETS[target].runtime)
 
 
+@pytest.mark.slow
 def test_verify_runs_each_file_in_its_own_runtime(edge_run: EdgeRun, tmp_path: Path) -> None:
     copy = tmp_path / "deploy"
     shutil.copytree(edge_run.deploy, copy)
@@ -133,6 +135,7 @@ SNIPPET_IMPORTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", EDGE)
 def test_the_readme_snippet_for_each_runtime_runs_alone(edge_run: EdgeRun, target: str) -> None:
     needs(target)
@@ -156,6 +159,7 @@ def test_the_readme_snippet_for_each_runtime_runs_alone(edge_run: EdgeRun, targe
     assert proc.stdout.strip().splitlines()[-1] == str([labels[i] for i in expected])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["ort", "openvino", "tflite", "executorch"])
 def test_int8_ships_where_the_runtime_reads_qdq_onnx(edge_run: EdgeRun, target: str) -> None:
     needs(target)
@@ -171,6 +175,7 @@ def test_int8_ships_where_the_runtime_reads_qdq_onnx(edge_run: EdgeRun, target: 
         assert edge_run.row("baseline.int8-static", TARGETS[target].runtime) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", EDGE)
 def test_benchmark_times_each_runtime_on_the_same_inputs(edge_run: EdgeRun, target: str) -> None:
     needs(target)
@@ -185,6 +190,7 @@ def test_benchmark_times_each_runtime_on_the_same_inputs(edge_run: EdgeRun, targ
     assert row["size_bytes"] == sum((edge_run.deploy / f).stat().st_size for f in files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", EDGE)
 def test_a_tampered_target_file_is_caught(edge_run: EdgeRun, tmp_path: Path, target: str) -> None:
     needs(target)
@@ -201,6 +207,7 @@ def test_a_tampered_target_file_is_caught(edge_run: EdgeRun, tmp_path: Path, tar
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_target_below_the_parity_threshold_is_not_shipped(
     edge_run: EdgeRun, tmp_path: Path, data_root: Path
 ) -> None:
@@ -243,6 +250,7 @@ def test_an_absent_runtime_names_the_pip_command(tmp_path: Path, monkeypatch: py
     assert "targets" in message and "pip install -e '.[executorch]'" in message
 
 
+@pytest.mark.slow
 def test_fp16_variant_halves_the_file_and_ships_where_onnx_is_read(edge_run: EdgeRun) -> None:
     """quantize modes: [fp16] -> baseline.fp16: fp16 weights, fp32 I/O, parity vs its fp32 parent."""
     quantize = json.loads((edge_run.run_dir / "stages" / "quantize" / "quantize.json").read_text())
@@ -264,6 +272,7 @@ def test_fp16_variant_halves_the_file_and_ships_where_onnx_is_read(edge_run: Edg
             assert not parity["ok"] and "ONNX-only" in parity["skipped"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in ("tflite", "executorch") if n in INSTALLED])
 def test_a_residual_network_converts_from_pytorch_and_matches_it(name: str, tmp_path: Path) -> None:
     """The PyTorch-converted runtimes on ResNet-20 (residual adds, batch norm, global pooling),
@@ -273,9 +282,9 @@ def test_a_residual_network_converts_from_pytorch_and_matches_it(name: str, tmp_
 
     from compress.models.builders import build_model
     from compress.models.zoo import ModelSpec
-    from compress.targets.runners import runner
-    from compress.targets.ship import converter
-    from compress.targets.source import Source
+    from compress.ship.edge import converter
+    from compress.ship.targets.runners import runner
+    from compress.ship.targets.source import Source
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(arch="resnet20", width=0.5, in_channels=3, image_size=32, num_classes=10))
@@ -295,7 +304,7 @@ def test_a_residual_network_converts_from_pytorch_and_matches_it(name: str, tmp_
 def test_a_flip_between_logits_tied_at_the_tolerance_is_not_a_parity_failure():
     """Two correct int8 kernels may pick either class where the source's top two logits are
     within twice the tolerance; a flip on any other image still counts against the file."""
-    from compress.targets.ship import _decided_agreement
+    from compress.ship.edge import _decided_agreement
 
     reference = np.array([[5.0, 1.0, 0.0], [1.0, 1.04, 0.0], [0.0, 3.0, 1.0]])
     assert _decided_agreement(reference, [0, 0, 1], atol=0.05) == (1.0, 1)  # image 1 is a tie

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from compress import verify
 from compress.config import load_pipeline
 from compress.context import Context
 from compress.models import build_model, save_model
+from compress.ship import verify
+from compress.ship.targets import TARGETS, child
 from compress.stages import config_registry
 from compress.stages import export as export_stage
-from compress.targets import TARGETS, child
 from compress.variants import Variant
 from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
 

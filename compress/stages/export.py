@@ -9,7 +9,7 @@ and the numbers, and the other variants carry on.
 
 Layout of the stage directory::
 
-    deploy/                    what an edge team gets (see deploy.py): <variant>.onnx,
+    deploy/                    what an edge team gets (see compress/ship/bundle.py): <variant>.onnx,
                                <variant>.model.json, <variant>.expected.npy, labels.json,
                                sample_input.npy, sample_pixels.npy, sample_labels.npy,
                                bundle.json, README.md, SHA256SUMS
@@ -31,19 +31,20 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from compress import deploy, gating
+from compress import gating
 from compress.config import StageConfig
 from compress.config.messages import did_you_mean
 from compress.context import Context
-from compress.export_job import export_variant, safe_filename
-from compress.exporting import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from compress.fileio import write_json
+from compress.ship.bundle import ShippedModel, TargetFiles, write_bundle
+from compress.ship.convert import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
+from compress.ship.edge import ParitySettings, Shipment, ship
+from compress.ship.edge import describe as describe_target
+from compress.ship.targets import TARGETS, missing_packages
+from compress.ship.targets.registry import install_hint
+from compress.ship.targets.source import Source
+from compress.ship.variant import export_variant, safe_filename
 from compress.stages import stage
-from compress.targets import TARGETS, missing_packages
-from compress.targets.registry import install_hint
-from compress.targets.ship import ParitySettings, Shipment, ship
-from compress.targets.ship import describe as describe_target
-from compress.targets.source import Source
 from compress.variants import StageResult, Variant
 
 FORMATS = ("onnx", "torchscript")
@@ -162,7 +163,7 @@ class _Exports:
 
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     artifacts: dict[str, dict[str, Path]] = field(default_factory=dict)
-    shipped: list[deploy.ShippedModel] = field(default_factory=list)
+    shipped: list[ShippedModel] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
 
 
@@ -259,7 +260,7 @@ def _write_bundle(
 ) -> None:
     """The deploy folder: the shipped ONNX models, the target files, the sample and its answers."""
     shown = parity.shown
-    deploy.write_bundle(
+    write_bundle(
         deploy_dir,
         exports.shipped,
         pixels=parity.pixels[:shown].numpy(),
@@ -268,7 +269,7 @@ def _write_bundle(
         classes=list(bundle.classes),
         facts={k: common[k] for k in ("pipeline", "run_id", "compress_version", "preprocessing")},
         targets=[
-            deploy.TargetFiles(
+            TargetFiles(
                 variant=source.variant,
                 target=target,
                 files=shipment.files[source.variant][target],

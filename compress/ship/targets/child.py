@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compress.targets.registry import Target
+from compress.ship.targets.registry import Target
 
 BLOCKED = ("torch", "torchvision", "onnx", "compress")
 TIMEOUT_S = 300

@@ -11,7 +11,7 @@ import contextlib
 import io
 from pathlib import Path
 
-from compress.targets.source import Source, needs_model
+from compress.ship.targets.source import Source, needs_model
 
 
 def convert(source: Source, work: Path) -> list[Path]:

@@ -17,10 +17,10 @@ import torch
 
 from compress import measure
 from compress.context import Context
-from compress.exporting import INPUT_NAME, OUTPUT_NAME, load_torchscript
 from compress.fileio import read_json
-from compress.targets import TARGETS
-from compress.targets.runners import runner as target_runner
+from compress.ship.convert import INPUT_NAME, OUTPUT_NAME, load_torchscript
+from compress.ship.targets import TARGETS
+from compress.ship.targets.runners import runner as target_runner
 from compress.variants import Variant
 
 EDGE = {t.runtime: t for t in TARGETS.values() if t.name != "onnx"}

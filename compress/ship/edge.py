@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from compress import faults
-from compress.targets import child
-from compress.targets.registry import TARGETS, Target
-from compress.targets.source import NotApplicable, Source
+from compress.ship.targets import child
+from compress.ship.targets.registry import TARGETS, Target
+from compress.ship.targets.source import NotApplicable, Source
 
 QUANTIZED_RTOL = 0.01  # of the largest |logit|: int8 kernels round differently in each runtime
 
@@ -137,13 +137,13 @@ def _convert(
 def converter(name: str) -> ModuleType:
     """The converter module, imported only when its target is asked for (each pulls in a runtime)."""
     if name == "ort":
-        from compress.targets import ort as module
+        from compress.ship.targets import ort as module
     elif name == "openvino":
-        from compress.targets import openvino as module
+        from compress.ship.targets import openvino as module
     elif name == "tflite":
-        from compress.targets import tflite as module
+        from compress.ship.targets import tflite as module
     elif name == "executorch":
-        from compress.targets import executorch as module
+        from compress.ship.targets import executorch as module
     else:
         raise KeyError(f"no converter for target {name!r}")
     return module

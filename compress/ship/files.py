@@ -20,9 +20,9 @@ import onnx
 import torch
 
 from compress import faults
-from compress.exporting import INPUT_NAME, OUTPUT_NAME, export_torchscript, load_torchscript, set_metadata
 from compress.fileio import write_json
 from compress.measure import ort_session
+from compress.ship.convert import INPUT_NAME, OUTPUT_NAME, export_torchscript, load_torchscript, set_metadata
 
 
 class ParityConfig(Protocol):

@@ -5,9 +5,9 @@ each target, its files, the package that runs it and the pip extra that installs
 ``runners/`` holds one loader per runtime that imports only numpy and that runtime (the
 verify child runs the file's own source); ``child`` runs a file in a fresh process;
 the converters (``ort``, ``openvino``, ``tflite``, ``executorch``) make the files;
-``ship`` converts every exported variant to every target and keeps what passes parity.
+``compress.ship.edge`` converts every exported variant to every target and keeps what passes parity.
 """
 
-from compress.targets.registry import TARGETS, Target, missing_packages
+from compress.ship.targets.registry import TARGETS, Target, missing_packages
 
 __all__ = ["TARGETS", "Target", "missing_packages"]

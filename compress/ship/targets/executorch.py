@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from compress.targets.runners.executorch import MAX_BATCH
-from compress.targets.source import Source, needs_model
+from compress.ship.targets.runners.executorch import MAX_BATCH
+from compress.ship.targets.source import Source, needs_model
 
 
 def convert(source: Source, work: Path) -> list[Path]:

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compress.exporting import INPUT_NAME, OUTPUT_NAME
 from compress.fileio import sha256_file, write_json, write_text
 from compress.measure import file_size, gzip_size
-from compress.targets.registry import TARGETS
-from compress.targets.ship import tolerance as quantized_tolerance
-from compress.targets.snippets import snippet
-from compress.verify import BUNDLE_FORMAT, INDEX, SUMS
+from compress.ship.convert import INPUT_NAME, OUTPUT_NAME
+from compress.ship.edge import tolerance as quantized_tolerance
+from compress.ship.targets.registry import TARGETS
+from compress.ship.targets.snippets import snippet
+from compress.ship.verify import BUNDLE_FORMAT, INDEX, SUMS
 
 SAMPLE_INPUT = "sample_input.npy"
 SAMPLE_PIXELS = "sample_pixels.npy"
@@ -51,7 +51,7 @@ QUANTIZED_OPS = {
 
 @dataclass
 class TargetFiles:
-    """One variant's files for one edge target (``compress.targets``), checked in its runtime."""
+    """One variant's files for one edge target (``compress.ship.targets``), checked in its runtime."""
 
     variant: str
     target: str

@@ -16,8 +16,8 @@ class Target:
     runtime: str  # the benchmark's runtime name for the same files
     label: str  # how the report and the bundle README name it
     suffix: str  # the file that is loaded (OpenVINO's .xml has a .bin beside it)
-    runner: str  # module under compress.targets.runners: load(path, threads) -> run(x)
-    converter: str | None  # module under compress.targets making the file (None: the ONNX itself)
+    runner: str  # module under compress.ship.targets.runners: load(path, threads) -> run(x)
+    converter: str | None  # module under compress.ship.targets making the file (None: the ONNX itself)
     packages: tuple[str, ...]  # import names the converter and the runner need
     extra: str | None  # pip extra that installs them (None: a core dependency)
     int8: bool  # int8 ONNX variants ship here (the runtime reads QDQ/QOperator ONNX)

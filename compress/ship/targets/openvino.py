@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.targets.source import Source, needs_onnx
+from compress.ship.targets.source import Source, needs_onnx
 
 
 def convert(source: Source, work: Path) -> list[Path]:

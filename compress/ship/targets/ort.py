@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compress.targets.source import Source, needs_onnx
+from compress.ship.targets.source import Source, needs_onnx
 
 CONFIG = "required_operators.config"
 

@@ -11,13 +11,13 @@ from types import ModuleType
 def runner(name: str) -> ModuleType:
     """The runner module by name, imported only when asked for (each pulls in its runtime)."""
     if name == "onnxruntime":
-        from compress.targets.runners import onnxruntime as module
+        from compress.ship.targets.runners import onnxruntime as module
     elif name == "openvino":
-        from compress.targets.runners import openvino as module
+        from compress.ship.targets.runners import openvino as module
     elif name == "litert":
-        from compress.targets.runners import litert as module
+        from compress.ship.targets.runners import litert as module
     elif name == "executorch":
-        from compress.targets.runners import executorch as module
+        from compress.ship.targets.runners import executorch as module
     else:
         raise KeyError(f"no runner named {name!r}")
     return module

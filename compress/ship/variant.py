@@ -18,9 +18,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from compress import deploy, gating
+from compress import gating
 from compress.context import Context
-from compress.export_files import (
+from compress.ship.bundle import ShippedModel, is_fp16, is_quantized, model_json_path
+from compress.ship.convert import export_onnx
+from compress.ship.files import (
     Failure,
     ParityConfig,
     as_metadata,
@@ -33,8 +35,7 @@ from compress.export_files import (
     make_torchscript,
     run_onnx,
 )
-from compress.exporting import export_onnx
-from compress.targets.source import Source
+from compress.ship.targets.source import Source
 from compress.variants import Variant
 
 
@@ -51,7 +52,7 @@ def safe_filename(name: str) -> str:
     return cleaned or "model"
 
 
-_Exported = tuple[dict[str, Any], dict[str, Path], deploy.ShippedModel | None, Source | None]
+_Exported = tuple[dict[str, Any], dict[str, Path], ShippedModel | None, Source | None]
 
 
 def export_variant(
@@ -109,8 +110,8 @@ class _VariantExport:
         self.report["files"]["onnx"] = entry
         parent_agreement(variant, self.ctx, images, path, self.cfg, entry)
         shipped = self._keep_onnx(entry, path)
-        quantized = entry["ok"] and deploy.is_quantized(path)
-        half = entry["ok"] and deploy.is_fp16(path)
+        quantized = entry["ok"] and is_quantized(path)
+        half = entry["ok"] and is_fp16(path)
         onnx_path = path if entry["ok"] else None
         convertible = Source(variant.name, self.base, onnx_path, None, images, quantized, half, reference)
         return self.report, self.files, shipped, convertible
@@ -167,14 +168,14 @@ class _VariantExport:
         if trace and not entry["ok"]:
             self.ctx.log.error("export: %s %s:\n%s", self.variant.name, fmt, trace)
 
-    def _keep_onnx(self, entry: dict[str, Any], path: Path) -> deploy.ShippedModel | None:
+    def _keep_onnx(self, entry: dict[str, Any], path: Path) -> ShippedModel | None:
         """A checked ONNX file joins the variant's files; a deliverable's (not a control's) ships."""
         if not entry["ok"]:
             return None
         self.files["onnx"] = path
         if not gating.shipped(self.variant.name):
             return None
-        self.files["onnx_json"] = deploy.model_json_path(path)
+        self.files["onnx_json"] = model_json_path(path)
         return shipped_model(self.variant, path, self.sample, self.cfg, entry, self.facts)
 
 
@@ -200,10 +201,10 @@ def parent_agreement(
 
 def shipped_model(
     variant: Variant, path: Path, sample: np.ndarray, cfg: ExportSettings, entry: dict, facts: dict
-) -> deploy.ShippedModel:
+) -> ShippedModel:
     expected = run_onnx(path, sample, cfg.threads)
-    quantized = deploy.is_quantized(path)
-    return deploy.ShippedModel(
+    quantized = is_quantized(path)
+    return ShippedModel(
         variant=variant.name,
         file=path,
         expected=expected,
