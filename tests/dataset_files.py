@@ -3,7 +3,7 @@
 None of these datasets can be downloaded here, so each writer produces the exact files
 torchvision reads (idx for KMNIST/EMNIST, MATLAB ``.mat`` for SVHN, python pickles for
 CIFAR-100, raw binaries for STL-10), with learnable class-dependent images from
-``cifar_files.make_images``. ``write_image_folder`` writes an ImageFolder tree of PNG/JPEG
+``compress.benchmarks.cifar_files.make_images``. ``write_image_folder`` writes an ImageFolder tree of PNG/JPEG
 files in several sizes and Pillow modes.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.cifar_files import _dump, _Py2Pickler, make_images  # noqa: F401 - the shared pickler
+from compress.benchmarks.cifar_files import dump_py2_pickle, make_images
 
 KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
 
@@ -92,7 +92,7 @@ def write_cifar100(root: Path, n: tuple[int, int] = (300, 100), seed: int = 0) -
     for part, count in zip(("train", "test"), n, strict=True):
         labels = _labels(count, 100, rng)
         images = make_images(labels % 10, rng)
-        _dump(
+        dump_py2_pickle(
             {
                 b"filenames": [f"{part}_{i}.png".encode() for i in range(count)],
                 b"batch_label": f"{part} batch".encode(),
@@ -106,7 +106,7 @@ def write_cifar100(root: Path, n: tuple[int, int] = (300, 100), seed: int = 0) -
         b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)],
         b"coarse_label_names": [f"super_{i:02d}".encode() for i in range(20)],
     }
-    _dump(meta, folder / "meta")
+    dump_py2_pickle(meta, folder / "meta")
     return folder
 
 

@@ -173,6 +173,7 @@ def expected_variants(results):
     }
 
 
+@pytest.mark.slow
 def test_the_baseline_really_learned_nothing(chance_run):
     rows = chance_run["results"]
     assert {(r["variant"], r["runtime"]) for r in rows} == {
@@ -183,6 +184,7 @@ def test_the_baseline_really_learned_nothing(chance_run):
         assert r["accuracy"] <= 0.15, r  # within the margin of 10 %, or below it
 
 
+@pytest.mark.slow
 def test_the_closing_summary_ends_with_one_warning_naming_each_variant(chance_run):
     out = chance_run["gated"].stdout
     assert out.count("WARNING:") == 1
@@ -198,6 +200,7 @@ def test_the_closing_summary_ends_with_one_warning_naming_each_variant(chance_ru
     assert line in summary_txt
 
 
+@pytest.mark.slow
 def test_the_warning_opens_the_page_and_summary_md(chance_run):
     html, markdown = chance_run["html"], chance_run["markdown"]
     sections = re.findall(r'<section id="([^"]+)"', html)
@@ -213,6 +216,7 @@ def test_the_warning_opens_the_page_and_summary_md(chance_run):
     assert markdown.count("These variants are at chance level") == 1
 
 
+@pytest.mark.slow
 def test_no_recommendation_names_a_variant_at_chance(chance_run):
     html, markdown = chance_run["html"], chance_run["markdown"]
     assert "data-objective" not in html and "Ship `" not in markdown and "Within " not in markdown
@@ -220,6 +224,7 @@ def test_no_recommendation_names_a_variant_at_chance(chance_run):
     assert "Hand the edge team" not in markdown
 
 
+@pytest.mark.slow
 def test_the_chance_gate_fails_the_run_and_without_it_the_run_exits_0(chance_run):
     gated, ungated = chance_run["gated"], chance_run["ungated"]
     assert gated.returncode == 1, gated.output
@@ -239,6 +244,7 @@ def test_the_chance_gate_fails_the_run_and_without_it_the_run_exits_0(chance_run
     assert ungated.stdout.count("WARNING: These variants are at chance level") == 1
 
 
+@pytest.mark.slow
 def test_a_healthy_run_has_no_chance_warning(tiny_run, data_root, tmp_path):
     for entry in (tiny_run.cwd / "artifacts" / "tiny" / "cache").glob("train-*"):
         shutil.copytree(entry, tmp_path / "artifacts" / "tiny" / "cache" / entry.name)

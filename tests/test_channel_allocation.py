@@ -111,6 +111,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 def test_an_unreachable_target_fails_at_validate_from_the_architecture(tmp_path: Path) -> None:
     """No data root, no training: the limit comes from LeNet-5 itself (traced through the
     magnitude-pruned variant, whose layers keep their shapes)."""

@@ -1,7 +1,7 @@
 """The whole ``pipelines/cifar10.yaml`` (ResNet-20, every stage) through the CLI, end to end.
 
 The real CIFAR-10 is not available here, so a small learnable set is written in the original
-python-pickle layout (``tests/cifar_files.py``) and the pipeline file is run unchanged except
+python-pickle layout (``compress/benchmarks/cifar_files.py``) and the pipeline file is run unchanged except
 for ``--set`` overrides that shrink every stage's budget (images, epochs, batch sizes,
 calibration images, benchmark repeats) and loosen only the accuracy thresholds of its gates,
 which a one-epoch model cannot meet, and export to the runtimes that read the ONNX file (ONNX,
@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 import yaml
 
-from compress.targets import TARGETS
-from tests.cifar_files import LABEL_NAMES, write_cifar10
+from compress.benchmarks.cifar_files import LABEL_NAMES, write_cifar10
+from compress.ship.targets import TARGETS
 from tests.conftest import REPO, CliResult, run_cli
+
+pytestmark = pytest.mark.slow  # every test reads the one pipeline run
 
 PIPELINE = REPO / "pipelines" / "cifar10.yaml"
 CHANCE = 1 / len(LABEL_NAMES)

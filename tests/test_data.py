@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from compress import data
+from compress.benchmarks.cifar_files import write_cifar10
 from compress.config import DataConfig
 from compress.errors import DataError
-from tests.cifar_files import write_cifar10
 from tests.conftest import TINY_PIPELINE, run_cli, write_pipeline
 
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
@@ -98,7 +98,7 @@ def test_batches_are_normalised_and_augmented_per_image(data_root: Path) -> None
 
 
 def _write_cifar(folder: Path, per_batch: int = 12, payload: object | None = None) -> None:
-    """The shared generated set (tests/cifar_files.py); ``payload`` replaces the test batch."""
+    """The shared generated set (compress/benchmarks/cifar_files.py); ``payload`` replaces the test batch."""
     write_cifar10(folder.parent, n_train=5 * per_batch, n_test=per_batch)
     if payload is not None:
         with open(folder / "test_batch", "wb") as handle:

@@ -89,6 +89,7 @@ def test_missing_dataset_offline_names_where_it_looked(
     assert "--data-root" in text and "COMPRESS_DATA_ROOT" in text
 
 
+@pytest.mark.slow
 def test_kmnist_pipeline_through_the_cli(tmp_path: Path) -> None:
     write_kmnist(tmp_path / "datasets", n=(400, 100))
     pipeline = write_pipeline(

@@ -72,6 +72,7 @@ def test_single_process_helpers_and_precision_checks() -> None:
         TrainingConfig(amp=False, precision="fp16")
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path: Path, data_root: Path, tiny_run: TinyRun) -> None:
     pipeline = write_pipeline(tmp_path, WITH_REPORT)
     result = run_cli(

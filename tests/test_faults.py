@@ -167,6 +167,7 @@ def walk(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Walk:
 # ---------------------------------------------------------------- stopped at every stage
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_training_stops_cleanly_and_the_rerun_resumes(walk: Walk) -> None:
     stopped, rerun = walk.steps["train-ctrl-c"], walk.steps["prune-mid-write"]
     err = stopped.result.stderr
@@ -183,6 +184,7 @@ def test_ctrl_c_in_training_stops_cleanly_and_the_rerun_resumes(walk: Walk) -> N
     assert [row["epoch"] for row in history] == [1, 2]
 
 
+@pytest.mark.slow
 def test_kill_while_a_checkpoint_is_written_resumes_from_the_previous_one(walk: Walk) -> None:
     killed, rerun = walk.steps["prune-mid-write"], walk.steps["calibration"]
     # the kill left epoch 2's checkpoint as a temp file beside the whole epoch-1 checkpoint
@@ -198,6 +200,7 @@ def test_kill_while_a_checkpoint_is_written_resumes_from_the_previous_one(walk: 
     assert not rerun.lines("train epoch")
 
 
+@pytest.mark.slow
 def test_kill_mid_calibration_reruns_only_quantize(walk: Walk) -> None:
     killed, rerun = walk.steps["calibration"], walk.steps["export"]
     assert "quantize" not in killed.status()
@@ -205,6 +208,7 @@ def test_kill_mid_calibration_reruns_only_quantize(walk: Walk) -> None:
     assert not rerun.lines("epoch")  # no training at all
 
 
+@pytest.mark.slow
 def test_kill_after_an_onnx_file_is_written_reruns_export(walk: Walk) -> None:
     killed, rerun = walk.steps["export"], walk.steps["report"]
     assert killed.facts["deploy"] == ["baseline.onnx"]  # one file written, the int8 one not yet
@@ -214,6 +218,7 @@ def test_kill_after_an_onnx_file_is_written_reruns_export(walk: Walk) -> None:
     assert (export["exported"], export["failed"]) == (2, 0)
 
 
+@pytest.mark.slow
 def test_kill_while_the_report_is_written_publishes_nothing_half_done(walk: Walk) -> None:
     killed, final = walk.steps["report"], walk.steps["final"]
     assert "report" not in killed.status()
@@ -490,6 +495,7 @@ def _entry_lock(cwd: Path, pipeline: Path, data_root: Path) -> Path:
     return cwd / "artifacts" / loaded.name / "cache" / f".train-{key[:16]}.lock"
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_share_the_cache_with_one_writer(tmp_path: Path, data_root: Path) -> None:
     pipeline = write_pipeline(tmp_path, TINY.split("  - stage: prune")[0])
     lock_path = _entry_lock(tmp_path, pipeline, data_root)

@@ -69,6 +69,7 @@ def folder_run(tmp_path_factory: pytest.TempPathFactory):
     return cwd, tree, pipeline, env, result
 
 
+@pytest.mark.slow
 def test_whole_pipeline_on_an_image_folder(folder_run) -> None:
     cwd, tree, _, _, result = folder_run
     run_dir = (cwd / "artifacts" / "folder" / "latest").resolve()
@@ -93,6 +94,7 @@ def test_whole_pipeline_on_an_image_folder(folder_run) -> None:
     assert verify.returncode == 0, verify.output
 
 
+@pytest.mark.slow
 def test_cache_keys_on_the_images_not_the_folder_path(folder_run, tmp_path: Path) -> None:
     cwd, tree, pipeline, env, _ = folder_run
     copy = tmp_path / "copy"

@@ -1,20 +1,22 @@
 """Every pipeline shipped under ``pipelines/`` runs end to end, so none can break unnoticed.
 
 Each file is run through the CLI as a user would, unchanged except for ``--set`` budget cuts
-derived from its own stages (images, epochs, trials, seeds, calibration images, timing repeats;
-edge targets cut to ONNX, which ``tests/test_targets.py`` covers for every runtime) and
-accuracy gates loosened to what a one-epoch model can meet. Datasets not present here are
-written in their real on-disk format: Fashion-MNIST as full-size idx files of MNIST's images
-under another class mapping (so the weights pruned are unlike MNIST's), an image folder as PNGs
-of real MNIST digits. Two pipelines run elsewhere in full: ``cifar10.yaml`` in
-``tests/test_cifar.py`` and ``ci-smoke.yaml`` in ``.ci/run`` (with its regression check); the
-walk asserts that they still do, so a new file under ``pipelines/`` is run here by default.
+derived from its own stages (images, epochs, trials, seeds, calibration images, timing repeats,
+the parents a latency search walks; edge targets cut to ONNX, which ``tests/test_targets.py``
+covers for every runtime) and accuracy gates loosened to what a one-epoch model can meet.
+Datasets not present here are written in their real on-disk format: Fashion-MNIST as full-size
+idx files of MNIST's images under another class mapping (so the weights pruned are unlike
+MNIST's), an image folder as PNGs of real MNIST digits. Two pipelines run elsewhere in full:
+``cifar10.yaml`` in ``tests/test_cifar.py`` and ``ci-smoke.yaml`` in ``.ci/run`` (with its
+regression check); the walk asserts that they still do, so a new file under ``pipelines/`` is
+run here by default.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, finish_cli, start_cli
+from tests.conftest import REPO, CliResult, finish_cli, start_cli
 
 PIPELINES = sorted(p.name for p in (REPO / "pipelines").glob("*.yaml"))
 RUN_ELSEWHERE = {
@@ -30,6 +32,10 @@ RUN_ELSEWHERE = {
     "ci-smoke.yaml": lambda: "pipelines/ci-smoke.yaml" if "pipelines/ci-smoke.yaml" in _ci_script() else "",
 }
 WALKED = [name for name in PIPELINES if name not in RUN_ELSEWHERE]
+# the walks that take longest start first, so the short ones fill in beside them (stage time on a
+# 2-core CPU: imagefolder 46 s, its MobileNetV3 latency search; mnist-full 22 s; fashion_mnist
+# 19 s; the others 12-16 s)
+SLOWEST_FIRST = ("imagefolder.yaml", "mnist-full.yaml", "fashion_mnist.yaml")
 FASHION = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -69,6 +75,11 @@ def smoke_overrides(raw: dict[str, Any]) -> list[str]:
                 sets += [f"{at}.qat.epochs=1", f"{at}.qat.batch_size=32"]  # auto needs its tolerance
             else:
                 sets.append(f"{at}.tolerance=null")  # no per-layer fallback search on 200 images
+            if stage.get("prefer") == "latency" and len(stage.get("from", [])) > 1:
+                # the latency search costs a quantized file per node kind and mode, for each parent,
+                # through the same code; the first parent walks it (tests/test_torchvision.py
+                # quantizes a channel-pruned MobileNetV3 too)
+                sets.append(f"{at}.from=[{stage['from'][0]}]")
         if kind == "export":
             sets += [f"{at}.parity_samples=100", f"{at}.targets=[onnx]"]
         if kind == "benchmark":
@@ -118,25 +129,25 @@ def data_roots(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dic
     return {"mnist": data_root, "fashion_mnist": base / "fashion", "imagefolder": folder}
 
 
+def _walk(name: str, cwd: Path, data_roots: dict[str, Path]) -> tuple[CliResult, Path, dict[str, Any]]:
+    """One shipped pipeline through the CLI with its budget cut: (result, working directory, YAML)."""
+    raw = yaml.safe_load((REPO / "pipelines" / name).read_text(encoding="utf-8"))
+    args: list[Any] = [REPO / "pipelines" / name, "-q", "--device", "cpu"]
+    args += ["--data-root", data_roots[raw["data"]["dataset"]]]
+    for override in smoke_overrides(raw):
+        args += ["--set", override]
+    return finish_cli(start_cli(*args, cwd=cwd), cwd, 900), cwd, raw
+
+
 @pytest.fixture(scope="module")
 def walked_runs(tmp_path_factory: pytest.TempPathFactory, data_roots: dict[str, Path]) -> dict[str, Any]:
-    """Every walked pipeline, two at a time (much of each run is single-threaded)."""
-    finished: dict[str, Any] = {}
-    pending = list(WALKED)
-    while pending:
-        batch, pending = pending[:2], pending[2:]
-        started = {}
-        for name in batch:
-            raw = yaml.safe_load((REPO / "pipelines" / name).read_text(encoding="utf-8"))
-            cwd = tmp_path_factory.mktemp(name.removesuffix(".yaml"))
-            args: list[Any] = [REPO / "pipelines" / name, "-q", "--device", "cpu"]
-            args += ["--data-root", data_roots[raw["data"]["dataset"]]]
-            for override in smoke_overrides(raw):
-                args += ["--set", override]
-            started[name] = (start_cli(*args, cwd=cwd), cwd, raw)
-        for name, (proc, cwd, raw) in started.items():
-            finished[name] = (finish_cli(proc, cwd, 900), cwd, raw)
-    return finished
+    """Every walked pipeline, two running at any time (much of each run is single-threaded): the
+    next starts as soon as one ends, the longest first."""
+    order = sorted(WALKED, key=lambda n: SLOWEST_FIRST.index(n) if n in SLOWEST_FIRST else len(SLOWEST_FIRST))
+    cwds = {name: tmp_path_factory.mktemp(name.removesuffix(".yaml")) for name in order}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        walks = {name: pool.submit(_walk, name, cwds[name], data_roots) for name in order}
+        return {name: walk.result() for name, walk in walks.items()}
 
 
 def test_pipelines_not_walked_here_still_run_elsewhere() -> None:
@@ -145,6 +156,7 @@ def test_pipelines_not_walked_here_still_run_elsewhere() -> None:
         assert runner().endswith(name), f"{name} is no longer run by the test named for it"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", WALKED)
 def test_every_shipped_pipeline_runs_end_to_end(name: str, walked_runs: dict[str, Any]) -> None:
     result, cwd, raw = walked_runs[name]

@@ -75,6 +75,7 @@ def torchvision_runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) 
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnet18"])
 def test_every_stage_runs_on_a_torchvision_model(name: str, torchvision_runs) -> None:
     result, cwd, size, extra = torchvision_runs[name]
@@ -210,6 +211,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 def test_a_users_state_dict_from_a_plain_torch_script(
     tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

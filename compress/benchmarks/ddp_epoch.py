@@ -4,13 +4,13 @@
     python -m compress.benchmarks.ddp_epoch --processes 1 2 4 --device cuda --images 45000 \\
         --data-root ~/data                                      # real CIFAR-10 on a GPU box
 
-Without ``--data-root`` it writes a generated CIFAR-10 set (``tests/cifar_files.py``, so run
-it from the repository root) into a temporary folder. Each setting runs in fresh processes: one
-plain process (torch's default thread count), and ``python -m torch.distributed.run
---nproc_per_node N`` for N > 1 (one thread per process on a CPU, as torchrun sets it). Every
-setting trains the same model from the same seed with the same global batch through
-``training.fit``, the code the pipeline runs; the time of each epoch is rank 0's, including
-the all-reduce of the epoch's metrics. It prints one line per setting and a JSON summary.
+Without ``--data-root`` it writes a generated CIFAR-10 set (``cifar_files`` beside it) into a
+temporary folder. Each setting runs in fresh processes: one plain process (torch's default
+thread count), and ``python -m torch.distributed.run --nproc_per_node N`` for N > 1 (one thread
+per process on a CPU, as torchrun sets it). Every setting trains the same model from the same
+seed with the same global batch through ``training.fit``, the code the pipeline runs; the time
+of each epoch is rank 0's, including the all-reduce of the epoch's metrics. It prints one line
+per setting and a JSON summary.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from compress import distributed
+from compress.benchmarks.cifar_files import write_cifar10
 from compress.config import DataConfig, ModelConfig, OptimizerConfig, TrainingConfig
 from compress.data import load_data
 from compress.measure import count_parameters
 from compress.models import build_model
-from compress.training import fit
+from compress.training import FitSettings, fit
 
 RESULT_PREFIX = "ddp-epoch-result: "
 
@@ -60,11 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ddp-epoch-") as tmp:
         root = args.data_root
         if root is None:
-            try:
-                from tests.cifar_files import write_cifar10
-            except ImportError:
-                print("error: run from the repository root (needs tests/cifar_files.py) or pass --data-root")
-                return 2
             root = Path(tmp) / "data"
             write_cifar10(root, n_train=args.images, n_test=100, seed=0)
         rows = [_launch(args, n, root) for n in args.processes]
@@ -133,7 +129,7 @@ def _child(args: argparse.Namespace) -> int:
         )
         with tempfile.TemporaryDirectory(prefix="ddp-epoch-work-") as work:
             distributed.barrier()  # every rank has its data and model: start together
-            result = fit(model, bundle, cfg, device, seed=0, workdir=Path(work), desc="epoch")
+            result = fit(model, bundle, FitSettings(cfg, device, seed=0, workdir=Path(work), desc="epoch"))
         if distributed.is_main():
             row = {
                 "processes": distributed.world_size(),

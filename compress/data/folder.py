@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from compress.data.images import DiskImages, ImageProblem, ImageShape, decoded_batches, open_image
+from compress.data.images import ImageProblem, ImageShape, decoded_batches, open_image
 from compress.errors import DataError
 
 log = logging.getLogger("compress")
@@ -239,16 +239,3 @@ def decode_all(scan_: FolderScan, shape: ImageShape, side: int, workers: int) ->
     bar.close()
     problems.raise_if_any()
     return out
-
-
-def lazy_splits(
-    scan_: FolderScan, shape: ImageShape, side: int
-) -> dict[str, tuple[DiskImages, torch.Tensor]]:
-    """Per split, images that decode when read (for folders over the memory limit)."""
-    return {
-        split: (
-            DiskImages([p for p, _ in rows], shape, side),
-            torch.tensor([c for _, c in rows], dtype=torch.long),
-        )
-        for split, rows in scan_.items.items()
-    }

@@ -1,5 +1,8 @@
 """A small, learnable CIFAR-10 set written in the original python-pickle layout.
 
+Generated benchmark and test data: ``ddp_epoch`` trains on it when no real CIFAR-10 is given,
+and the tests run ``pipelines/cifar10.yaml`` and the dataset readers on it.
+
 The real ``cifar-10-batches-py`` files were pickled by Python 2 (protocol 2), so their keys and
 strings are Python 2 ``str``: ``pickle.load(f, encoding="bytes")`` gives ``b"data"`` keys and
 ``encoding="latin1"`` (what torchvision uses) gives ``"data"`` keys. Python 3's pickler would
@@ -79,7 +82,8 @@ class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler: its dispatch tab
         super().save_global(obj, name)
 
 
-def _dump(obj: object, path: Path) -> None:
+def dump_py2_pickle(obj: object, path: Path) -> None:
+    """Pickle ``obj`` to ``path`` as Python 2 wrote the original files (see the module docstring)."""
     with open(path, "wb") as handle:
         _Py2Pickler(handle, protocol=2).dump(obj)
 
@@ -131,14 +135,16 @@ def write_cifar10(root: Path, n_train: int = 500, n_test: int = 100, seed: int =
     start = 0
     for index, size in enumerate(sizes, start=1):
         labels = train_labels[start : start + size]
-        _dump(_batch(f"training batch {index} of 5", labels, rng, start), folder / f"data_batch_{index}")
+        dump_py2_pickle(
+            _batch(f"training batch {index} of 5", labels, rng, start), folder / f"data_batch_{index}"
+        )
         start += size
     test = _batch("testing batch 1 of 1", _balanced_labels(n_test, rng), rng, n_train)
-    _dump(test, folder / "test_batch")
+    dump_py2_pickle(test, folder / "test_batch")
     meta = {
         b"label_names": [name.encode() for name in LABEL_NAMES],
         b"num_cases_per_batch": max(sizes),
         b"num_vis": 3072,
     }
-    _dump(meta, folder / "batches.meta")
+    dump_py2_pickle(meta, folder / "batches.meta")
     return folder
