@@ -162,11 +162,14 @@ def finish_cli(proc: subprocess.Popen, cwd: Path, timeout: float = 600) -> CliRe
     return CliResult(proc.returncode, stdout, stderr, cwd)
 
 
-# Commands ``run_cli`` runs in this process by default: their ``main(argv) -> exit code`` is the
-# whole command (``python -m`` only adds ``sys.exit``), so calling it here tests the same parser,
-# messages, files and exit codes, without paying a fresh interpreter's 4-5 s of importing torch,
-# onnx, pandas and optuna per run. COMPRESS_TEST_SUBPROCESS=1 runs every command in a subprocess.
+# Commands ``run_cli`` runs through ``tests/cli_server.py`` by default: a process that has
+# imported torch, onnx, pandas and optuna once forks a fresh child per run, which calls the
+# command's ``main(argv)`` (all ``python -m`` adds is ``sys.exit``): the same parser, messages,
+# files and exit codes as a subprocess, without paying 4-5 s of imports per run, and the child's
+# memory and global state end with it. COMPRESS_TEST_SUBPROCESS=1 runs every command in a real
+# subprocess.
 IN_PROCESS = ("compress.run", "compress.check")
+_SERVER: list[subprocess.Popen] = []  # this test process's CLI server, started on first use
 
 
 def run_cli(
@@ -180,9 +183,9 @@ def run_cli(
 ) -> CliResult:
     """Run ``python -m <module> args...`` in ``cwd`` with the data root in the environment.
 
-    In this process (``_run_in_process``) unless the command is not in ``IN_PROCESS``, a fault is
-    to be injected (it may kill the process), ``subprocess_only`` is set (a test of what a fresh
-    process does: imports, signals), or COMPRESS_TEST_SUBPROCESS=1."""
+    Forked from the CLI server (``_run_forked``) unless the command is not in ``IN_PROCESS``, a
+    fault is to be injected, ``subprocess_only`` is set (a test of what a fresh interpreter does:
+    imports, signals), or COMPRESS_TEST_SUBPROCESS=1."""
     extra = {**(env or {}), **({"COMPRESS_DATA_ROOT": str(data_root)} if data_root is not None else {})}
     if (
         module in IN_PROCESS
@@ -190,58 +193,44 @@ def run_cli(
         and not (extra.get("COMPRESS_FAULT") or os.environ.get("COMPRESS_FAULT"))
         and os.environ.get("COMPRESS_TEST_SUBPROCESS") != "1"
     ):
-        return _run_in_process(module, [str(a) for a in args], cwd, extra)
+        return _run_forked(module, [str(a) for a in args], cwd, extra, timeout)
     return finish_cli(start_cli(*args, cwd=cwd, data_root=data_root, module=module, env=env), cwd, timeout)
 
 
-def _run_in_process(module: str, argv: list[str], cwd: Path, env: dict[str, str]) -> CliResult:
-    """``module.main(argv)`` as a fresh ``python -m module`` would run it: in ``cwd``, with ``env``
-    set, data caches empty, the root logger bare (so the CLI's own console handler writes to the
-    captured stderr), and everything it changed for the process given back afterwards."""
-    import contextlib
-    import importlib
-    import io
-    import logging
-    import traceback
+def _server() -> subprocess.Popen:
+    if not _SERVER or _SERVER[0].poll() is not None:
+        _SERVER[:] = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.cli_server"],
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        ]
+    return _SERVER[0]
 
-    import torch
 
-    from compress import data
+def _run_forked(module: str, argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> CliResult:
+    """One run forked from the CLI server, with this process's environment as it is now."""
+    import json
+    import tempfile
 
-    entry = importlib.import_module(module).main
-    stdout, stderr = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    saved_env = {name: os.environ.get(name) for name in env}
-    saved_handlers, saved_level, saved_cwd = root.handlers[:], root.level, os.getcwd()
-    threads = torch.get_num_threads()
-    data.clear_caches()
-    os.environ.update(env)
-    root.handlers[:] = []
-    try:
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                code = entry(argv)
-            except SystemExit as exc:  # argparse's usage errors
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            except Exception:  # what an uncaught exception does to python -m: a traceback, exit 1
-                traceback.print_exc()
-                code = 1
-    finally:
-        os.chdir(saved_cwd)
-        for handler in root.handlers:
-            if handler not in saved_handlers:
-                handler.close()
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        torch.set_num_threads(threads)
-        data.clear_caches()
-    return CliResult(int(code), stdout.getvalue(), stderr.getvalue(), cwd)
+    server = _server()
+    with tempfile.TemporaryDirectory() as work:
+        out, err = Path(work) / "stdout", Path(work) / "stderr"
+        request = {"module": module, "argv": argv, "cwd": str(cwd), "out": str(out), "err": str(err)}
+        request.update(env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, timeout=timeout)
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        answer = json.loads(server.stdout.readline())
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired([module, *argv], timeout)
+        code = answer["code"]
+        stdout = out.read_text(errors="replace") if out.exists() else ""
+        stderr = err.read_text(errors="replace") if err.exists() else ""
+    return CliResult(code, stdout, stderr, cwd)
 
 
 def write_pipeline(directory: Path, text: str, name: str = "tiny") -> Path:
