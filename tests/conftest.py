@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,12 +137,16 @@ def start_cli(
     data_root: Path | None = None,
     module: str = "compress.run",
     env: dict[str, str] | None = None,
-) -> subprocess.Popen:
+    subprocess_only: bool = False,
+) -> subprocess.Popen | ForkedRun:
     """Start ``python -m <module> args...`` in ``cwd`` (see ``run_cli``) without waiting for it:
-    two CLIs started together overlap their seconds of importing torch and exporting ONNX."""
-    full_env = {**os.environ, **(env or {})}
-    if data_root is not None:
-        full_env["COMPRESS_DATA_ROOT"] = str(data_root)
+    two runs started together overlap their single-threaded seconds (ONNX export, imports)."""
+    extra = {**(env or {}), **({"COMPRESS_DATA_ROOT": str(data_root)} if data_root is not None else {})}
+    if _forkable(module, subprocess_only):
+        server = _idle_server()
+        if server is not None:
+            return server.start(module, [str(a) for a in args], cwd, extra)
+    full_env = {**os.environ, **extra}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.Popen(
         [sys.executable, "-m", module, *map(str, args)],
@@ -153,23 +158,15 @@ def start_cli(
     )
 
 
-def finish_cli(proc: subprocess.Popen, cwd: Path, timeout: float = 600) -> CliResult:
+def finish_cli(proc: subprocess.Popen | ForkedRun, cwd: Path, timeout: float = 600) -> CliResult:
+    if isinstance(proc, ForkedRun):
+        return proc.finish(timeout)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
     return CliResult(proc.returncode, stdout, stderr, cwd)
-
-
-# Commands ``run_cli`` runs through ``tests/cli_server.py`` by default: a process that has
-# imported torch, onnx, pandas and optuna once forks a fresh child per run, which calls the
-# command's ``main(argv)`` (all ``python -m`` adds is ``sys.exit``): the same parser, messages,
-# files and exit codes as a subprocess, without paying 4-5 s of imports per run, and the child's
-# memory and global state end with it. COMPRESS_TEST_SUBPROCESS=1 runs every command in a real
-# subprocess.
-IN_PROCESS = ("compress.run", "compress.check")
-_SERVER: list[subprocess.Popen] = []  # this test process's CLI server, started on first use
 
 
 def run_cli(
@@ -183,54 +180,116 @@ def run_cli(
 ) -> CliResult:
     """Run ``python -m <module> args...`` in ``cwd`` with the data root in the environment.
 
-    Forked from the CLI server (``_run_forked``) unless the command is not in ``IN_PROCESS``, a
-    fault is to be injected, ``subprocess_only`` is set (a test of what a fresh interpreter does:
-    imports, signals), or COMPRESS_TEST_SUBPROCESS=1."""
-    extra = {**(env or {}), **({"COMPRESS_DATA_ROOT": str(data_root)} if data_root is not None else {})}
-    if (
+    Forked from a CLI server (``tests/cli_server.py``) unless the command is not in
+    ``IN_PROCESS``, ``subprocess_only`` is set (a test of what a fresh interpreter does: imports,
+    signals sent from outside), or COMPRESS_TEST_SUBPROCESS=1. Injected faults (COMPRESS_FAULT)
+    fire in the forked child as in a subprocess: a kill or Ctrl-C ends that child alone."""
+    proc = start_cli(
+        *args, cwd=cwd, data_root=data_root, module=module, env=env, subprocess_only=subprocess_only
+    )
+    return finish_cli(proc, cwd, timeout)
+
+
+# Commands run through ``tests/cli_server.py`` by default: a process that has imported torch,
+# onnx, the ONNX exporter, pandas and optuna once forks a fresh child per run, which calls the
+# command's ``main(argv)`` (all ``python -m`` adds is ``sys.exit``): the same parser, messages,
+# files and exit codes as a subprocess, without paying 5-6 s of imports per run, and the child's
+# memory and global state end with it. COMPRESS_TEST_SUBPROCESS=1 runs every command in a real
+# subprocess.
+IN_PROCESS = ("compress.run", "compress.check")
+# Servers per test process: one per run in flight, as many as tests start at once (two).
+MAX_SERVERS = 2
+
+
+def _forkable(module: str, subprocess_only: bool) -> bool:
+    return (
         module in IN_PROCESS
         and not subprocess_only
-        and not (extra.get("COMPRESS_FAULT") or os.environ.get("COMPRESS_FAULT"))
         and os.environ.get("COMPRESS_TEST_SUBPROCESS") != "1"
-    ):
-        return _run_forked(module, [str(a) for a in args], cwd, extra, timeout)
-    return finish_cli(start_cli(*args, cwd=cwd, data_root=data_root, module=module, env=env), cwd, timeout)
+    )
 
 
-def _server() -> subprocess.Popen:
-    if not _SERVER or _SERVER[0].poll() is not None:
-        _SERVER[:] = [
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.cli_server"],
-                cwd=REPO,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        ]
-    return _SERVER[0]
+class CliServer:
+    """One ``tests/cli_server.py`` process: it runs one forked child at a time."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.cli_server"],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.busy = False
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def start(self, module: str, argv: list[str], cwd: Path, env: dict[str, str]) -> ForkedRun:
+        """Send one run, with this process's environment as it is now; the answer is read later."""
+        import json
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="cli-run-"))
+        request = {"module": module, "argv": argv, "cwd": str(cwd)}
+        request.update(out=str(work / "stdout"), err=str(work / "stderr"))
+        request.update(env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        child = json.loads(self.process.stdout.readline())["pid"]
+        return ForkedRun(self, child, [module, *argv], cwd, work)
 
 
-def _run_forked(module: str, argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> CliResult:
-    """One run forked from the CLI server, with this process's environment as it is now."""
-    import json
-    import tempfile
+@dataclass
+class ForkedRun:
+    """A run in flight on a CLI server; ``finish`` waits for its exit code and reads its output."""
 
-    server = _server()
-    with tempfile.TemporaryDirectory() as work:
-        out, err = Path(work) / "stdout", Path(work) / "stderr"
-        request = {"module": module, "argv": argv, "cwd": str(cwd), "out": str(out), "err": str(err)}
-        request.update(env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, timeout=timeout)
-        server.stdin.write(json.dumps(request) + "\n")
-        server.stdin.flush()
-        answer = json.loads(server.stdout.readline())
-        if answer["timed_out"]:
-            raise subprocess.TimeoutExpired([module, *argv], timeout)
-        code = answer["code"]
-        stdout = out.read_text(errors="replace") if out.exists() else ""
-        stderr = err.read_text(errors="replace") if err.exists() else ""
-    return CliResult(code, stdout, stderr, cwd)
+    server: CliServer
+    child: int
+    command: list[str]
+    cwd: Path
+    work: Path
+
+    def finish(self, timeout: float) -> CliResult:
+        import json
+        import select
+        import shutil
+
+        try:
+            ready, _, _ = select.select([self.server.process.stdout], [], [], timeout)
+            if not ready:  # the run outlived its time
+                os.kill(self.child, signal.SIGKILL)
+                self.server.process.stdout.readline()
+                raise subprocess.TimeoutExpired(self.command, timeout)
+            answer = json.loads(self.server.process.stdout.readline())
+            out, err = self.work / "stdout", self.work / "stderr"
+            stdout = out.read_text(errors="replace") if out.exists() else ""
+            stderr = err.read_text(errors="replace") if err.exists() else ""
+        finally:
+            self.server.busy = False
+            shutil.rmtree(self.work, ignore_errors=True)
+        return CliResult(answer["code"], stdout, stderr, self.cwd)
+
+
+_SERVERS: list[CliServer] = []  # this test process's CLI servers, started on first use
+
+
+_SERVERS_LOCK = threading.Lock()  # tests start runs from threads too (tests/test_pipelines.py)
+
+
+def _idle_server() -> CliServer | None:
+    """An idle server, now marked busy, started if fewer than ``MAX_SERVERS`` run; None when all
+    are busy (the run then takes a real subprocess)."""
+    with _SERVERS_LOCK:
+        _SERVERS[:] = [server for server in _SERVERS if server.alive()]
+        idle = next((server for server in _SERVERS if not server.busy), None)
+        if idle is None and len(_SERVERS) < MAX_SERVERS:
+            idle = CliServer()
+            _SERVERS.append(idle)
+        if idle is not None:
+            idle.busy = True
+        return idle
 
 
 def write_pipeline(directory: Path, text: str, name: str = "tiny") -> Path:

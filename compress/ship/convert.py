@@ -7,6 +7,7 @@ file of its input (the onnxruntime quantizer), so every ONNX file is made the sa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import warnings
@@ -32,16 +33,34 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """A single-file ONNX model with a dynamic batch dimension and named input/output."""
+    """A single-file ONNX model with a dynamic batch dimension and named input/output.
+
+    The exporter takes 0.5-5 s a model, and a run exports the same model more than once (the
+    quantizer's fp32 file of a parent, then the export stage's), so each distinct model is
+    exported once per process (``_content_key``) and written again with its own metadata."""
     model = model.eval().cpu()
+    key = _content_key(model, sample, opset)
+    if key is None:
+        proto = _export_proto(model, sample, opset)
+    else:
+        if key not in _EXPORTED:
+            _EXPORTED[key] = _export_proto(model, sample, opset).SerializeToString()
+        proto = onnx.ModelProto.FromString(_EXPORTED[key])
+    if metadata:
+        set_metadata(proto, metadata)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+    return path
+
+
+# this process's ONNX exports by content key: a run's handful of small models, in bytes
+_EXPORTED: dict[str, bytes] = {}
+
+
+def _export_proto(model: nn.Module, sample: torch.Tensor, opset: int) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1, max=65536)
     buffer = io.StringIO()
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(buffer),
-        _quiet_loggers(),
-        atomic_path(path) as tmp,
-    ):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buffer), _quiet_loggers():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
@@ -53,13 +72,30 @@ def export_onnx(
             dynamo=True,
             verbose=False,
         )
-        proto = program.model_proto
-        strip_debug_metadata(proto.graph)
-        if metadata:
-            set_metadata(proto, metadata)
-        onnx.save_model(proto, str(tmp), save_as_external_data=False)
     log.debug("onnx export log: %s", buffer.getvalue())
-    return path
+    proto = program.model_proto
+    strip_debug_metadata(proto.graph)
+    return proto
+
+
+def _content_key(model: nn.Module, sample: torch.Tensor, opset: int) -> str | None:
+    """What the exported graph depends on: every module's class (the very class object, so the
+    same forward code), its printed form and plain attributes, every parameter and buffer, the
+    input's shape past the (dynamic) batch dimension and its dtype, and the opset. None (export
+    every time) when a module has hooks or a tensor is not plain: what else they change is unknown."""
+    digest = hashlib.sha256(f"{opset} {tuple(sample.shape[1:])} {sample.dtype}".encode())
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None
+        plain = {k: v for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, tuple))}
+        digest.update(f"{name} {id(type(module))} {module.extra_repr()} {sorted(plain.items())!r}".encode())
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor) or value.is_quantized or value.layout != torch.strided:
+            return None
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
