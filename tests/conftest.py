@@ -202,11 +202,7 @@ MAX_SERVERS = 2
 
 
 def _forkable(module: str, subprocess_only: bool) -> bool:
-    return (
-        module in IN_PROCESS
-        and not subprocess_only
-        and os.environ.get("COMPRESS_TEST_SUBPROCESS") != "1"
-    )
+    return module in IN_PROCESS and not subprocess_only and os.environ.get("COMPRESS_TEST_SUBPROCESS") != "1"
 
 
 class CliServer:
