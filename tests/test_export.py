@@ -300,3 +300,44 @@ def test_export_config_is_checked_before_anything_runs(tmp_path):
         load_pipeline(write_pipeline(tmp_path, bad), config_registry())
     message = str(caught.value)
     assert "stages[1] (export).opset" in message and "stages[1] (export).formats" in message
+
+
+def test_a_model_exported_twice_is_converted_once_and_a_changed_one_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quantizer and the export stage both export a parent: one conversion, two files with
+    their own metadata; new weights, a new input shape or a hook (whose effect the key cannot
+    see) convert again."""
+    spec = {"arch": "lenet5", "width": 0.5, "in_channels": 1, "num_classes": 10, "image_size": 28}
+    torch.manual_seed(0)
+    model, x = build_model(spec).eval(), torch.randn(2, 1, 28, 28)
+    calls = []
+    real = convert._export_proto
+    monkeypatch.setattr(convert, "_export_proto", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(convert, "_EXPORTED", {})
+
+    def run(path: Path) -> np.ndarray:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"input": x.numpy()})[0]
+
+    convert.export_onnx(model, x, tmp_path / "a.onnx", metadata={"variant": "a"})
+    convert.export_onnx(model, torch.randn(5, 1, 28, 28), tmp_path / "b.onnx", metadata={"variant": "b"})
+    assert len(calls) == 1
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "b.onnx")).metadata_props}
+    assert meta["variant"] == "b"
+    np.testing.assert_array_equal(run(tmp_path / "a.onnx"), run(tmp_path / "b.onnx"))
+
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)
+        expected = model(x).numpy()
+    convert.export_onnx(model, x, tmp_path / "c.onnx")
+    assert len(calls) == 2
+    np.testing.assert_allclose(run(tmp_path / "c.onnx"), expected, atol=1e-5)
+
+    model.register_forward_hook(lambda module, inputs, output: output * 0)
+    convert.export_onnx(model, x, tmp_path / "d.onnx")
+    convert.export_onnx(model, x, tmp_path / "e.onnx")
+    assert len(calls) == 4
+    assert not run(tmp_path / "e.onnx").any()
