@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress import lr_find
+from compress import lr_find, optimizer_choice
 from compress.config import TrainingConfig
 from compress.config.data import DataConfig
 from compress.data import load_data
@@ -145,3 +145,58 @@ def test_a_bad_lr_is_one_line_naming_the_key(
     assert len(lines) == 1, result.stderr
     assert str(pipeline.name) in lines[0] and key in lines[0] and words in lines[0], lines[0]
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("yaml_keys", "images", "epochs", "val", "probes"),
+    [
+        ({}, 2_000, 1, 200, True),  # 16 steps at 128: short
+        ({}, 2_500, 2, 250, True),  # 40 steps at 128
+        ({}, 55_000, 1, 5_000, False),  # full-size data keeps the measured SGD 0.05
+        ({"optimizer": {"name": "sgd"}}, 2_000, 1, 200, False),  # any optimizer key is the user's
+        ({}, 2_000, 1, 0, False),  # nothing to score the candidates on
+    ],
+)
+def test_the_optimizer_is_probed_only_when_left_out_on_a_short_run(
+    yaml_keys: dict, images: int, epochs: int, val: int, probes: bool
+) -> None:
+    cfg = baseline_batch_size(TrainingConfig(epochs=epochs, **yaml_keys), images)
+    assert optimizer_choice.needs_probe(cfg, images, val) is probes
+
+
+def test_a_short_run_trains_with_the_probed_optimizer(tmp_path: Path, data_root: Path) -> None:
+    pipeline = write_pipeline(
+        tmp_path, PIPELINE.replace("    optimizer: {optimizer}\n", "").format(schedule="onecycle")
+    )
+    result = run_cli(pipeline, cwd=tmp_path, data_root=data_root)
+    assert result.returncode == 0, result.output
+    stage = tmp_path / "artifacts" / "tiny" / "latest" / "stages" / "train"
+    probe = json.loads((stage / "result.json").read_text())["metrics"]["training_settings"]["optimizer_probe"]
+    tried = probe["candidates"]
+    assert [(t["name"], t["lr"]) for t in tried] == [(n, lr) for n, lr, _ in optimizer_choice.CANDIDATES]
+    assert probe["images"] == 333  # a third of the 1,000 training images
+    assert all(0 <= t["val_accuracy"] <= 1 for t in tried)
+    assert probe["chosen"] == optimizer_choice._best(tried, 10)
+    history = json.loads((stage / "work" / "history.json").read_text())
+    assert max(h["lr"] for h in history) <= probe["chosen"]["lr"]  # the real fit used the chosen rate
+    assert json.loads((stage / "work" / "optimizer_probe.json").read_text()) == probe  # kept for a resume
+    log = (stage.parent.parent / "run.log").read_text()
+    assert f"training with {probe['chosen']['name']} {probe['chosen']['lr']:g}" in log
+    # a hand-set optimizer is used as it is: no probe
+    hand_set = tmp_path / "hand-set"
+    hand_set.mkdir()
+    result = run_cli(_pipeline(hand_set, "{name: sgd, lr: 0.05}"), cwd=hand_set, data_root=data_root)
+    assert result.returncode == 0, result.output
+    metrics = json.loads((hand_set / "artifacts/tiny/latest/stages/train/result.json").read_text())["metrics"]
+    assert "optimizer_probe" not in metrics["training_settings"]
+
+
+def test_the_probe_picks_by_accuracy_and_by_loss_only_while_all_are_at_chance() -> None:
+    def row(name: str, accuracy: float, loss: float) -> dict:
+        return {"name": name, "val_accuracy": accuracy, "val_loss": loss}
+
+    learning = [row("sgd", 0.60, 1.0), row("adamw", 0.60, 0.5), row("slow", 0.20, 0.1)]
+    assert optimizer_choice._best(learning, 10)["name"] == "sgd"  # a tie goes to the earlier one
+    stuck = [row("sgd", 0.13, 2.30), row("adamw", 0.11, 2.10), row("slow", 0.14, 2.29)]
+    assert optimizer_choice._best(stuck, 10)["name"] == "adamw"  # all within 5 pp of 10 %: the loss
+    assert optimizer_choice._best(stuck, 2)["name"] == "adamw"  # 14 % is below chance at 2 classes

@@ -4,7 +4,9 @@
         [--options sgd:0.05:128 sgd:0.05:16 adamw:0.001:16 sgd:auto:16 ...]
         [--train 2000] [--epochs 1] [--data-root DIR]
 
-Each option is ``optimizer:lr:batch`` (``lr`` may be ``auto``, ``batch`` may be ``auto``). Every
+Each option is ``optimizer:lr:batch`` (``lr`` may be ``auto``, ``batch`` may be ``auto``), or
+``default``: what the train stage does with the optimizer and batch size left out (the batch
+rule, and on a short run the optimizer probe of ``compress.optimizer_choice``). Every
 model is built as the train stage builds it (MNIST at 32 px, 3 channels, 10 classes), trained
 with ``training.fit`` (BatchNorm adaptation included) from the same seed, and scored on 1,000
 test images. Prints one JSON line per run and a table; README "Training defaults" quotes it.
@@ -17,6 +19,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,14 +29,18 @@ from compress.data import load_data
 from compress.data.root import resolve_root
 from compress.measure import evaluate
 from compress.models import build_model
+from compress.optimizer_choice import choose_optimizer
 from compress.training import FitSettings, fit
+from compress.training_defaults import baseline_batch_size
 
 DEFAULT_MODELS = ["mobilenet_v3_small", "resnet18", "efficientnet_b0", "regnet_x_400mf", "squeezenet1_1"]
 DEFAULT_OPTIONS = ["sgd:0.05:128", "sgd:0.05:16", "adamw:0.001:16", "sgd:auto:16"]
 
 
-def settings(option: str, epochs: int) -> TrainingConfig:
+def settings(option: str, epochs: int, train_images: int) -> TrainingConfig:
     """``sgd:0.05:16`` -> the training settings it names (weight decay 0.05 for AdamW)."""
+    if option == "default":
+        return baseline_batch_size(TrainingConfig(epochs=epochs), train_images)
     name, lr, batch = option.split(":")
     optimizer = {"name": name, "lr": lr if lr == "auto" else float(lr)}
     if name == "adamw":
@@ -49,14 +56,18 @@ def run_one(name: str, option: str, bundle, epochs: int) -> dict:
     model = build_model(spec)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
-        run = FitSettings(settings(option, epochs), torch.device("cpu"), 0, Path(work), desc=name)
-        result = fit(model, bundle, run)
+        run = FitSettings(
+            settings(option, epochs, len(bundle.train)), torch.device("cpu"), 0, Path(work), desc=name
+        )
+        chosen, probe = choose_optimizer(model, bundle, run)
+        result = fit(model, bundle, replace(run, cfg=chosen))
     return {
         "model": name,
         "option": option,
         "test_accuracy": evaluate(model, bundle, bundle.test, torch.device("cpu"))["accuracy"],
         "train_loss": round(result.history[-1]["train_loss"], 3),
         "settings": {**result.derived, "lr_auto": (result.derived.get("lr_auto") or {}).get("used")},
+        "chosen": probe and probe["chosen"],
         "seconds": round(time.perf_counter() - started, 1),
     }
 
