@@ -75,6 +75,16 @@ def test_torchvision_builder_slims_and_rebuilds(name: str, tmp_path: Path) -> No
     _round_trip(_spec("torchvision", name), tmp_path)
 
 
+def test_every_torchvision_builder_trains_on_plain_logits() -> None:
+    """Training calls the model in train mode, where GoogLeNet (and Inception-v3) would return a
+    namedtuple with auxiliary classifiers' logits: they are built without those heads."""
+    for name in TORCHVISION:
+        model = build_model(_spec("torchvision", name)).train()
+        logits = model(X)
+        assert isinstance(logits, torch.Tensor) and logits.shape == (2, 10), name
+        assert not any(n.startswith("aux") for n, _ in model.named_children()), name
+
+
 @pytest.mark.parametrize("name", list(TIMM))
 def test_timm_model_slims_and_rebuilds(name: str, tmp_path: Path) -> None:
     _round_trip(_spec("timm", name, **TIMM[name]), tmp_path)

@@ -91,14 +91,23 @@ def torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+# builders whose training-mode forward returns a namedtuple with auxiliary classifiers' logits
+# (Szegedy et al.'s deep supervision): built without them, so training sees plain logits and the
+# shipped model is the main classifier alone (pretrained weights of the aux heads are not loaded)
+AUXILIARY_HEADS = frozenset({"googlenet", "inception_v3"})
+
+
 def _torchvision(spec: ModelSpec, pretrained: bool) -> nn.Module:
     import torchvision
 
     name = spec.get("torchvision")
     if name not in torchvision_names():
         raise ArtifactError(f"torchvision has no classification model {name!r}")
+    kwargs = {"weights": None, "num_classes": int(spec["num_classes"])}
+    if name in AUXILIARY_HEADS:
+        kwargs["aux_logits"] = False
     try:
-        model = torchvision.models.get_model(name, weights=None, num_classes=int(spec["num_classes"]))
+        model = torchvision.models.get_model(name, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"torchvision {name}: {exc}") from None
     state = _pretrained_state(spec) if pretrained and spec.get("weights") else None
