@@ -50,6 +50,13 @@ MIN_STEPS = 100
 FALLBACK_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 
 
+def too_few_steps(epochs: int, train_images: int, batch: int = DEFAULT_BATCH) -> bool:
+    """Whether ``epochs`` over ``train_images`` at ``batch`` take fewer than ``MIN_STEPS`` steps:
+    a short run, which gets a smaller batch (``baseline_batch_size``) and, with the optimizer left
+    out, a probed one (``compress.optimizer_choice``)."""
+    return epochs * math.ceil(train_images / batch) < MIN_STEPS
+
+
 def baseline_batch_size(cfg: TrainingConfig, train_images: int, desc: str = "train") -> TrainingConfig:
     """``cfg`` with the batch the train stage uses on ``train_images`` images: its own, or the
     rule above (said in the log when it is not 128).
@@ -60,7 +67,7 @@ def baseline_batch_size(cfg: TrainingConfig, train_images: int, desc: str = "tra
     if cfg.batch_size:
         return cfg
     size = DEFAULT_BATCH
-    while size > SMALLEST_AUTO_BATCH and cfg.epochs * math.ceil(train_images / size) < MIN_STEPS:
+    while size > SMALLEST_AUTO_BATCH and too_few_steps(cfg.epochs, train_images, size):
         size //= 2
     world = distributed.world_size() if distributed.active() else 1
     size = max(world, size - size % world)

@@ -6,10 +6,14 @@ check is what a user gets: exit codes, messages, and the files written.
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,9 +228,6 @@ class CliServer:
 
     def start(self, module: str, argv: list[str], cwd: Path, env: dict[str, str]) -> ForkedRun:
         """Send one run, with this process's environment as it is now; the answer is read later."""
-        import json
-        import tempfile
-
         work = Path(tempfile.mkdtemp(prefix="cli-run-"))
         request = {"module": module, "argv": argv, "cwd": str(cwd)}
         request.update(out=str(work / "stdout"), err=str(work / "stderr"))
@@ -248,10 +249,6 @@ class ForkedRun:
     work: Path
 
     def finish(self, timeout: float) -> CliResult:
-        import json
-        import select
-        import shutil
-
         try:
             ready, _, _ = select.select([self.server.process.stdout], [], [], timeout)
             if not ready:  # the run outlived its time
@@ -269,8 +266,6 @@ class ForkedRun:
 
 
 _SERVERS: list[CliServer] = []  # this test process's CLI servers, started on first use
-
-
 _SERVERS_LOCK = threading.Lock()  # tests start runs from threads too (tests/test_pipelines.py)
 
 

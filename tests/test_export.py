@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +315,7 @@ def test_a_model_exported_twice_is_converted_once_and_a_changed_one_again(
     calls = []
     real = convert._export_proto
     monkeypatch.setattr(convert, "_export_proto", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(convert, "_EXPORTED", {})
+    monkeypatch.setattr(convert, "_EXPORTED", OrderedDict())
 
     def run(path: Path) -> np.ndarray:
         import onnxruntime as ort

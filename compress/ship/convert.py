@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import onnx
@@ -45,6 +46,9 @@ def export_onnx(
     else:
         if key not in _EXPORTED:
             _EXPORTED[key] = _export_proto(model, sample, opset).SerializeToString()
+            while len(_EXPORTED) > _KEEP:  # a tuning study exports a new model every trial
+                _EXPORTED.popitem(last=False)
+        _EXPORTED.move_to_end(key)
         proto = onnx.ModelProto.FromString(_EXPORTED[key])
     if metadata:
         set_metadata(proto, metadata)
@@ -53,8 +57,10 @@ def export_onnx(
     return path
 
 
-# this process's ONNX exports by content key: a run's handful of small models, in bytes
-_EXPORTED: dict[str, bytes] = {}
+# this process's latest ONNX exports by content key, in bytes: the parents a quantize stage
+# exports are reused by the export stage that follows; older ones are dropped
+_EXPORTED: OrderedDict[str, bytes] = OrderedDict()
+_KEEP = 16
 
 
 def _export_proto(model: nn.Module, sample: torch.Tensor, opset: int) -> onnx.ModelProto:
