@@ -21,7 +21,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "accuracy": ("EVAL_BATCH", "accuracy_from_predictions", "evaluate"),
+    "accuracy": (
+        "EVAL_BATCH",
+        "accuracy_from_predictions",
+        "accuracy_of",
+        "evaluate",
+        "onnx_accuracy",
+        "onnx_predictor",
+    ),
     "latency": (
         "Latency",
         "cpu_model",
@@ -40,6 +47,7 @@ _EXPORTS = {
         "count_nonzero_parameters",
         "count_parameters",
         "file_size",
+        "file_sizes",
         "gzip_bytes",
         "gzip_size",
         "onnx_initializer_counts",

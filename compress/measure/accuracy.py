@@ -7,6 +7,8 @@ it is scored (``batchnorm``) and what the stages use, so each number is taken th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ from torch import nn
 from compress import distributed
 from compress.data import DataBundle, Split, iterate_batches
 from compress.layout import channels_last
+from compress.measure.latency import ort_session
 
 # Evaluation batch: a conv net in channels-last memory scores 10,000 MNIST images in 0.7 s on 2
 # CPU cores at batch 256-500 and in 1.1 s at batch 1000 (its caches overflow).
@@ -79,3 +82,34 @@ def accuracy_from_predictions(
         per_class[name] = float(hits[mask].mean()) if mask.any() else None
     correct = int(hits.sum())
     return correct / max(len(labels), 1), correct, per_class
+
+
+def accuracy_of(
+    predict: Callable[[torch.Tensor], Any], bundle: DataBundle, split: Split, batch_size: int = 500
+) -> dict[str, Any]:
+    """Top-1 accuracy of any ``predict(normalised batch) -> logits`` over ``split``."""
+    correct, count = 0, 0
+    for start in range(0, len(split), batch_size):
+        x = bundle.normalize(split.x[start : start + batch_size])
+        logits = predict(x)
+        pred = np.asarray(logits.detach() if isinstance(logits, torch.Tensor) else logits).argmax(1)
+        correct += int((torch.from_numpy(pred) == split.y[start : start + batch_size]).sum())
+        count += len(pred)
+    return {"accuracy": correct / max(count, 1), "correct": correct, "count": count}
+
+
+def onnx_predictor(path: Path, threads: int = 0) -> Callable[[torch.Tensor], np.ndarray]:
+    """``predict(normalised batch) -> logits`` of an ONNX file in a benchmark-style onnxruntime
+    session; ``threads=0`` lets onnxruntime choose (scoring is not timed, so it may use every core)."""
+    session = ort_session(path, threads)
+    name = session.get_inputs()[0].name
+
+    def predict(x: torch.Tensor) -> np.ndarray:
+        return session.run(None, {name: x.cpu().numpy().astype(np.float32, copy=False)})[0]
+
+    return predict
+
+
+def onnx_accuracy(path: Path, bundle: DataBundle, split: Split, batch_size: int = 500) -> dict[str, Any]:
+    """Run an ONNX file in onnxruntime over ``split`` (normalised as the bundle says)."""
+    return accuracy_of(onnx_predictor(path), bundle, split, batch_size)

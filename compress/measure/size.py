@@ -75,3 +75,8 @@ def onnx_initializer_counts(path: Path) -> tuple[int, int]:
         total += array.size
         nonzero += int(np.count_nonzero(array))
     return total, nonzero
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """Bytes on disk and gzip-compressed, as the benchmark sizes files."""
+    return {"bytes": file_size(path), "gzip_bytes": gzip_size(path)}

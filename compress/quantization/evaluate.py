@@ -1,6 +1,7 @@
-"""Scoring and timing quantized candidates the way the benchmark does: accuracy over a split with
-the bundle's normalisation, onnxruntime sessions with a fixed thread count, and latency from the
-benchmark's own interleaved timer (``compress.measure.time_interleaved``)."""
+"""Timing quantized candidates the way the benchmark does: onnxruntime sessions with a fixed thread
+count, and latency from the benchmark's own interleaved timer (``compress.measure.time_interleaved``).
+Scoring (``accuracy_of``, ``onnx_accuracy``) and sizes (``file_sizes``) are the measuring package's,
+named here for the quantize modes."""
 
 from __future__ import annotations
 
@@ -12,41 +13,11 @@ import numpy as np
 import torch
 
 from compress import measure
-from compress.data import DataBundle, Split
+from compress.measure.accuracy import accuracy_of, onnx_accuracy, onnx_predictor
+from compress.measure.size import file_sizes
 
 WARMUP_CALLS = 3  # untimed calls of each runner before its first timed round
 UNCAPPED_SECONDS = 1e9  # no time cap: ``rounds`` alone says when the timing stops
-
-
-def accuracy_of(
-    predict: Callable[[torch.Tensor], Any], bundle: DataBundle, split: Split, batch_size: int = 500
-) -> dict[str, Any]:
-    """Top-1 accuracy of any ``predict(normalised batch) -> logits`` over ``split``."""
-    correct, count = 0, 0
-    for start in range(0, len(split), batch_size):
-        x = bundle.normalize(split.x[start : start + batch_size])
-        logits = predict(x)
-        pred = np.asarray(logits.detach() if isinstance(logits, torch.Tensor) else logits).argmax(1)
-        correct += int((torch.from_numpy(pred) == split.y[start : start + batch_size]).sum())
-        count += len(pred)
-    return {"accuracy": correct / max(count, 1), "correct": correct, "count": count}
-
-
-def onnx_predictor(path: Path, threads: int = 0) -> Callable[[torch.Tensor], np.ndarray]:
-    """``predict(normalised batch) -> logits`` of an ONNX file in a benchmark-style onnxruntime
-    session; ``threads=0`` lets onnxruntime choose (scoring is not timed, so it may use every core)."""
-    session = measure.ort_session(path, threads)
-    name = session.get_inputs()[0].name
-
-    def predict(x: torch.Tensor) -> np.ndarray:
-        return session.run(None, {name: x.cpu().numpy().astype(np.float32, copy=False)})[0]
-
-    return predict
-
-
-def onnx_accuracy(path: Path, bundle: DataBundle, split: Split, batch_size: int = 500) -> dict[str, Any]:
-    """Run an ONNX file in onnxruntime over ``split`` (normalised as the bundle says)."""
-    return accuracy_of(onnx_predictor(path), bundle, split, batch_size)
 
 
 def interleaved_ms(runners: Sequence[Callable[[], Any]], rounds: int, runs: int) -> list[dict[str, float]]:
@@ -100,6 +71,12 @@ def torch_runner(module: Callable[[torch.Tensor], Any], sample: torch.Tensor) ->
     return run
 
 
-def file_sizes(path: Path) -> dict[str, int]:
-    """Bytes on disk and gzip-compressed, as the benchmark sizes files."""
-    return {"bytes": measure.file_size(path), "gzip_bytes": measure.gzip_size(path)}
+__all__ = [
+    "accuracy_of",
+    "file_sizes",
+    "interleaved_ms",
+    "onnx_accuracy",
+    "onnx_predictor",
+    "onnx_runner",
+    "torch_runner",
+]
