@@ -39,6 +39,10 @@ class Context:
     artifacts: dict[str, dict[str, Path]] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress"))
     run_stage: StageRunner | None = None
+    # run_step(stage kind, settings, input variants, out_dir, on_epoch=None, train_images=None):
+    # runs a stage kind that is not in the pipeline as one step of a search trial's chain
+    # (validation data only; on the first train_images training images when given)
+    run_step: StageRunner | None = None
     # stage_workdir(target label, settings): a context manager giving the work directory that
     # stage will use with those settings (None if it is cached or busy), for a confirmation run
     # whose training the stage then resumes instead of repeating (engine.trials.stage_workdir).

@@ -22,7 +22,7 @@ The points:
     export:<file>.onnx      the export stage has a variant's ONNX file in deploy/, more to do
     parity:<variant>:<target>  an edge target's parity was measured (@corrupt: its logits are
                             treated as shifted by 1.0, so the target fails parity)
-    tune:trial<N>           tuning trial N has started (its settings are drawn)
+    <stage>:trial<N>        trial N of a tune or search stage has started (its settings are drawn)
     report:writing          the report stage has written part of its files
     commit:<entry>          the engine has written a stage's result.json, not yet renamed the
                             stage's directory into the cache (<entry> = <stage>-<key prefix>)

@@ -94,15 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage",
         metavar="URL",
-        help="database for the tune stages' studies (any SQLAlchemy URL, e.g. "
+        help="database for the tune and search stages' studies (any SQLAlchemy URL, e.g. "
         "postgresql://user@host/db; password via PGPASSWORD or ~/.pgpass); default: an SQLite "
         "file in the stage's directory",
     )
     parser.add_argument(
         "--worker",
         action="store_true",
-        help="with --only TUNE_STAGE and a shared --storage: join the study as one of several "
-        "worker processes (on one or many machines)",
+        help="with --only STAGE (a tune or search stage) and a shared --storage: join its study as "
+        "one of several worker processes (on one or many machines)",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")

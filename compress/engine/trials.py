@@ -1,12 +1,15 @@
-"""Running a stage of the pipeline as a tuning trial, for the tune stage.
+"""Running stages as tuning trials, for the tune and search stages.
 
-The tune stage must run another stage many times but never imports the engine: the engine
-hands it this runner through the run context (``ctx.run_stage``), and, for its full-budget
-confirmation, the work directory the target stage itself will use (``ctx.stage_workdir``).
+Those stages must run other stages many times but never import the engine: the engine hands
+them runners through the run context. ``ctx.run_stage`` runs a stage of the pipeline with
+sampled settings (tune); ``ctx.run_step`` runs a stage kind that is not in the pipeline, one
+step of a search trial's chain, on variants the trial made; and, for tune's full-budget
+confirmation, ``ctx.stage_workdir`` is the work directory the target stage itself will use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +25,8 @@ from compress.engine import cache
 from compress.errors import ArtifactError, ConfigError
 from compress.stages import StageDef
 from compress.tuning import TuningBundle, with_settings
-from compress.variants import StageResult
+from compress.tuning.settings import step_config
+from compress.variants import StageResult, Variant
 
 _TRIAL_LOG = logging.getLogger("compress.trial")
 _TRIAL_LOG.setLevel(logging.WARNING)
@@ -58,24 +62,65 @@ def trial_runner(ctx: Context, registry: dict[str, StageDef]):
 
     def run_stage(label: str, settings: dict[str, Any], out_dir: Path, on_epoch: Any = None) -> StageResult:
         cfg, names = _configured(ctx, label, settings)
-        trial_ctx = replace(
-            ctx,
-            variants=dict(ctx.variants),
-            artifacts={k: dict(v) for k, v in ctx.artifacts.items()},
-            results=dict(ctx.results),
-            published=dict(ctx.published),
-            run_stage=None,
-            stage_workdir=None,
-            log=_TRIAL_LOG,  # warnings only: the tune stage logs one line per trial
-            tuning=True,
-            on_epoch=on_epoch,
-            _data=TuningBundle.wrap(ctx.data()),
-        )
+        trial_ctx = _trial_context(ctx, on_epoch, None)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         return registry[cfg.stage].run(cfg, trial_ctx.inputs(names), trial_ctx, out_dir)
 
     return run_stage
+
+
+def _trial_context(ctx: Context, on_epoch: Any, train_images: int | None) -> Context:
+    """A copy of ``ctx`` for one trial: its own variant maps, no runners, warnings-only logging,
+    ``tuning=True``, and a dataset whose test split raises (on the first ``train_images``
+    training images of the seeded split when given: a short trial's subset)."""
+    bundle = ctx.data()
+    if train_images is not None and train_images < len(bundle.train):
+        bundle = dataclasses.replace(bundle, train=bundle.train.head(train_images))
+    return replace(
+        ctx,
+        variants=dict(ctx.variants),
+        artifacts={k: dict(v) for k, v in ctx.artifacts.items()},
+        results=dict(ctx.results),
+        published=dict(ctx.published),
+        run_stage=None,
+        run_step=None,
+        stage_workdir=None,
+        log=_TRIAL_LOG,  # warnings only: the tuning stage logs one line per trial
+        tuning=True,
+        on_epoch=on_epoch,
+        _data=TuningBundle.wrap(bundle),
+    )
+
+
+def step_runner(ctx: Context, registry: dict[str, StageDef]):
+    """``ctx.run_step`` for search stages: run a stage of kind ``kind`` that is not in the
+    pipeline, with ``settings`` (validated by that kind's own config class, so a refused value is
+    a ConfigError naming it), on ``inputs`` (variants an earlier step of the trial made), as a
+    tuning trial: validation data only, on the first ``train_images`` training images when given.
+    """
+
+    def run_step(
+        kind: str,
+        settings: dict[str, Any],
+        inputs: list[Variant],
+        out_dir: Path,
+        on_epoch: Any = None,
+        train_images: int | None = None,
+    ) -> StageResult:
+        if kind not in registry:
+            raise ConfigError(f"no stage kind {kind!r}; kinds: {', '.join(sorted(registry))}")
+        try:
+            cfg = step_config(registry[kind].config, settings, [v.name for v in inputs], ctx.pipeline.config)
+        except ValueError as exc:
+            raise ConfigError(f"{kind} step: {exc}") from None
+        trial_ctx = _trial_context(ctx, on_epoch, train_images)
+        trial_ctx.variants.update({v.name: v for v in inputs})
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return registry[kind].run(cfg, inputs, trial_ctx, out_dir)
+
+    return run_step
 
 
 def stage_workdir(ctx: Context, registry: dict[str, StageDef], base: Path):

@@ -31,7 +31,7 @@ from compress.report.inputs import ReportInputs
 from compress.report.previous import compare_previous
 from compress.report.provenance import provenance
 from compress.report.quantization import qat_rows
-from compress.report.study import study_charts, study_from, study_summary
+from compress.report.study import search_charts, study_charts, study_from, study_summary
 from compress.report.summary import summarize
 from compress.report.table import table_columns, table_rows
 
@@ -138,11 +138,13 @@ def _stage_sections(inputs: ReportInputs, rows: list[dict[str, Any]]) -> dict[st
             found = distillation_rows(stage, rows)
             if found:
                 distillation.append(found)
-        if stage["kind"] == "tune":
+        if stage["kind"] in ("tune", "search"):
             study = study_from(stage)
             if study is not None:
                 studies.append(study_summary(stage["label"], study))
-                study_chart_list += study_charts(stage["label"], study) if inputs.charts else []
+                if inputs.charts:
+                    label = stage["label"]
+                    study_chart_list += study_charts(label, study) + search_charts(label, study)
     for name, variant in inputs.variants.items():
         layers = variant.info.get("per_layer_sparsity")
         if isinstance(layers, dict) and layers:

@@ -116,11 +116,111 @@ def study_summary(label: str, study: dict[str, Any]) -> dict[str, Any]:
             f"{k}={v:.4g}" if is_number(v) else f"{k}={v}" for k, v in chosen["params"].items()
         )
         chosen = f"trial {chosen.get('number')}: {params}"
+    recipes, picks = search_rows(study)
     return {
         "label": label,
+        "recipes": recipes,
+        "picks": picks,
         "trials": len(trials),
         "states": ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())),
         "chosen": chosen,
         "rule": study.get("selection_rule") or study.get("rule"),
         "target": study.get("target"),
     }
+
+
+def _shipped_as(study: dict[str, Any]) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for pick in study.get("picks") or []:
+        if isinstance(pick, dict) and isinstance(pick.get("trial"), int):
+            names.setdefault(pick["trial"], []).append(str(pick.get("purpose")))
+    return names
+
+
+def search_rows(study: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """A search study's trials as recipe rows (what each chain was, how it scored in the runtime,
+    what shipped), and one line per pick; empty for a tune study."""
+    if "picks" not in study:
+        return [], []
+    shipped = _shipped_as(study)
+    reference = (study.get("reference") or {}).get("val_accuracy")
+    rows = []
+    for t in study["trials"]:
+        m = t.get("metrics") or {}
+        acc = m.get("val_accuracy")
+        drop = 100 * (reference - acc) if is_number(acc) and is_number(reference) else None
+        rows.append(
+            {
+                "number": t.get("number"),
+                "recipe": m.get("recipe") or t.get("rejected") or "",
+                "state": str(t.get("state", "")).lower(),
+                "val_accuracy": f"{100 * acc:.2f} %" if is_number(acc) else "",
+                "drop": f"{drop:.2f}" if drop is not None else "",
+                "gzip_bytes": f"{m['gzip_bytes']:,}" if is_number(m.get("gzip_bytes")) else "",
+                "latency_ms": f"{m['latency_ms']:.3f}" if is_number(m.get("latency_ms")) else "",
+                "feasible": {True: "yes", False: "no"}.get(t.get("feasible"), ""),
+                "shipped": ", ".join(shipped.get(t.get("number"), [])),
+            }
+        )
+    builds = {b.get("number"): b for b in study.get("builds") or [] if isinstance(b, dict)}
+    lines = []
+    for pick in study.get("picks") or []:
+        build = builds.get(pick.get("trial"))
+        if build is None:
+            lines.append(
+                f"{pick.get('purpose')}: nothing shipped, no candidate held the constraint at full budget"
+            )
+            continue
+        m = build.get("metrics") or {}
+        lines.append(
+            f"{pick.get('purpose')}: trial {build['number']} ({build.get('recipe')}), at full budget "
+            f"val accuracy {100 * m.get('val_accuracy', 0):.2f} %, drop {build.get('drop', 0):.2f} pp, "
+            f"{m.get('gzip_bytes', 0):,} gzip bytes, {m.get('latency_ms', 0):.3f} ms"
+        )
+    return rows, lines
+
+
+def search_charts(label: str, study: dict[str, Any]) -> list[dict[str, str]]:
+    """Accuracy against each cost (size, latency) over a search's trials, picks marked."""
+    if "picks" not in study:
+        return []
+    shipped = _shipped_as(study)
+    complete = [t for t in study["trials"] if str(t.get("state")) == "COMPLETE" and t.get("metrics")]
+    charts = []
+    for metric, title in (("gzip_bytes", "size (gzip bytes)"), ("latency_ms", "latency (ms)")):
+        points = [t for t in complete if is_number(t["metrics"].get(metric))]
+        if not points:
+            continue
+        fig, ax = new_figure(6.5, 4.0)
+        for feasible, color, marker, name in (
+            (True, "#4878a8", "o", "feasible"),
+            (False, "#c0392b", "x", "infeasible"),
+        ):
+            chosen = [t for t in points if bool(t.get("feasible")) is feasible]
+            if chosen:
+                ax.scatter(
+                    [t["metrics"][metric] for t in chosen],
+                    [100 * t["metrics"]["val_accuracy"] for t in chosen],
+                    color=color,
+                    marker=marker,
+                    s=24,
+                    label=f"{name} trial",
+                )
+        marked = [t for t in points if t.get("number") in shipped]
+        if marked:
+            ax.scatter(
+                [t["metrics"][metric] for t in marked],
+                [100 * t["metrics"]["val_accuracy"] for t in marked],
+                facecolors="none",
+                edgecolors="#222",
+                s=120,
+                lw=1.5,
+                label="shipped (rebuilt at full budget)",
+            )
+        if metric == "gzip_bytes":
+            ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.set_ylabel("validation accuracy (%), short trial")
+        ax.legend(fontsize=8)
+        charts.append(chart(fig, f"Recipe search ({label}): accuracy vs {title}", "", "scatter"))
+    return charts

@@ -17,7 +17,7 @@ import torch
 
 from compress import faults, measure
 from compress.config import did_you_mean, mask_secrets
-from compress.context import Context
+from compress.context import Context, EpochHook
 from compress.errors import ConfigError
 from compress.tuning.constraint import drop_pp
 from compress.tuning.space import suggest
@@ -29,16 +29,30 @@ DERIVED_METRICS = ("file_bytes", "gzip_bytes", "latency_ms")
 
 
 class TrialRejected(Exception):
-    """The target refused a sampled configuration (a ConfigError): the trial fails, the study goes on."""
+    """The target refused a sampled configuration (a ConfigError), or a search trial's chain
+    failed (a step refused the model, an export missed parity): the trial fails with its reason
+    recorded, and the study goes on."""
+
+
+# evaluate(sampled settings, the trial's work directory, the per-epoch hook) -> the variant the
+# trial made and its metrics; raises ConfigError or TrialRejected when the trial cannot be scored
+TrialEvaluator = Callable[[dict[str, Any], Path, "EpochHook | None"], tuple[Variant, dict[str, Any]]]
 
 
 class Objective:
     """``study.optimize``'s callable; counts the trials the target rejected in ``rejected``."""
 
     def __init__(
-        self, cfg: SearchSpec, ctx: Context, out_dir: Path, reference: float | None, lock: StudyLock
+        self,
+        cfg: SearchSpec,
+        ctx: Context,
+        out_dir: Path,
+        reference: float | None,
+        lock: StudyLock,
+        evaluate: TrialEvaluator | None = None,
     ):
         self.cfg, self.ctx, self.out_dir, self.reference, self.lock = cfg, ctx, out_dir, reference, lock
+        self.evaluate = evaluate or stage_trial(cfg, ctx)
         self.rejected = 0
         self.sign = 1.0 if cfg.directions[0] == "maximize" else -1.0
 
@@ -47,19 +61,17 @@ class Objective:
         cfg, ctx = self.cfg, self.ctx
         params = {path: suggest(trial, path, entry, cfg.target_config) for path, entry in cfg.space.items()}
         trial_dir = self.out_dir / "trials" / f"{trial.number:05d}"
-        faults.checkpoint(f"tune:trial{trial.number}")
+        faults.checkpoint(f"{cfg.label}:trial{trial.number}")
         on_epoch = self._reporter(trial) if cfg.pruner != "none" else None
         tic = time.perf_counter()
         try:
             try:
-                result = ctx.run_stage(cfg.target, {**cfg.trial_overrides, **params}, trial_dir, on_epoch)
-            except ConfigError as exc:
+                variant, metrics = self.evaluate(params, trial_dir, on_epoch)
+            except (ConfigError, TrialRejected) as exc:
                 self.rejected += 1
                 trial.set_user_attr("rejected", mask_secrets(str(exc)))
                 ctx.log.warning("%s: trial %d rejected by %s: %s", cfg.label, trial.number, cfg.target, exc)
                 raise TrialRejected(str(exc)) from None
-            variant = scored_variant(result, cfg)
-            metrics = variant_metrics(variant, cfg, ctx)
         finally:
             if not cfg.keep_trials:
                 shutil.rmtree(trial_dir, ignore_errors=True)
@@ -83,7 +95,7 @@ class Objective:
             "%s: trial %d: %s -> %s%s",
             cfg.label,
             trial.number,
-            ", ".join(f"{k}={_short(v)}" for k, v in params.items()),
+            metrics.get("recipe") or ", ".join(f"{k}={_short(v)}" for k, v in params.items()),
             ", ".join(f"{m} {v:.6g}" for m, v in zip(cfg.metrics, values, strict=True)),
             verdict,
         )
@@ -111,6 +123,18 @@ class Objective:
                 raise optuna.TrialPruned(f"validation accuracy {value:.4f} after epoch {steps[0]}")
 
         return on_epoch
+
+
+def stage_trial(cfg: SearchSpec, ctx: Context) -> TrialEvaluator:
+    """The tune stage's trial: the target stage with the short budget and the sampled settings,
+    scored on the variant it makes."""
+
+    def evaluate(params: dict[str, Any], trial_dir: Path, on_epoch: EpochHook | None) -> tuple[Variant, dict]:
+        result = ctx.run_stage(cfg.target, {**cfg.trial_overrides, **params}, trial_dir, on_epoch)
+        variant = scored_variant(result, cfg)
+        return variant, variant_metrics(variant, cfg, ctx)
+
+    return evaluate
 
 
 def scored_variant(result: StageResult, cfg: SearchSpec) -> Variant:

@@ -90,3 +90,19 @@ def value_at(cfg: StageConfig, path: str) -> Any:
         if node is None:
             return None
     return node
+
+
+def step_config(
+    cls: type[StageConfig], settings: dict[str, Any], inputs: list[str], pipeline: Any | None = None
+) -> StageConfig:
+    """A stage config of class ``cls`` built from ``settings`` (nested YAML, as a user writes a
+    stage) reading ``inputs``: one step of a search trial's chain. Raises ValueError in the
+    YAML's words when the stage refuses a value."""
+    kind = cls.model_fields["stage"].annotation.__args__[0]  # Literal["prune"] -> "prune"
+    try:
+        cfg = cls.model_validate({**settings, "stage": kind, "from": list(inputs)})
+    except ValidationError as exc:
+        raise ValueError(format_errors(None, exc, cls, prefix="")) from None
+    if pipeline is not None:
+        cfg.check(pipeline)
+    return cfg

@@ -73,7 +73,10 @@ def kind_of(path: str, entry: SpaceEntry, target: StageConfig) -> str:
 
 def suggest(trial: optuna.Trial, path: str, entry: SpaceEntry, target: StageConfig | None) -> Any:
     """The value ``trial`` samples for the setting at ``path`` (the parameter's name is the path)."""
-    kind = kind_of(path, entry, target) if target is not None else "float"
+    if target is not None:
+        kind = kind_of(path, entry, target)
+    else:  # a search's own parameter: no stage setting to take the type from
+        kind = "categorical" if entry.choices is not None else entry.type or "float"
     if kind == "categorical":
         return trial.suggest_categorical(path, entry.choices)
     if kind == "int":

@@ -54,7 +54,7 @@ def study_url(storage: str | None, out_dir: Path) -> tuple[str, str]:
     SQLite file in the stage directory. The default database moves with that directory, so
     it is shown relative to it; any other URL is shown with its password masked."""
     url = driver_url(storage or f"sqlite:///{(out_dir / 'study.db').resolve()}")
-    shown = "sqlite:///study.db (in the tune stage's directory)" if storage is None else mask_secrets(url)
+    shown = "sqlite:///study.db (in the stage's directory)" if storage is None else mask_secrets(url)
     return url, shown
 
 
@@ -74,7 +74,7 @@ def with_storage(pipeline: Any, url: str, registry: dict[str, type[StageConfig]]
         if isinstance(s, dict) and getattr(registry.get(s.get("stage")), "supports_workers", False)
     ]
     if not tunes:
-        raise ConfigError(f"--storage: {pipeline.path} has no tune stage to store a study for")
+        raise ConfigError(f"--storage: {pipeline.path} has no tune or search stage to store a study for")
     for entry in tunes:
         entry["storage"] = url
     return validate_pipeline(raw, pipeline.path, registry)

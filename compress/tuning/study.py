@@ -22,7 +22,7 @@ from tqdm import tqdm
 from compress.config import mask_secrets
 from compress.context import Context
 from compress.errors import CompressError, ConfigError
-from compress.tuning.objective import Objective, TrialRejected
+from compress.tuning.objective import Objective, TrialEvaluator, TrialRejected
 from compress.tuning.settings import value_at
 from compress.tuning.spec import SearchSpec
 from compress.tuning.storage import StudyLock
@@ -184,8 +184,10 @@ def optimize(
     out_dir: Path,
     reference: float | None,
     started: float,
+    evaluate: TrialEvaluator | None = None,
 ) -> None:
     """Run trials until the study holds exactly n_trials finished (complete or pruned) ones.
+    ``evaluate`` runs and scores one trial; None: the tune stage's (its target stage).
 
     Under the lock: fail stale trials (killed workers), count, and start a trial only when
     finished + running + queued is below n_trials (or a queued retry is waiting). The trial
@@ -202,7 +204,7 @@ def optimize(
         dynamic_ncols=True,
         leave=False,
     )
-    objective = Objective(cfg, ctx, out_dir, reference, lock)
+    objective = Objective(cfg, ctx, out_dir, reference, lock, evaluate)
     try:
         while True:
             lock.acquire()
