@@ -521,7 +521,7 @@ def test_two_runs_at_once_share_the_cache_with_one_writer(tmp_path: Path, data_r
         def read(i: int) -> None:
             for line in procs[i].stderr:
                 errs[i].append(line)
-                if "another run is computing this stage" in line:
+                if "another process is computing this stage" in line:
                     waiting[i].set()
 
         readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(2)]

@@ -149,16 +149,23 @@ def lock_file(cache: Path, entry_name: str) -> Path:
     return cache / f".{entry_name}.lock"
 
 
+class Busy(Exception):
+    """Another process holds the entry's lock and ``wait=False`` was asked for."""
+
+
 @contextmanager
-def entry_lock(path: Path, label: str) -> Iterator[None]:
-    """One writer per cache entry; a second run of the pipeline waits here, and says so."""
+def entry_lock(path: Path, label: str, wait: bool = True) -> Iterator[None]:
+    """One writer per cache entry; a second run of the pipeline waits here, and says so (or,
+    with ``wait=False``, raises ``Busy`` so the caller can do something else first)."""
     lock = FileLock(str(path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.warning(
-            "stage %s: another run is computing this stage (lock %s); waiting for it to finish, "
-            "then its result is reused",
+        if not wait:
+            raise Busy(label) from None
+        log.info(
+            "stage %s: another process is computing this stage (lock %s): a second run, or this "
+            "run working ahead; waiting for it to finish, then its result is reused",
             label,
             path,
         )

@@ -37,6 +37,7 @@ class StageRecord:
     inputs: list[str]
     outputs: list[str]
     result: StageResult
+    ahead: bool = False  # run by the process working ahead (compress.engine.ahead)
 
 
 @dataclass

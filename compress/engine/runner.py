@@ -25,9 +25,11 @@ from compress.config import Pipeline, StageConfig, did_you_mean
 from compress.context import Context
 from compress.data import DataSource, prepare, resolve_root
 from compress.engine import cache, rundir
+from compress.engine.ahead import Ahead
+from compress.engine.ahead import enabled as ahead_enabled
 from compress.engine.execute import execute
 from compress.engine.records import RunOptions, RunSummary, StageRecord
-from compress.engine.trials import stage_workdir, trial_runner
+from compress.engine.trials import stage_workdir, step_runner, trial_runner
 from compress.errors import ArtifactError, ConfigError, DataError
 from compress.fileio import write_json, write_text
 from compress.stages import StageDef, load_stages
@@ -82,6 +84,7 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions) -> RunSummary:
         ctx.manifest, ctx.reports_dir = manifest, summary.reports_dir
         ctx.worker, ctx.run_stage = options.worker, trial_runner(ctx, registry)
         ctx.stage_workdir = stage_workdir(ctx, registry, base)
+        ctx.run_step = step_runner(ctx, registry)
         return _Run(pipeline, options, registry, base, ctx, summary, manifest, main).run_stages()
     finally:
         logging.getLogger().removeHandler(handler)
@@ -103,7 +106,7 @@ def _check_options(pipeline: Pipeline, options: RunOptions) -> None:
         if only is None or not getattr(only, "supports_workers", False):
             raise ConfigError(
                 "--worker needs --only STAGE naming a stage that can share its work with other "
-                "processes (a tune stage), e.g. --only tune --worker"
+                "processes (a tune or search stage), e.g. --only tune --worker"
             )
 
 
@@ -164,33 +167,27 @@ class _Run:
 
     def run_stages(self) -> RunSummary:
         """Each stage in order (``--from`` reruns from a stage on, ``--only`` stops after one),
-        then the run's totals in the summary and the manifest, and the ``latest`` link."""
+        then the run's totals in the summary and the manifest, and the ``latest`` link. Stages
+        that need only variants made so far may run ahead in a second process (``ahead``)."""
         options, summary = self.options, self.summary
         labels = [s.label for s in self.pipeline.stages]
         started = time.perf_counter()
         rerun = options.force
-        for cfg in self.pipeline.stages:
-            definition = self.registry[cfg.stage]
-            cfg = _apply_tuned(cfg, self.tuned.get(cfg.label), self.pipeline)
-            if options.from_stage == cfg.label:
-                rerun = True
-            if options.only_stage is not None:
-                past_only = labels.index(cfg.label) > labels.index(options.only_stage)
-                if past_only:
+        on = ahead_enabled(options, self.ctx.device) and self.main
+        ahead = Ahead(self.pipeline.stages, self.registry, self.base, self.ctx.run_dir, on)
+        early: dict[int, tuple[StageRecord, StageConfig]] = {}  # run out of order, taken in order
+        try:
+            for position, cfg in enumerate(self.pipeline.stages):
+                if options.only_stage is not None and position > labels.index(options.only_stage):
                     break
-                must_run = cfg.label == options.only_stage
-                record = _run_or_reuse(
-                    definition,
-                    cfg,
-                    self.ctx,
-                    self.base,
-                    force=must_run,
-                    cache_only=not must_run,
-                    worker=options.worker and must_run,
-                )
-            else:
-                record = _run_or_reuse(definition, cfg, self.ctx, self.base, force=rerun)
-            self._take(definition, cfg, record)
+                ahead.launch(position, list(self.ctx.variants), self._run_ahead, self._cached)
+                if position not in early and ahead.on:
+                    self._meanwhile(position, ahead, early)
+                record, cfg = early.pop(position, None) or self._run_one(cfg, rerun)
+                rerun = rerun or options.from_stage == cfg.label
+                self._take(self.registry[cfg.stage], cfg, self._claim(record, ahead))
+        finally:
+            ahead.finish()
         summary.variants = dict(self.ctx.variants)
         summary.seconds = time.perf_counter() - started
         self.manifest["seconds"] = round(summary.seconds, 2)
@@ -199,16 +196,79 @@ class _Run:
             rundir.link(self.base / "latest", self.ctx.run_dir)
         return summary
 
+    def _run_ahead(self, cfg: StageConfig, wait: bool) -> str:
+        """In the process working ahead: one stage run or reused, its variants kept for the next;
+        with ``wait=False``, ``cache.Busy`` when the parent is at it."""
+        cfg = _apply_tuned(cfg, self.tuned.get(cfg.label), self.pipeline)
+        record = _run_or_reuse(self.registry[cfg.stage], cfg, self.ctx, self.base, force=False, wait=wait)
+        self.ctx.variants.update({v.name: v for v in record.result.variants})
+        return record.status
+
+    def _meanwhile(self, position: int, ahead: Ahead, early: dict) -> None:
+        """While the process working ahead holds stage ``position``, run the later stages that
+        are ready and free here, so neither process waits on the other."""
+        stages = self.pipeline.stages
+        while ahead.holds(stages[position], self._key(stages[position])):
+            ready = ahead.ready_after(position, list(self.ctx.variants), set(early))
+            ran = False
+            for k in ready:
+                try:
+                    early[k] = self._run_one(stages[k], False, wait=False)
+                    ran = True
+                    break
+                except cache.Busy:
+                    continue
+            if not ran:
+                return  # nothing else to do: wait for it
+
+    def _cached(self, cfg: StageConfig) -> bool:
+        entry, _ = cache.entry_paths(self.base, cfg.label, self._key(cfg))
+        return (entry / "result.json").is_file()
+
+    def _key(self, cfg: StageConfig) -> str:
+        cfg = _apply_tuned(cfg, self.tuned.get(cfg.label), self.pipeline, say=False)
+        inputs = self.ctx.inputs(cfg.consumes(list(self.ctx.variants)))
+        return cache.stage_key(self.registry[cfg.stage], cfg, inputs, self.ctx)
+
+    def _run_one(self, cfg: StageConfig, rerun: bool, wait: bool = True) -> tuple[StageRecord, StageConfig]:
+        """One stage: run or reused (``--only``: only that one runs), with its tuned settings."""
+        options = self.options
+        definition = self.registry[cfg.stage]
+        cfg = _apply_tuned(cfg, self.tuned.get(cfg.label), self.pipeline)
+        rerun = rerun or options.from_stage == cfg.label
+        if options.only_stage is None:
+            return _run_or_reuse(definition, cfg, self.ctx, self.base, force=rerun, wait=wait), cfg
+        must_run = cfg.label == options.only_stage
+        record = _run_or_reuse(
+            definition,
+            cfg,
+            self.ctx,
+            self.base,
+            force=must_run,
+            cache_only=not must_run,
+            worker=options.worker and must_run,
+        )
+        return record, cfg
+
+    @staticmethod
+    def _claim(record: StageRecord, ahead: Ahead) -> StageRecord:
+        """A stage the process working ahead ran counts as run here, with its time."""
+        seconds = ahead.ran_ahead(record.label) if record.status == "cached" else None
+        if seconds is not None:
+            record.status, record.seconds, record.ahead = "ran", seconds, True
+        return record
+
     def _take(self, definition: StageDef, cfg: StageConfig, record: StageRecord) -> None:
         """A finished stage's record: logged, its results and variants handed to later stages, and
         (rank 0) linked, published and written to the manifest."""
         ctx = self.ctx
         self.summary.records.append(record)
         log.info(
-            "stage %s: %s in %.1fs%s",
+            "stage %s: %s in %.1fs%s%s",
             record.label,
             record.status,
             record.seconds,
+            " (ahead, in a second process)" if record.ahead else "",
             f" -> {', '.join(record.outputs)}" if record.outputs else "",
         )
         ctx.results[cfg.label] = record.result
@@ -251,6 +311,7 @@ def _run_or_reuse(
     force: bool,
     cache_only: bool = False,
     worker: bool = False,
+    wait: bool = True,
 ) -> StageRecord:
     input_names = cfg.consumes(list(ctx.variants))
     missing = [name for name in input_names if name not in ctx.variants]
@@ -282,7 +343,7 @@ def _run_or_reuse(
             cfg.label, cfg.stage, status, time.perf_counter() - tic, key, entry, input_names,
             [v.name for v in result.variants], result,
         )  # fmt: skip
-    with cache.entry_lock(cache.lock_file(base / "cache", entry.name), cfg.label):
+    with cache.entry_lock(cache.lock_file(base / "cache", entry.name), cfg.label, wait):
         cached = None if force else cache.load_cached(entry, cfg.label)
         if cached is not None:
             log.info("stage %s: cached (%s)", cfg.label, entry.name)
@@ -425,7 +486,9 @@ def _training_entry(cfg: StageConfig, record: StageRecord, device: torch.device)
     return entry
 
 
-def _apply_tuned(cfg: StageConfig, settings: dict[str, Any] | None, pipeline: Pipeline) -> StageConfig:
+def _apply_tuned(
+    cfg: StageConfig, settings: dict[str, Any] | None, pipeline: Pipeline, say: bool = True
+) -> StageConfig:
     """The stage's config with the settings a tune stage chose (so they are in its cache key)."""
     if not settings:
         return cfg
@@ -433,5 +496,8 @@ def _apply_tuned(cfg: StageConfig, settings: dict[str, Any] | None, pipeline: Pi
         tuned = with_settings(cfg, settings, pipeline.config)
     except ValueError as exc:
         raise ConfigError(f"{pipeline.path}: stage {cfg.label!r}: invalid tuned settings: {exc}") from None
-    log.info("stage %s: tuned settings %s", cfg.label, ", ".join(f"{k}={v!r}" for k, v in settings.items()))
+    if say:
+        log.info(
+            "stage %s: tuned settings %s", cfg.label, ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        )
     return tuned

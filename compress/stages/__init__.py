@@ -29,6 +29,9 @@ class StageDef:
     needs_results: bool = False  # reads ctx.results/ctx.manifest: re-runs every run (run id in its key)
     # runs on every rank under torchrun (training under DDP); other stages run on rank 0 only
     distributed: bool = False
+    # reads nothing but its input variants and the data: it may run in a second process beside
+    # the stage before it (compress.engine.ahead)
+    concurrent: bool = False
 
 
 REGISTRY: dict[str, StageDef] = {}
@@ -41,19 +44,24 @@ def stage(
     needs_data: bool = True,
     needs_results: bool = False,
     distributed: bool = False,
+    concurrent: bool = False,
 ) -> Callable[[StageFn], StageFn]:
     """Register ``run(cfg, inputs, ctx, out_dir) -> StageResult`` under ``kind``.
 
     Bump ``version`` when a change alters what the stage produces: it is part of the cache
     key, so old cached results are not reused. ``distributed=True`` marks a stage that trains
     through ``training.fit``/``evaluate``: under torchrun every rank runs it (see
-    ``compress.distributed``); any other stage runs on rank 0 alone.
+    ``compress.distributed``); any other stage runs on rank 0 alone. ``concurrent=True`` marks a
+    stage that reads only its input variants and the data, which may run ahead in a second
+    process (``compress.engine.ahead``).
     """
 
     def register(fn: StageFn) -> StageFn:
         if kind in REGISTRY:
             raise RuntimeError(f"stage {kind!r} registered twice")
-        REGISTRY[kind] = StageDef(kind, config, fn, version, needs_data, needs_results, distributed)
+        REGISTRY[kind] = StageDef(
+            kind, config, fn, version, needs_data, needs_results, distributed, concurrent
+        )
         return fn
 
     return register

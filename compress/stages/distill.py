@@ -98,7 +98,7 @@ class DistillConfig(StageConfig, TrainingConfig):
         return self.student.spec()
 
 
-@stage("distill", DistillConfig, version=2, distributed=True)
+@stage("distill", DistillConfig, version=2, distributed=True, concurrent=True)
 def run(cfg: DistillConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     stage_started = time.perf_counter()
     source = inputs[0]

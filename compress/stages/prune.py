@@ -292,7 +292,7 @@ def _fail(ctx: Context, cfg: PruneConfig, key: str, message: str) -> ConfigError
     return ConfigError(f"{ctx.pipeline.path}: {where}.{key}: {message}")
 
 
-@stage("prune", PruneConfig, version=2, distributed=True)
+@stage("prune", PruneConfig, version=2, distributed=True, concurrent=True)
 def run(cfg: PruneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     for key, message in cfg.problems():
         raise _fail(ctx, cfg, key, message)

@@ -293,7 +293,7 @@ class QuantizeConfig(StageConfig):
         )
 
 
-@stage("quantize", QuantizeConfig, version=3)
+@stage("quantize", QuantizeConfig, version=3, concurrent=True)
 def run(cfg: QuantizeConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     _check_inputs(cfg, inputs)
     bundle = ctx.data()

@@ -182,7 +182,7 @@ def _check_outputs(cfg: TrainConfig, model: nn.Module, bundle) -> None:
         )
 
 
-@stage("train", TrainConfig, version=2, distributed=True)
+@stage("train", TrainConfig, version=2, distributed=True, concurrent=True)
 def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> StageResult:
     bundle = ctx.data()
     spec = {**cfg.model.spec(), **bundle.model_fields()}
