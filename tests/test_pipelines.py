@@ -65,6 +65,19 @@ def smoke_overrides(raw: dict[str, Any]) -> list[str]:
             sets += [f"{at}.n_trials=2", f"{at}.timeout=120"]
             if "finetune.epochs" in (stage.get("trial_overrides") or {}):
                 sets.append(f"{at}.trial_overrides={{finetune.epochs: 1}}")
+        if kind == "search":
+            sets += [
+                f"{at}.n_trials=3",
+                f"{at}.rebuilds=1",
+                f"{at}.max_drop_pp=100",  # something ships, so export, benchmark and report see it
+                f"{at}.trial_budget={{train_images: 300, epochs: 1}}",
+            ]
+            for name, tech in (stage.get("techniques") or {}).items():
+                settings = tech.get("settings", {}) if isinstance(tech, dict) else {}
+                if "epochs" in settings:
+                    sets.append(f"{at}.techniques.{name}.settings.epochs=1")
+                if "epochs" in settings.get("finetune", {}):
+                    sets.append(f"{at}.techniques.{name}.settings.finetune.epochs=1")
         if kind == "prune" and stage.get("finetune", {}) is not None:
             sets += [f"{at}.finetune.epochs=1", f"{at}.finetune.batch_size=32"]
             if stage.get("method") == "structured":
