@@ -9,6 +9,7 @@ epoch), so a whole study with its rebuilds takes about half a minute.
 from __future__ import annotations
 
 import json
+import os
 import re
 from html import escape
 
@@ -21,6 +22,7 @@ from compress.stages import config_registry
 from compress.tuning import recipe
 from compress.tuning.recipe import TechniqueConfig, TrialBudget
 from compress.tuning.settings import step_config
+from tests.browser import BrowserUnavailable, visit
 from tests.conftest import finish_cli, run_cli, start_cli, write_pipeline
 
 BASE = """\
@@ -152,12 +154,13 @@ def test_search_resumes_after_a_kill_survives_a_failed_trial_and_ships_only_what
         pipeline, cwd=tmp_path, data_root=data_root, env={"COMPRESS_FAULT": "search:trial2", **ONE_THREAD}
     )
     assert killed.returncode != 0
-    # the resumed run retries trial 2 as trial 3; trial 4 fails writing a file (a full disk):
-    # it is recorded with its reason and the study goes on to exactly n_trials
+    # the first run queued five trials (one of each kind of chain, up to n_trials) and was killed
+    # in trial 2; the resumed run retries it after the queued 3 and 4. Trial 4 fails writing a
+    # file (a full disk): it is recorded with its reason and the study goes on to exactly n_trials
     fault = {"COMPRESS_FAULT": "write:*trials/00004/*@enospc", **ONE_THREAD}
     result = run_cli(pipeline, cwd=tmp_path, data_root=data_root, env=fault)
     assert result.returncode == 0, result.output
-    assert "(3 trials so far)" in result.stderr, result.stderr[-3000:]
+    assert "(5 trials so far)" in result.stderr, result.stderr[-3000:]
     assert "trial 2 was cut short by a killed run; retrying it" in result.stderr
     study = _study(tmp_path)
     trials = study["trials"]
@@ -193,24 +196,44 @@ def test_search_resumes_after_a_kill_survives_a_failed_trial_and_ships_only_what
     shipped = [p for p in study["picks"] if p["trial"] is not None]
     assert shipped, study["picks"]
     for pick in study["picks"]:
-        name = f"search.{pick['purpose']}"
         if pick["trial"] is None:
-            assert name not in manifest["variants"]
+            assert f"search.{pick['purpose']}" not in manifest["variants"]
             continue
         build = builds[pick["trial"]]
         assert build["meets"] and build["drop"] <= 2.0, build
-        variant = manifest["variants"][name]
+        # a recipe picked twice ships once, under the first objective's name
+        first = next(p for p in study["picks"] if p["trial"] == pick["trial"])
+        assert pick["shipped_as"] == f"search.{first['purpose']}"
+        variant = manifest["variants"][pick["shipped_as"]]
         assert variant["parent"] == "baseline" and variant["metrics"]["recipe"] == build["recipe"]
         assert isinstance(variant["metrics"]["test_accuracy"], float)
     for number, build in builds.items():
         assert build["meets"] or number not in [p["trial"] for p in study["picks"]]
     results = json.loads((tmp_path / "reports" / "tiny" / "results.json").read_text())
     names = {row["variant"] for row in results}
-    assert {f"search.{p['purpose']}" for p in shipped} <= names
+    assert {p["shipped_as"] for p in shipped} <= names
     html = (tmp_path / "reports" / "tiny" / "latest.html").read_text()
     assert 'class="recipes"' in html and "Recipe search (search): accuracy vs size" in html
     for t in complete:
         assert f"<td>{escape(t['metrics']['recipe'])}</td>" in html
+    # the study section as a reader sees it, in headless Chromium
+    try:
+        seen = visit(
+            tmp_path / "reports" / "tiny" / "latest.html", tmp_path / "page.png", tmp_path / "profile"
+        )
+    except BrowserUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"headless Chromium is required in CI: {exc}")
+        pytest.skip(str(exc))
+    assert seen.console_errors == [] and seen.page_errors == []
+    study_text = seen.sections["tuning"]["text"]
+    assert seen.sections["tuning"]["height"] > 100
+    assert all(t["metrics"]["recipe"] in study_text for t in complete)
+    assert all(f"{p['purpose']}: trial {p['trial']} (" in study_text for p in shipped)
+    charts = {i["alt"]: i for i in seen.images}
+    for title in ("accuracy vs size (gzip bytes)", "accuracy vs latency (ms)"):
+        image = charts[f"Recipe search (search): {title}"]
+        assert image["complete"] and image["width"] > 0 and image["data_uri"], image
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ thread while the parent also runs on one. The child goes through the same cache 
 it commits each stage it finishes, and when the parent reaches that stage it finds the result
 (or waits on the stage's lock while the child is still at it, or runs the stage itself if the
 child has not started it; the cache's lock makes both take the same entry once). Nothing else
-is shared, so a stage's result never depends on which process ran it.
+is shared: a stage computes the same thing in either process (on one thread, float sums may
+differ in their last bits from a two-thread run, as between machines).
 
 Only stages that read nothing but their input variants and the data go ahead (``StageDef.
 concurrent``); not under torchrun, on a GPU (a forked child cannot use the parent's CUDA

@@ -175,7 +175,8 @@ def search_rows(study: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]
         lines.append(
             f"{pick.get('purpose')}: trial {build['number']} ({build.get('recipe')}), at full budget "
             f"val accuracy {100 * m.get('val_accuracy', 0):.2f} %, drop {build.get('drop', 0):.2f} pp, "
-            f"{m.get('gzip_bytes', 0):,} gzip bytes, {m.get('latency_ms', 0):.3f} ms"
+            f"{m.get('gzip_bytes', 0):,} gzip bytes, {m.get('latency_ms', 0):.3f} ms; shipped as "
+            f"{pick.get('shipped_as', '?')}"
         )
     return rows, lines
 

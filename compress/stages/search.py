@@ -406,11 +406,18 @@ def _shipped(
     cfg: SearchConfig, parent: Variant, picks: list[dict], builds: dict, ctx: Context
 ) -> list[Variant]:
     """The picks as variants, each with its test accuracy in the runtime: measured once the
-    study and its rebuilds are over, as every stage measures what it makes."""
+    study and its rebuilds are over, as every stage measures what it makes. A recipe picked for
+    two objectives ships once, under the first one's name (``pick["shipped_as"]``): exporting and
+    benchmarking the same file twice would only cost time."""
     variants = []
+    named: dict[int, str] = {}
     for pick in picks:
         if pick["trial"] is None:
             continue
+        if pick["trial"] in named:
+            pick["shipped_as"] = named[pick["trial"]]
+            continue
+        named[pick["trial"]] = pick["shipped_as"] = f"{cfg.output}.{pick['purpose']}"
         build = builds[pick["trial"]]
         made: Variant = build.variant
         runtime = {f"search_{k}": v for k, v in build.metrics.items() if k in ("val_accuracy", "latency_ms")}
@@ -448,7 +455,13 @@ def _say_outcome(cfg: SearchConfig, ctx: Context, picks: list[dict], summary: di
                 pick["purpose"],
             )
         else:
-            ctx.log.info("%s: ships trial %d as %s.%s", cfg.label, pick["trial"], cfg.output, pick["purpose"])
+            ctx.log.info(
+                "%s: %s: trial %d, shipped as %s",
+                cfg.label,
+                pick["purpose"],
+                pick["trial"],
+                pick["shipped_as"],
+            )
 
 
 def _default_study_name(cfg: SearchConfig, parent: Variant, ctx: Context) -> str:
