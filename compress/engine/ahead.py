@@ -87,7 +87,12 @@ class Ahead:
             return
         if not plan:
             return
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # no memory or process slots left: run in order, as with one core
+            log.info("not working ahead: cannot start a second process (%s)", exc)
+            self.on = False
+            return
         if pid == 0:  # the child: run the plan, then leave without running the parent's cleanup
             code = 1
             try:
