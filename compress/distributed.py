@@ -8,7 +8,7 @@ all-reduces DDP's gradients on the GPUs; gloo carries CPU tensors and pickled ob
 Without torchrun, or with one process, nothing here is initialised and every helper below
 answers as a single process would (rank 0 of 1), so the single-process path is unchanged.
 
-How a run divides the work (see ``engine._run_on_ranks``):
+How a run divides the work (see ``engine.stage_run.run_on_ranks``):
 
 - Every rank walks the pipeline. Rank 0 alone decides, under the cache lock, whether a stage
   is a cache hit and broadcasts the decision; the others follow it.
