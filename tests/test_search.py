@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from html import escape
 
 import optuna
 import pytest
+from filelock import FileLock
 
 from compress.config import load_pipeline
 from compress.errors import ConfigError
@@ -243,7 +245,16 @@ def test_two_workers_share_one_search_study(tmp_path, data_root):
     assert first.returncode == 0, first.output
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     args = (pipeline, "--only", "search", "--worker", "--storage", url)
-    workers = [start_cli(*args, cwd=tmp_path, data_root=data_root, env=ONE_THREAD) for _ in range(2)]
+    # the study's lock is held until both workers have scored the parent and are about to open
+    # the study, so neither can run every trial before the other arrives
+    with FileLock(str(tmp_path / "shared.db") + ".lock"):
+        workers = [start_cli(*args, cwd=tmp_path, data_root=data_root, env=ONE_THREAD) for _ in range(2)]
+        parents = tmp_path / "artifacts" / "tiny" / "cache" / ".partial"
+        deadline = time.monotonic() + 300
+        while (
+            len(list(parents.glob("search-*.worker-*/parent/model.onnx"))) < 2 and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
     outputs = [finish_cli(w, tmp_path, timeout=600) for w in workers]
     for out in outputs:
         assert out.returncode == 0, out.output

@@ -84,9 +84,7 @@ class Ahead:
             return
         plan = self._plan(position, available)
         if all(cached(cfg) for cfg in plan if set(cfg.consumes(list(available))) <= set(available)):
-            return
-        if not plan:
-            return
+            return  # nothing to do, or all of it reused from the cache
         try:
             pid = os.fork()
         except OSError as exc:  # no memory or process slots left: run in order, as with one core
@@ -108,18 +106,17 @@ class Ahead:
         torch.set_num_threads(1)
         log.info("working ahead in a second process: %s", ", ".join(c.label for c in plan))
 
-    def _run_marked(self, cfg: StageConfig, run_one: Callable[..., str]) -> bool:
-        """Run one stage of the plan here and mark it done; False when the parent holds it (or
+    def _run_marked(self, cfg: StageConfig, run_one: Callable[..., str]) -> None:
+        """Run one stage of the plan here and mark it done; skip it when the parent holds it (or
         what it reads is still being made there): waiting for the parent would only keep this
         process from leaving, and a new one from starting on what is ready by then."""
         tic = time.perf_counter()
         try:
             status = run_one(cfg, False)
         except (cache.Busy, ArtifactError):
-            return False
+            return
         if status == "ran":
             write_json(self._done(cfg.label), {"seconds": round(time.perf_counter() - tic, 2)})
-        return True
 
     def holds(self, cfg: StageConfig, key: str) -> bool:
         """Whether the process working ahead is at stage ``cfg`` now (it holds its entry's lock)."""

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from optuna.trial import FrozenTrial
-from pydantic import Field, PrivateAttr, field_serializer, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compress import measure
-from compress.config import StageConfig, mask_secrets
+from compress.config import StageConfig
 from compress.context import Context
 from compress.errors import ArtifactError, ConfigError
 from compress.fileio import sha256_file, sha256_json, write_json
@@ -39,13 +39,14 @@ from compress.tuning.objective import TrialRejected
 from compress.tuning.picks import PURPOSE, build_picks
 from compress.tuning.settings import step_config
 from compress.tuning.space import SpaceEntry
-from compress.tuning.storage import check_storage_url, study_url
+from compress.tuning.storage import study_url
 from compress.tuning.study import opened_study, optimize
+from compress.tuning.study_fields import StudyFields
 from compress.tuning.summary import stage_metrics, summarize, trials_frame
 from compress.variants import StageResult, Variant
 
 
-class SearchConfig(StageConfig):
+class SearchConfig(StageConfig, StudyFields):
     """An Optuna study over compression recipes (distil, prune, quantize), scored in the runtime."""
 
     stage: Literal["search"] = Field(description="Searches whole compression recipes with Optuna.")
@@ -82,29 +83,6 @@ class SearchConfig(StageConfig):
     )
     output: str = Field("search", description="Prefix of the shipped variants: <output>.smallest, .fastest.")
     n_trials: int = Field(12, ge=1, le=100_000, description="Finished trials the study ends at.")
-    timeout: float | None = Field(None, gt=0, description="Seconds after which no new trial starts.")
-    sampler: Literal["auto", "tpe", "nsga2", "random"] = Field(
-        "auto", description="auto: TPE for one objective, NSGA-II for several; or tpe, nsga2, random."
-    )
-    population_size: int | None = Field(
-        None, ge=2, le=10_000, description="NSGA-II population; null: a third of n_trials (4-50)."
-    )
-    startup_trials: int | None = Field(
-        None, ge=1, le=100_000, description="TPE: random trials first; null: a third of n_trials (3-10)."
-    )
-    seed: int | None = Field(None, description="The sampler's seed; null: the pipeline's seed.")
-    storage: str | None = Field(
-        None, description="SQLAlchemy URL of the study (--storage overrides); null: SQLite in the stage."
-    )
-    study_name: str | None = Field(
-        None, min_length=1, max_length=200, description="The study's name; null: derived from the search."
-    )
-    heartbeat_interval: int = Field(10, ge=1, le=3600, description="Seconds between heartbeats.")
-    grace_period: int | None = Field(
-        None, ge=1, le=86_400, description="Seconds before a silent trial is dead."
-    )
-    max_retry: int = Field(3, ge=0, le=100, description="Retries of a trial whose worker died.")
-    keep_trials: bool = Field(False, description="Keep each trial's work directory (for debugging).")
 
     supports_workers: ClassVar[bool] = True
     # read by the study machinery (compress.tuning.spec.SearchSpec)
@@ -123,15 +101,6 @@ class SearchConfig(StageConfig):
         if isinstance(value, list):
             return {name: {} for name in value}
         return {k: ({} if v is None else v) for k, v in value.items()} if isinstance(value, dict) else value
-
-    @field_validator("storage")
-    @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        return check_storage_url(value) if value is not None else None
-
-    @field_serializer("storage")
-    def _masked(self, value: str | None) -> str | None:
-        return mask_secrets(value) if value else value
 
     @model_validator(mode="after")
     def _unique(self) -> SearchConfig:
@@ -201,24 +170,19 @@ class SearchConfig(StageConfig):
         parent = (self.from_ or ["baseline"])[0]
         for name, tech in self.techniques.items():
             space = chain.effective_space(name, tech)
-            for path, entry in space.items():
-                ends = entry.choices if entry.choices is not None else [entry.low, entry.high]
-                for value in ends:
-                    params = {f"{name}.{p}": _middle(e) for p, e in space.items()} | {f"{name}.{path}": value}
-                    (step,) = chain.recipe(params, {name: tech})
-                    try:
-                        step_config(classes[step.kind], _with_student(step, pipeline, parent, self), [parent])
-                    except ValueError as exc:
-                        raise ValueError(
-                            f"techniques.{name}.space.{path}: {value!r} is not a setting the {step.kind} "
-                            f"stage takes: {exc}"
-                        ) from None
-            if not space:
-                (step,) = chain.recipe({}, {name: tech})
+            base = {f"{name}.{p}": chain.middle(e) for p, e in space.items()}
+            tries = [
+                (f"space.{path}", {**base, f"{name}.{path}": value}, value)
+                for path, entry in space.items()
+                for value in (entry.choices if entry.choices is not None else [entry.low, entry.high])
+            ]
+            for where, params, value in tries or [("settings", {}, None)]:
+                (step,) = chain.recipe(params, {name: tech})
                 try:
                     step_config(classes[step.kind], _with_student(step, pipeline, parent, self), [parent])
                 except ValueError as exc:
-                    raise ValueError(f"techniques.{name}.settings: {exc}") from None
+                    refused = f" {value!r} is not a setting the {step.kind} stage takes:" if tries else ""
+                    raise ValueError(f"techniques.{name}.{where}:{refused} {exc}") from None
 
     def cache_extras(self, pipeline: Any) -> dict[str, Any]:
         return {"space": {k: v.model_dump(mode="json") for k, v in self.space.items()}}
@@ -229,12 +193,6 @@ def _mapping_or_names(schema: dict[str, Any]) -> None:
     mapping = {k: schema.pop(k) for k in ("type", "additionalProperties", "minProperties", "propertyNames")}
     names = {"type": "array", "items": {"enum": list(chain.TECHNIQUES)}, "minItems": 1, "uniqueItems": True}
     schema["anyOf"] = [mapping, names]
-
-
-def _middle(entry: SpaceEntry) -> Any:
-    if entry.choices is not None:
-        return entry.choices[0]
-    return (entry.low + entry.high) / 2
 
 
 def _with_student(step: chain.Step, pipeline: Any, parent: str, cfg: SearchConfig) -> dict[str, Any]:

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, field_serializer, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from compress.config import StageConfig, did_you_mean, mask_secrets
+from compress.config import StageConfig, did_you_mean
 from compress.context import Context
 from compress.errors import ArtifactError, ConfigError
 from compress.fileio import sha256_file, sha256_json, write_json
@@ -36,13 +36,14 @@ from compress.tuning.confirm import confirm
 from compress.tuning.constraint import ConstraintConfig
 from compress.tuning.settings import with_settings
 from compress.tuning.space import SpaceEntry, kind_of
-from compress.tuning.storage import check_storage_url, study_url
+from compress.tuning.storage import study_url
 from compress.tuning.study import opened_study, optimize
+from compress.tuning.study_fields import StudyFields
 from compress.tuning.summary import stage_metrics, summarize, trials_frame
 from compress.variants import StageResult, Variant
 
 
-class TuneConfig(StageConfig):
+class TuneConfig(StageConfig, StudyFields):
     """An Optuna study over a later stage's settings, scored on validation data only."""
 
     stage: Literal["tune"] = Field(description="Tunes a later stage's settings with an Optuna study.")
@@ -77,53 +78,14 @@ class TuneConfig(StageConfig):
     constraint: ConstraintConfig | None = Field(
         None, description="The tolerable loss; trials outside it are recorded, never chosen; null: none."
     )
-    sampler: Literal["auto", "tpe", "nsga2", "random"] = Field(
-        "auto", description="auto: TPE for one objective, NSGA-II for several; or tpe, nsga2, random."
-    )
     pruner: Literal["none", "median", "hyperband"] = Field(
         "none", description="Stop poor trials early on per-epoch validation accuracy (one objective only)."
-    )
-    n_trials: int = Field(20, ge=1, le=100_000, description="Finished trials the study ends at.")
-    timeout: float | None = Field(
-        None, gt=0, description="Seconds after which no new trial starts; null: none."
-    )
-    startup_trials: int | None = Field(
-        None,
-        ge=1,
-        le=100_000,
-        description="TPE: random trials before the model guides sampling; null: a third of n_trials (3-10).",
-    )
-    population_size: int | None = Field(
-        None, ge=2, le=10_000, description="NSGA-II population; null: a third of n_trials (4-50)."
-    )
-    seed: int | None = Field(None, description="The sampler's seed; null: the pipeline's seed.")
-    storage: str | None = Field(
-        None,
-        description="SQLAlchemy URL of the study (sqlite, postgresql, mysql, mariadb; --storage overrides); "
-        "null: an SQLite file in the stage directory.",
-    )
-    study_name: str | None = Field(
-        None,
-        min_length=1,
-        max_length=200,
-        description="The study's name in the storage; null: derived from the search and its inputs.",
     )
     selection: Literal["smallest_within_tolerance", "best"] = Field(
         "smallest_within_tolerance",
         description="smallest_within_tolerance: the feasible Pareto-optimal trial best on the first "
         "objective that is not the constraint's metric; best: the first objective.",
     )
-    heartbeat_interval: int = Field(
-        10, ge=1, le=3600, description="Seconds between a running trial's heartbeats in the storage."
-    )
-    grace_period: int | None = Field(
-        None,
-        ge=1,
-        le=86_400,
-        description="Seconds without a heartbeat before a trial counts as dead; null: Optuna's default.",
-    )
-    max_retry: int = Field(3, ge=0, le=100, description="Retries of a trial whose worker died.")
-    keep_trials: bool = Field(False, description="Keep each trial's work directory (for debugging).")
     enqueue_default: bool = Field(True, description="Trial 0 tries the target's own settings.")
     # Re-run the best N candidates with the target's full budget (validation data only) and
     # choose the first that meets the constraint there.
@@ -149,16 +111,6 @@ class TuneConfig(StageConfig):
         if len(set(metrics)) != len(metrics):
             raise ValueError("the same metric appears twice")
         return value
-
-    @field_validator("storage")
-    @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        return check_storage_url(value) if value is not None else None
-
-    @field_serializer("storage")
-    def _masked(self, value: str | None) -> str | None:
-        """Resolved configs, manifests and cache keys see the URL with its password masked."""
-        return mask_secrets(value) if value else value
 
     @model_validator(mode="after")
     def _consistent(self) -> TuneConfig:

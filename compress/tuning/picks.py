@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +45,8 @@ class Build:
     error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "number": self.number,
-            "recipe": self.recipe,
-            "metrics": self.metrics,
-            "drop": self.drop,
-            "meets": self.meets,
-            "seconds": self.seconds,
-            "error": self.error,
-        }
+        """Everything but the variant (the shipped picks carry it)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "variant"}
 
 
 class _Ranked:

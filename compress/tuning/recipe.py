@@ -147,15 +147,12 @@ def design(techniques: dict[str, TechniqueConfig]) -> list[dict[str, Any]]:
         if tech is None:
             continue
         space = effective_space(name, tech)
-        fixed = {f"{name}.{p}": (e.low + e.high) / 2 for p, e in space.items() if e.choices is None}
-        combos: list[dict[str, Any]] = [fixed]
+        first = {f"{name}.{p}": middle(e) for p, e in space.items()}
+        ranges = {f"{name}.{p}": middle(e) for p, e in space.items() if e.choices is None}
+        combos: list[dict[str, Any]] = [ranges]
         for path, entry in space.items():
             if entry.choices is not None:
                 combos = [{**c, f"{name}.{path}": v} for c in combos for v in entry.choices]
-        first = {
-            f"{name}.{p}": (e.choices[0] if e.choices is not None else fixed[f"{name}.{p}"])
-            for p, e in space.items()
-        }
         if tech.optional:
             combos = [{**c, name: True} for c in combos] + [{**first, name: False}]
         options.append(combos)
@@ -163,6 +160,11 @@ def design(techniques: dict[str, TechniqueConfig]) -> list[dict[str, Any]]:
     for combos in options:
         trials = [{**t, **c} for t in trials for c in combos]
     return [t for t in trials if any(t.get(name, True) for name in techniques if name in t)]
+
+
+def middle(entry: SpaceEntry) -> Any:
+    """A setting's representative value: its first choice, or the middle of its range."""
+    return entry.choices[0] if entry.choices is not None else (entry.low + entry.high) / 2
 
 
 def effective_space(name: str, tech: TechniqueConfig) -> dict[str, SpaceEntry]:
