@@ -138,9 +138,9 @@ def design(techniques: dict[str, TechniqueConfig]) -> list[dict[str, Any]]:
     their middle, the empty chain (the parent itself) left out: the study's first trials.
 
     A sampler left alone on a small categorical space draws the same few chains again and
-    again (a 24-trial NSGA-II study on MNIST drew a quarter-width student alone six times and
-    never a half-width one with pruning), so every kind of chain is scored once before the
-    sampler refines the ranges around the best."""
+    again (a 16-trial NSGA-II study on MNIST drew the quarter-width student alone six times,
+    and the fp32 parent four), so every kind of chain is scored once before the sampler
+    refines the ranges around the best."""
     options: list[list[dict[str, Any]]] = []
     for name in TECHNIQUES:
         tech = techniques.get(name)
