@@ -308,7 +308,11 @@ def test_a_model_exported_twice_is_converted_once_and_a_changed_one_again(
 ) -> None:
     """The quantizer and the export stage both export a parent: one conversion, two files with
     their own metadata; new weights, a new input shape or a hook (whose effect the key cannot
-    see) convert again."""
+    see) convert again. The exporter's ATen -> ONNX function table is built once for all of them,
+    and torch's own builder is back in place after each."""
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    torch_builder = ONNXRegistry.__dict__["from_torchlib"]
     spec = {"arch": "lenet5", "width": 0.5, "in_channels": 1, "num_classes": 10, "image_size": 28}
     torch.manual_seed(0)
     model, x = build_model(spec).eval(), torch.randn(2, 1, 28, 28)
@@ -316,6 +320,7 @@ def test_a_model_exported_twice_is_converted_once_and_a_changed_one_again(
     real = convert._export_proto
     monkeypatch.setattr(convert, "_export_proto", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(convert, "_EXPORTED", OrderedDict())
+    monkeypatch.setattr(convert, "_REGISTRIES", {})
 
     def run(path: Path) -> np.ndarray:
         import onnxruntime as ort
@@ -342,3 +347,5 @@ def test_a_model_exported_twice_is_converted_once_and_a_changed_one_again(
     convert.export_onnx(model, x, tmp_path / "e.onnx")
     assert len(calls) == 4
     assert not run(tmp_path / "e.onnx").any()
+    assert len(convert._REGISTRIES) == 1
+    assert ONNXRegistry.__dict__["from_torchlib"] is torch_builder
