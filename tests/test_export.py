@@ -349,3 +349,25 @@ def test_a_model_exported_twice_is_converted_once_and_a_changed_one_again(
     assert not run(tmp_path / "e.onnx").any()
     assert len(convert._REGISTRIES) == 1
     assert ONNXRegistry.__dict__["from_torchlib"] is torch_builder
+
+
+def test_in_place_activations_export_out_of_place_and_get_their_flags_back(tmp_path: Path) -> None:
+    """The exporter sees out-of-place activations (its decomposition of in-place ones doubled
+    MobileNetV3's export time); the model keeps its flags, and the file computes the same."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    act = torch.nn.Hardswish(inplace=True)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.Conv2d(4, 4, 3), act,
+        torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3),
+    ).eval()  # fmt: skip
+    seen = []
+    act.register_forward_pre_hook(lambda module, inputs: seen.append(module.inplace))
+    x = torch.randn(2, 1, 8, 8)
+    convert.export_onnx(model, x[:1], tmp_path / "m.onnx")
+    assert seen and not any(seen)
+    assert model[1].inplace and act.inplace
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-5)
