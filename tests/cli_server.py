@@ -31,7 +31,7 @@ def _preload() -> None:
     dynamo ONNX exporter with onnxscript and networkx (~1 s, every run that exports), torch-pruning
     (3 s: it imports timm when installed; every run that prunes or validates channel pruning),
     onnxruntime's quantizer, the fp16 converter, and the report's modules; and the exporter's
-    function table, which it builds once per process (1.1 s, ``convert.prepare_exporter``)."""
+    function table, which it builds once per process (1.1 s, ``compress.ship.function_table``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,14 +54,14 @@ def _preload() -> None:
     import torch_pruning  # noqa: F401
     import torchvision  # noqa: F401
 
-    from compress.ship import convert
+    from compress.ship import convert, function_table
     from compress.stages import load_stages
 
-    convert.prepare_exporter()
     load_stages()
     importlib.import_module("compress.report.page")
     for name in COMMANDS:
         importlib.import_module(name)
+    function_table.prepare(convert.DEFAULT_OPSET)  # last: a table built before a library loads is redone
 
 
 def _child(request: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from compress.fileio import atomic_path
+from compress.ship import function_table
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -70,7 +71,7 @@ def _export_proto(model: nn.Module, sample: torch.Tensor, opset: int) -> onnx.Mo
         warnings.catch_warnings(),
         contextlib.redirect_stdout(buffer),
         _quiet_loggers(),
-        _registry_built_once(),
+        function_table.built_once(),
         _out_of_place(model),
     ):
         warnings.simplefilter("ignore")
@@ -125,52 +126,6 @@ def _out_of_place(model: nn.Module):
     finally:
         for module in flipped:
             module.inplace = True
-
-
-@contextlib.contextmanager
-def _registry_built_once():
-    """Hand every export the same table of ATen -> ONNX functions.
-
-    torch.onnx builds that table from torchlib anew on each export: 1.1 s of a LeNet-5 export's
-    2.5 s here (cProfile of a walked mnist.yaml: 7 exports, 7.9 s in ``from_torchlib``). It
-    depends only on the opset and the installed onnxscript, and only a custom translation table
-    (which we never pass) adds to it, so the first one built for an opset serves the process.
-    Where torch is laid out otherwise the exporter builds it as usual."""
-    try:
-        from torch.onnx._internal.exporter import _registration
-    except ImportError:
-        yield
-        return
-    owner = _registration.ONNXRegistry
-    build = owner.__dict__.get("from_torchlib")
-    if not isinstance(build, classmethod):
-        yield
-        return
-
-    def built_once(cls, *args, **kwargs):
-        key = (cls, args, tuple(sorted(kwargs.items())))
-        if key not in _REGISTRIES:
-            _REGISTRIES[key] = build.__func__(cls, *args, **kwargs)
-        return _REGISTRIES[key]
-
-    owner.from_torchlib = classmethod(built_once)
-    try:
-        yield
-    finally:
-        owner.from_torchlib = build
-
-
-_REGISTRIES: dict[tuple, object] = {}  # the exporter's function tables, by opset
-
-
-def prepare_exporter(opset: int = DEFAULT_OPSET) -> None:
-    """Build the exporter's function table now, as an export at ``opset`` would ask for it: a
-    process that forks workers (the tests' CLI server) builds it once for all of them. Pure
-    Python objects, no tensors, so the process can still fork safely."""
-    from torch.onnx._internal.exporter import _constants, _registration
-
-    with _registry_built_once():
-        _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, _constants.TORCHLIB_OPSET))
 
 
 @contextlib.contextmanager
