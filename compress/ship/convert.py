@@ -72,7 +72,7 @@ def _export_proto(model: nn.Module, sample: torch.Tensor, opset: int) -> onnx.Mo
         contextlib.redirect_stdout(buffer),
         _quiet_loggers(),
         function_table.built_once(),
-        _out_of_place(model),
+        out_of_place(model),
     ):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -112,12 +112,13 @@ def _content_key(model: nn.Module, sample: torch.Tensor, opset: int) -> str | No
 
 
 @contextlib.contextmanager
-def _out_of_place(model: nn.Module):
+def out_of_place(model: nn.Module):
     """Export activations that work in place (``nn.ReLU(inplace=True)``, Hardswish, ...) as their
     out-of-place form, then put the flags back. The exporter's functionalization decomposes each
     in-place op at length: MobileNetV3-small exported in 7.0 s with them and 3.7 s without,
-    ResNet-18 in 1.9 s and 1.6 s, with the same ONNX nodes and outputs. In eval mode the two
-    forms compute the same values."""
+    ResNet-18 in 1.9 s and 1.6 s, with the same ONNX nodes and outputs; MobileNetV3's ExecuTorch
+    program took 25.3 s and 18.3 s, the same bytes. In eval mode the two forms compute the same
+    values. Every converter that traces the model with torch.export uses it."""
     flipped = [m for m in model.modules() if getattr(m, "inplace", None) is True]
     for module in flipped:
         module.inplace = False

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from compress.ship.convert import out_of_place
 from compress.ship.targets.runners.executorch import MAX_BATCH
 from compress.ship.targets.source import Source, needs_model
 
@@ -24,8 +25,9 @@ def convert(source: Source, work: Path) -> list[Path]:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     example = source.example[:MAX_BATCH]
     example = example.repeat((MAX_BATCH + len(example) - 1) // len(example), 1, 1, 1)[:MAX_BATCH].contiguous()
-    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
-    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    with out_of_place(model):
+        program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     path = work / f"{source.base}.pte"
     path.write_bytes(lowered.buffer)
     return [path]

@@ -11,6 +11,7 @@ import contextlib
 import io
 from pathlib import Path
 
+from compress.ship.convert import out_of_place
 from compress.ship.targets.source import Source, needs_model
 
 
@@ -19,7 +20,7 @@ def convert(source: Source, work: Path) -> list[Path]:
     import litert_torch
 
     path = work / f"{source.base}.tflite"
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines belong in no log
+    with contextlib.redirect_stdout(io.StringIO()), out_of_place(model):  # its progress lines: no log
         converted = litert_torch.convert(model.eval(), (source.example[:1].contiguous(),))
         converted.export(str(path))
     return [path]
