@@ -127,7 +127,8 @@ def test_short_trials_cap_every_training_step_but_keep_the_techniques_own_settin
             "techniques: {quantize: {space: {mode: [dynamic, int4]}}}",
             "techniques.quantize.space.mode: 'int4'",
         ),
-        ("techniques: [prune]\n    runtime: openvino", "runtime"),
+        ("techniques: [prune]\n    runtime: litert", "runtime: 'litert' converts the PyTorch model"),
+        ("techniques: [prune]\n    runtime: tensorrt", "runtime: 'tensorrt' is not a runtime"),
         ("techniques: [prune]\n    minimize: [gzip_bytes, file_bytes]", "both name the smallest file"),
         ("techniques: [prune]\n    from: [nothing]", "nothing"),
     ],
@@ -265,3 +266,32 @@ def test_two_workers_share_one_search_study(tmp_path, data_root):
     names = optuna.get_all_study_names(url)
     study = optuna.load_study(study_name=names[0], storage=url)
     assert len(names) == 1 and [t.state.name for t in study.trials].count("COMPLETE") == 6
+
+
+@pytest.mark.slow
+def test_a_file_scores_alike_in_each_runtime_that_reads_onnx_int8_included(tmp_path, tiny_run, data_root):
+    """``runtime:`` scores a trial's file where the user runs it, converted as the export stage
+    converts it and run as the benchmark runs it: onnxruntime, ORT Mobile's format and OpenVINO
+    agree on validation accuracy for an fp32 and an int8 file, and each is sized as it ships."""
+    from compress.config import DataConfig
+    from compress.data import load_data
+    from compress.quantization.ort import OrtSettings, quantize_onnx_dynamic
+    from compress.ship import score
+    from compress.variants import Variant
+
+    bundle = load_data(DataConfig(val_size=300, limit_train=600, limit_test=100), data_root)
+    fp32 = Variant("baseline", "torch", tiny_run.baseline)
+    exported = score.onnx_file(fp32, bundle, tmp_path / "exported")
+    int8 = Variant("int8", "onnx", quantize_onnx_dynamic(exported, tmp_path / "int8.onnx", OrtSettings()))
+    for variant in (fp32, int8):
+        out = tmp_path / variant.name
+        scores = {runtime: score.score(variant, bundle, out, 8, 1, runtime) for runtime in score.RUNTIMES}
+        accuracies = {runtime: s["val_accuracy"] for runtime, s in scores.items()}
+        assert max(accuracies.values()) - min(accuracies.values()) <= 1 / 300 + 1e-9, accuracies
+        assert accuracies["onnxruntime"] > 0.5, accuracies
+        assert all(s["runtime"] == r and s["latency_ms"] > 0 for r, s in scores.items()), scores
+        ir = {p.name: p.stat().st_size for p in (out / "openvino").iterdir()}
+        assert sorted(ir) == ["model.bin", "model.xml"]
+        assert scores["openvino"]["file_bytes"] == sum(ir.values())
+        assert scores["ort"]["file_bytes"] == (out / "ort" / "ort-out" / "model.ort").stat().st_size
+    assert scores["onnxruntime"]["file_bytes"] < 0.5 * exported.stat().st_size  # the int8 file

@@ -76,7 +76,7 @@ def ship(
         target = TARGETS[name]
         folder = work / f"target-{name}"
         folder.mkdir(parents=True, exist_ok=True)
-        converted, bundle_files = _convert(target, sources, folder)
+        converted, bundle_files = convert(target, sources, folder)
         shipment.bundle_files += _move(bundle_files, deploy_dir)
         for source in sources:
             result = converted[source.variant]
@@ -114,7 +114,7 @@ def describe(entry: dict[str, Any]) -> str:
     return f"ok ({numbers})" if entry["ok"] else f"FAILED: {entry.get('error')} ({numbers})"
 
 
-def _convert(
+def convert(
     target: Target, sources: list[Source], folder: Path
 ) -> tuple[dict[str, list[Path] | Exception], list[Path]]:
     module = converter(target.name)

@@ -2,7 +2,8 @@
 
 Each trial builds a chain from the parent variant (distil into a student, prune channels,
 prune weights, quantize: ``compress.tuning.recipe``), on a seeded subset with short training,
-exports the result to ONNX and scores it in onnxruntime on validation data (accuracy, p50
+exports the result to ONNX and scores it in the ``runtime`` named (onnxruntime, ORT Mobile's
+format or OpenVINO, converted as the export stage converts) on validation data (accuracy, p50
 latency at ``batch_size`` on one thread, file bytes raw and gzip: ``compress.ship.score``).
 The study is multi-objective (NSGA-II over the ``minimize`` metrics) with the accuracy drop
 against the parent, measured the same way, as Optuna's constraint. The best feasible trials
@@ -32,6 +33,8 @@ from compress.context import Context
 from compress.errors import ArtifactError, ConfigError
 from compress.fileio import sha256_file, sha256_json, write_json
 from compress.ship import score as runtime_score
+from compress.ship.targets.registry import RUNTIMES as TARGET_OF
+from compress.ship.targets.registry import install_hint, missing_packages
 from compress.stages import stage
 from compress.tuning import recipe as chain
 from compress.tuning.constraint import ConstraintConfig
@@ -56,9 +59,14 @@ class SearchConfig(StageConfig, StudyFields):
         "list of names takes each one's default space.",
         json_schema_extra=lambda schema: _mapping_or_names(schema),  # _names_take_defaults
     )
-    runtime: Literal["onnxruntime"] = Field("onnxruntime", description="Where each trial's file is scored.")
+    runtime: str = Field(
+        "onnxruntime",
+        description="Where each trial's file is scored: onnxruntime, ort (ORT Mobile's format) or "
+        "openvino, each converted as the export stage converts it.",
+        json_schema_extra={"enum": list(runtime_score.RUNTIMES)},
+    )
     batch_size: int = Field(64, gt=0, le=65536, description="Batch size of the timed calls.")
-    threads: int = Field(1, ge=1, le=256, description="onnxruntime intra-op threads while timing.")
+    threads: int = Field(1, ge=1, le=256, description="The runtime's intra-op threads while timing.")
     minimize: list[Literal["gzip_bytes", "file_bytes", "latency_ms"]] = Field(
         default_factory=lambda: ["gzip_bytes", "latency_ms"],
         min_length=1,
@@ -101,6 +109,24 @@ class SearchConfig(StageConfig, StudyFields):
         if isinstance(value, list):
             return {name: {} for name in value}
         return {k: ({} if v is None else v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("runtime")
+    @classmethod
+    def _reads_the_onnx_file(cls, value: str) -> str:
+        if value in runtime_score.RUNTIMES:
+            target = TARGET_OF[value]
+            missing = missing_packages(target, running_only=False) if target.extra else []
+            if missing:
+                raise ValueError(
+                    f"{value!r} needs {', '.join(missing)}, which is not installed: {install_hint(target)}"
+                )
+            return value
+        if value in TARGET_OF:
+            raise ValueError(
+                f"{value!r} converts the PyTorch model and ships fp32 only, so a recipe ending in "
+                f"int8 has no file there; score in one of {', '.join(runtime_score.RUNTIMES)}"
+            )
+        raise ValueError(f"{value!r} is not a runtime; one of {', '.join(runtime_score.RUNTIMES)}")
 
     @model_validator(mode="after")
     def _unique(self) -> SearchConfig:
@@ -230,7 +256,9 @@ def run(cfg: SearchConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
     cfg._parent = parent.name
     bundle = ctx.data()
     test_reads_before = bundle.test_reads
-    reference = runtime_score.score(parent, bundle, out_dir / "parent", cfg.batch_size, cfg.threads)
+    reference = runtime_score.score(
+        parent, bundle, out_dir / "parent", cfg.batch_size, cfg.threads, cfg.runtime
+    )
     ctx.log.info(
         "%s: %s in %s: val accuracy %.4f, %.3f ms at batch %d, %s bytes (gzip %s)",
         cfg.label,
@@ -334,7 +362,7 @@ def _trial_evaluator(cfg: SearchConfig, techniques: dict, parent: Variant, ctx: 
                 ctx, steps, parent, trial_dir, shared, on_epoch, cfg.trial_budget.train_images
             )
             metrics = runtime_score.score(
-                final, ctx.data(), trial_dir / "scored", cfg.batch_size, cfg.threads
+                final, ctx.data(), trial_dir / "scored", cfg.batch_size, cfg.threads, cfg.runtime
             )
         except (ConfigError, TrialRejected):
             raise
@@ -354,7 +382,9 @@ def _rebuilder(cfg: SearchConfig, techniques: dict, parent: Variant, ctx: Contex
     def rebuild(trial: FrozenTrial, out: Path) -> tuple[Variant, dict[str, Any], str]:
         steps = _steps(cfg, techniques, dict(trial.params), ctx, short=False)
         final = chain.run_chain(ctx, steps, parent, out, shared)
-        metrics = runtime_score.score(final, ctx.data(), out / "scored", cfg.batch_size, cfg.threads)
+        metrics = runtime_score.score(
+            final, ctx.data(), out / "scored", cfg.batch_size, cfg.threads, cfg.runtime
+        )
         return final, metrics, chain.describe(steps)
 
     return rebuild
@@ -381,8 +411,8 @@ def _shipped(
         runtime = {f"search_{k}": v for k, v in build.metrics.items() if k in ("val_accuracy", "latency_ms")}
         if "test_accuracy" not in build.metrics:
             bundle = ctx.data()
-            onnx = runtime_score.onnx_file(made, bundle, Path(made.file).parent / "scored")
-            build.metrics["test_accuracy"] = measure.onnx_accuracy(onnx, bundle, bundle.test)["accuracy"]
+            _, run = runtime_score.loaded(made, bundle, Path(made.file).parent / "scored", cfg.runtime)
+            build.metrics["test_accuracy"] = measure.accuracy_of(run, bundle, bundle.test)["accuracy"]
         runtime["test_accuracy"] = build.metrics["test_accuracy"]
         variants.append(
             Variant(
