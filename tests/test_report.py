@@ -223,6 +223,28 @@ def test_recommendations_are_one_plain_sentence_each_within_the_tolerance():
     assert "`student.onnx`" in loose["summary"]["headline"]
 
 
+def test_a_sparse_file_that_gzips_smallest_is_named_as_the_smallest_download_and_only_then():
+    """A pruned file is as big on disk as its parent but gzips to a fraction (what a recipe search
+    minimising gzip_bytes ships): the summary names it for the smallest download, beside the
+    smallest file on disk; when one file is both, it is named once."""
+    gzip = {"baseline": 360_000, "baseline.int8-static": 90_000, "pruned": 30_000, "student": 45_000}
+    rows = rows_for(**{v: {"gzip_bytes": g} for v, g in gzip.items()})
+    page = build_page(ReportInputs(results=rows, manifest=MANIFEST, tolerance_pp=1.0, charts=False))
+    recs = {r["objective"]: r for r in page["summary"]["recommendations"]}
+    assert recs["smallest"]["variant"] == "baseline.int8-static"
+    assert recs["smallest_download"]["variant"] == "pruned"
+    assert recs["smallest_download"]["sentence"].startswith(
+        "Ship `pruned.onnx` (variant `pruned`) for the smallest download (gzip): 12.0x smaller "
+        "gzip-compressed, the same size on disk, -0.05 pp accuracy"
+    ), recs["smallest_download"]["sentence"]
+    assert "**Smallest download:** Ship `pruned.onnx`" in render_markdown(page)
+    assert "<b>Smallest download:</b>" in render_html(page)
+    rows = rows_for(**{v: {"gzip_bytes": g} for v, g in {**gzip, "pruned": 200_000}.items()})
+    page = build_page(ReportInputs(results=rows, manifest=MANIFEST, tolerance_pp=1.0, charts=False))
+    objectives = [r["objective"] for r in page["summary"]["recommendations"]]
+    assert objectives == ["smallest", "fastest", "most_accurate"]
+
+
 def test_a_slower_int8_variant_and_a_failed_export_are_warnings_and_a_failed_gate_comes_first():
     rows = rows_for(**{"baseline.int8-static": {"latency_b1_p50_ms": 0.3, "latency_b64_p50_ms": 9.0}})
     rows.append(

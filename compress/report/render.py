@@ -100,8 +100,7 @@ def _markdown_summary(page: dict[str, Any]) -> list[str]:
         lines += [s["baseline"], ""]
     if s["recommendations"]:
         lines += [f"Within {s['tolerance_pp']:g} pp of the baseline's accuracy:", ""]
-        labels = {"smallest": "Smallest", "fastest": "Fastest", "most_accurate": "Most accurate"}
-        lines += [f"- **{labels[r['objective']]}:** {r['sentence']}" for r in s["recommendations"]]
+        lines += [f"- **{r['label']}:** {r['sentence']}" for r in s["recommendations"]]
         lines.append("")
     confusion = page.get("confusion")
     if confusion and not confusion.get("missing"):

@@ -39,6 +39,9 @@ def pick(candidates: list[dict[str, Any]], objective: str, batch: int | None) ->
     if objective == "smallest":
         usable = [r for r in candidates if is_number(r.get("size_bytes"))]
         return min(usable, key=lambda r: (float(r["size_bytes"]), -float(r["accuracy"])), default=None)
+    if objective == "smallest_download":
+        usable = [r for r in candidates if is_number(r.get("gzip_bytes"))]
+        return min(usable, key=lambda r: (float(r["gzip_bytes"]), -float(r["accuracy"])), default=None)
     if objective == "fastest":
         usable = [r for r in candidates if is_number(r.get(key_latency))]
         return min(usable, key=lambda r: (float(r[key_latency]), -float(r["accuracy"])), default=None)
@@ -49,8 +52,15 @@ def pick(candidates: list[dict[str, Any]], objective: str, batch: int | None) ->
 
 OBJECTIVES = {
     "smallest": "the smallest file",
+    "smallest_download": "the smallest download (gzip)",
     "fastest": "the lowest latency",
     "most_accurate": "the highest accuracy",
+}
+LABELS = {
+    "smallest": "Smallest",
+    "smallest_download": "Smallest download",
+    "fastest": "Fastest",
+    "most_accurate": "Most accurate",
 }
 
 
@@ -65,8 +75,16 @@ def recommendation_sentence(
             "no compressed variant within the tolerance does better."
         )
     parts = []
+    if (
+        objective == "smallest_download"
+        and is_number(row.get("gzip_bytes"))
+        and is_number((base or {}).get("gzip_bytes"))
+    ):
+        gzip_ratio = float(row["gzip_bytes"]) / float(base["gzip_bytes"])
+        parts.append(times(gzip_ratio, "smaller", "larger", "the same size") + " gzip-compressed")
     if is_number(row.get("size_ratio")):
-        parts.append(times(float(row["size_ratio"]), "smaller", "larger", "the same size"))
+        on_disk = " on disk" if parts else ""
+        parts.append(times(float(row["size_ratio"]), "smaller", "larger", "the same size") + on_disk)
     if is_number(row.get("accuracy_delta_pp")):
         interval = paired.interval_text(row)
         parts.append(
@@ -111,13 +129,16 @@ def summarize(rows: list[dict[str, Any]], inputs: ReportInputs, batch: int | Non
         )
         return summary
     within = _candidates(good, inputs, useless)
+    picked: dict[str, dict[str, Any]] = {}
     for objective in OBJECTIVES:
         row = pick(within, objective, batch)
-        if row is None:
-            continue
+        if row is None or (objective == "smallest_download" and _same(row, picked.get("smallest"))):
+            continue  # the smallest download is named only when it is not the smallest file
+        picked[objective] = row
         summary["recommendations"].append(
             {
                 "objective": objective,
+                "label": LABELS[objective],
                 "variant": row["variant"],
                 "runtime": row["runtime"],
                 "file": file_name(row),
@@ -145,6 +166,10 @@ def _baseline_sentence(bases: dict[str, dict[str, Any]], baseline: str) -> str:
         + (f", {fmt_ms(latency)} ms per image at batch 1" if is_number(latency) else "")
         + "."
     )
+
+
+def _same(row: dict[str, Any], other: dict[str, Any] | None) -> bool:
+    return other is not None and row.get("variant") == other.get("variant")
 
 
 def _candidates(good: list[dict[str, Any]], inputs: ReportInputs, useless: set[str]) -> list[dict[str, Any]]:
