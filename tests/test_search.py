@@ -141,6 +141,17 @@ def test_bad_search_configs_are_config_errors_naming_the_key(tmp_path, search, m
     assert "stages[1]" in str(err.value)
 
 
+def test_a_worker_needs_a_storage_the_others_reach(tmp_path):
+    """A --worker process cannot share the stage directory's own SQLite file: one message
+    naming the stage and the two ways to give a shared storage."""
+    search = load_pipeline(write_pipeline(tmp_path, BASE + SEARCH), config_registry()).stages[1]
+    assert search.private_storage(worker=False) is True
+    with pytest.raises(ConfigError, match=r"stage 'search': --worker needs a storage .*in the search stage"):
+        search.private_storage(worker=True)
+    shared = search.model_copy(update={"storage": "postgresql://user@host/db"})
+    assert shared.private_storage(worker=True) is False
+
+
 # ---------------------------------------------------------------- a study through the CLI (slow)
 
 

@@ -16,20 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
 from compress import measure
 from compress.data import DataBundle
 from compress.ship import edge, runtimes
+from compress.ship.bundle import is_fp16, is_quantized
 from compress.ship.convert import export_onnx
 from compress.ship.targets.registry import RUNTIMES as TARGET_OF
 from compress.ship.targets.source import Source
 from compress.variants import Variant
 
 RUNTIMES = ("onnxruntime", "ort", "openvino")
-INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-            "MatMulInteger", "ConvInteger"}  # fmt: skip
 
 
 class NotShippable(Exception):
@@ -43,7 +41,7 @@ def onnx_file(variant: Variant, bundle: DataBundle, out_dir: Path) -> Path:
     if variant.format != "torch":
         raise NotShippable(f"variant {variant.name!r} is a {variant.format} program with no ONNX form")
     model, _ = variant.load_torch()
-    sample = bundle.normalize(bundle.val.x[:1] if len(bundle.val) else bundle.train.x[:1])
+    sample = _images(bundle, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     return export_onnx(model, sample.float(), out_dir / "model.onnx")
 
@@ -54,16 +52,15 @@ def runtime_files(path: Path, runtime: str, bundle: DataBundle, out_dir: Path) -
     if runtime == "onnxruntime":
         return [path]
     target = TARGET_OF[runtime]
-    example = bundle.normalize(bundle.val.x[:8] if len(bundle.val) else bundle.train.x[:8]).float()
-    graph = onnx.load(str(path), load_external_data=False).graph
+    example = _images(bundle, 8).float()
     source = Source(
         variant="scored",
         base="model",
         onnx=path,
         model=None,
         example=example,
-        quantized=any(node.op_type in INT8_OPS for node in graph.node),
-        low_precision=any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer),
+        quantized=is_quantized(path),
+        low_precision=is_fp16(path),
         reference=measure.onnx_predictor(path)(example),
     )
     folder = out_dir / runtime
@@ -95,7 +92,7 @@ def score(
     the bytes (raw and gzip) of what ``runtime`` loads for ``variant``."""
     files, run = loaded(variant, bundle, out_dir, runtime, threads)
     accuracy = measure.accuracy_of(run, bundle, bundle.val)["accuracy"]
-    images = bundle.normalize(bundle.val.x[:batch_size] if len(bundle.val) else bundle.train.x[:batch_size])
+    images = _images(bundle, batch_size)
     x = measure.fixed_inputs(images, batch_size).contiguous()
     latency = measure.time_latency(
         lambda: run(x), batch_size, warmup=3, repeats=20, min_seconds=0.3, max_seconds=5
@@ -110,3 +107,10 @@ def score(
         "batch_size": batch_size,
         "threads": threads,
     }
+
+
+def _images(bundle: DataBundle, count: int) -> torch.Tensor:
+    """The first ``count`` validation images, normalised (training images when there is no
+    validation split): the search never reads the test split."""
+    split = bundle.val if len(bundle.val) else bundle.train
+    return bundle.normalize(split.x[:count])

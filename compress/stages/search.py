@@ -246,12 +246,7 @@ def run(cfg: SearchConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
     if ctx.run_step is None:
         raise ArtifactError("the search stage needs the engine's step runner (ctx.run_step)")
     started = time.perf_counter()
-    private = cfg.storage is None
-    if ctx.worker and private:
-        raise ConfigError(
-            f"stage {cfg.label!r}: --worker needs a storage every worker can reach: give "
-            "--storage URL (e.g. postgresql://user@host/db) or storage: in the search stage"
-        )
+    private = cfg.private_storage(ctx.worker)
     parent = inputs[0]
     cfg._parent = parent.name
     bundle = ctx.data()

@@ -256,12 +256,7 @@ def run(cfg: TuneConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -> 
     if ctx.run_stage is None:
         raise ArtifactError("the tune stage needs the engine's stage runner (ctx.run_stage)")
     started = time.perf_counter()
-    private = cfg.storage is None
-    if ctx.worker and private:
-        raise ConfigError(
-            f"stage {cfg.label!r}: --worker needs a storage every worker can reach: give "
-            "--storage URL (e.g. postgresql://user@host/db) or storage: in the tune stage"
-        )
+    private = cfg.private_storage(ctx.worker)
     url, shown_url = study_url(cfg.storage, out_dir)
     study_name = cfg.study_name or _default_study_name(cfg, inputs, ctx)
     reference = _reference(cfg, ctx)

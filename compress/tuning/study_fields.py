@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_serializer, field_validator
 
 from compress.config import StrictModel, mask_secrets
+from compress.errors import ConfigError
 from compress.tuning.storage import check_storage_url
 
 
@@ -64,3 +65,14 @@ class StudyFields(StrictModel):
     def _masked(self, value: str | None) -> str | None:
         """Resolved configs, manifests and cache keys see the URL with its password masked."""
         return mask_secrets(value) if value else value
+
+    def private_storage(self, worker: bool) -> bool:
+        """True when the study lives in an SQLite file of the stage's own directory. A ``--worker``
+        process cannot share such a file with the others, so there it is a config error. Read on
+        the stage's config (tune, search), which has the label and the stage kind."""
+        if self.storage is None and worker:
+            raise ConfigError(
+                f"stage {self.label!r}: --worker needs a storage every worker can reach: give "
+                f"--storage URL (e.g. postgresql://user@host/db) or storage: in the {self.stage} stage"
+            )
+        return self.storage is None
