@@ -68,3 +68,4 @@ class StageResult:
     # choice); the engine applies them to that stage's config, re-validated, before its cache key
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     table: Path | None = None
+    made: dict[str, Any] = field(default_factory=dict)  # set by the cache: the run that made it

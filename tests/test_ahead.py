@@ -99,3 +99,32 @@ def test_a_run_works_ahead_and_reads_as_if_it_went_in_file_order(tmp_path: Path,
 def test_jobs_1_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMPRESS_JOBS", "1")
     assert not enabled(RunOptions(), torch.device("cpu"))
+
+
+def test_an_entry_made_in_this_run_by_the_other_process_counts_as_run(tmp_path: Path) -> None:
+    """The cache entry itself says which run made it, so the parent tells "the child ran it"
+    from "an earlier run left it" even when it reads the entry the instant the child commits
+    (a separate marker written after the commit once lost that race in CI)."""
+    from types import SimpleNamespace
+
+    from compress.engine import cache
+    from compress.engine.records import StageRecord
+    from compress.engine.runner import _Run
+    from compress.variants import StageResult
+
+    partial, entry = tmp_path / "partial", tmp_path / "distill-abc"
+    partial.mkdir()
+    (partial / "metrics.json").write_text("{}")
+    this_run = tmp_path / "runs" / "20261207-120000"
+    cache.commit(partial, entry, StageResult(metrics={"x": 1}), {"run": str(this_run), "seconds": 1.5})
+    loaded = cache.load_cached(entry, "distill")
+    assert loaded is not None and loaded.made == {"run": str(this_run), "seconds": 1.5}
+
+    def claimed(run_dir: Path) -> StageRecord:
+        record = StageRecord("distill", "distill", "cached", 0.01, "abc", entry, [], [], loaded)
+        return _Run._claim(SimpleNamespace(ctx=SimpleNamespace(run_dir=run_dir)), record)  # type: ignore[arg-type]
+
+    mine = claimed(this_run)
+    assert (mine.status, mine.seconds, mine.ahead) == ("ran", 1.5, True)
+    earlier = claimed(tmp_path / "runs" / "20261208-090000")
+    assert (earlier.status, earlier.seconds, earlier.ahead) == ("cached", 0.01, False)

@@ -40,7 +40,7 @@ from compress.config import StageConfig
 from compress.engine import cache
 from compress.engine.records import RunOptions
 from compress.errors import ArtifactError
-from compress.fileio import read_json, write_json
+from compress.fileio import write_json
 from compress.stages import StageDef
 
 log = logging.getLogger("compress")
@@ -138,11 +138,6 @@ class Ahead:
             for cfg in self._plan(position, available, follow=False)
             if self.stages.index(cfg) not in taken
         ]
-
-    def ran_ahead(self, label: str) -> float | None:
-        """The seconds the child took for stage ``label``, if it ran it."""
-        done = self._done(label)
-        return float(read_json(done)["seconds"]) if done.is_file() else None
 
     def finish(self) -> None:
         """Stop a child still at work (the run ended or failed) and restore the thread count."""

@@ -79,8 +79,12 @@ def variant_hashes(variant: Variant, ctx: Context) -> dict[str, str]:
     return {kind: sha256_file(path) for kind, path in sorted(files.items())}
 
 
-def commit(partial: Path, entry: Path, result: StageResult) -> None:
-    """Write result.json with every file's hash, then rename the work dir into the cache."""
+def commit(partial: Path, entry: Path, result: StageResult, made: dict[str, Any] | None = None) -> None:
+    """Write result.json with every file's hash, then rename the work dir into the cache.
+
+    ``made`` says which run made the entry and in how many seconds: a run that finds an entry
+    its own second process committed (``engine.ahead``) counts it as run, with no race between
+    the commit and a separate marker."""
     files = hash_tree(partial)
     files.pop("result.json", None)  # left by a commit that was killed before its rename
     write_json(
@@ -96,6 +100,7 @@ def commit(partial: Path, entry: Path, result: StageResult) -> None:
             "overrides": result.overrides,
             "table": Path(result.table).relative_to(partial).as_posix() if result.table else None,
             "files": files,
+            "made": made or {},
         },
     )
     faults.checkpoint(f"commit:{entry.name}", entry)
@@ -130,6 +135,7 @@ def load_cached(entry: Path, label: str, verify: bool = True) -> StageResult | N
         publish=data.get("publish", {}),
         overrides=data.get("overrides", {}),
         table=entry / data["table"] if data.get("table") else None,
+        made=data.get("made", {}),
         artifacts={
             name: {kind: entry / p for kind, p in files.items()}
             for name, files in data.get("artifacts", {}).items()

@@ -182,7 +182,7 @@ class _Run:
                     self._meanwhile(position, ahead, early)
                 record, cfg = early.pop(position, None) or self._run_one(cfg, rerun)
                 rerun = rerun or options.from_stage == cfg.label
-                self._take(self.registry[cfg.stage], cfg, self._claim(record, ahead))
+                self._take(self.registry[cfg.stage], cfg, self._claim(record))
         finally:
             ahead.finish()
         summary.variants = dict(self.ctx.variants)
@@ -247,12 +247,12 @@ class _Run:
         )
         return record, cfg
 
-    @staticmethod
-    def _claim(record: StageRecord, ahead: Ahead) -> StageRecord:
-        """A stage the process working ahead ran counts as run here, with its time."""
-        seconds = ahead.ran_ahead(record.label) if record.status == "cached" else None
-        if seconds is not None:
-            record.status, record.seconds, record.ahead = "ran", seconds, True
+    def _claim(self, record: StageRecord) -> StageRecord:
+        """A stage the process working ahead ran (found cached here, made in this run) counts as
+        run here, with its time."""
+        made = record.result.made
+        if record.status == "cached" and made.get("run") == str(self.ctx.run_dir):
+            record.status, record.seconds, record.ahead = "ran", float(made["seconds"]), True
         return record
 
     def _take(self, definition: StageDef, cfg: StageConfig, record: StageRecord) -> None:

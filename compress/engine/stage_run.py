@@ -81,7 +81,8 @@ def run_or_reuse(
             if definition.needs_results:
                 cache.sweep_abandoned(base / "cache", cfg.label, entry.name)
             result = execute(definition, cfg, inputs, ctx, partial)
-            cache.commit(partial, entry, result)
+            made = {"run": str(ctx.run_dir), "seconds": round(time.perf_counter() - tic, 2)}
+            cache.commit(partial, entry, result, made)
             result = cache.load_cached(entry, cfg.label, verify=False)
             status = "ran"
     return StageRecord(
