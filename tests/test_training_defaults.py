@@ -200,3 +200,54 @@ def test_the_probe_picks_by_accuracy_and_by_loss_only_while_all_are_at_chance() 
     stuck = [row("sgd", 0.13, 2.30), row("adamw", 0.11, 2.10), row("slow", 0.14, 2.29)]
     assert optimizer_choice._best(stuck, 10)["name"] == "adamw"  # all within 5 pp of 10 %: the loss
     assert optimizer_choice._best(stuck, 2)["name"] == "adamw"  # 14 % is below chance at 2 classes
+
+
+def test_a_probed_choice_that_ends_at_chance_trains_again_with_the_runner_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VGG-11's case: the probe's leader after a third of the data ends the epoch at chance; the
+    model starts again from its initial weights under the runner-up, in a work directory of its
+    own. A choice that learns is kept (one fit)."""
+    from types import SimpleNamespace
+
+    from compress.training import FitResult
+
+    candidates = [
+        {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4, "val_accuracy": 0.185, "val_loss": 2.30},
+        {"name": "sgd", "lr": 0.01, "weight_decay": 5e-4, "val_accuracy": 0.12, "val_loss": 2.31},
+        {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "val_accuracy": 0.08, "val_loss": 2.31},
+    ]
+    probe = {"images": 600, "candidates": candidates, "chosen": candidates[0]}
+    fits: list[tuple[str, float, Path, torch.Tensor]] = []
+    ends = {0.05: 0.12, 0.01: 0.67}  # val accuracy each rate ends the epoch at
+
+    def fake_fit(model: nn.Module, bundle: object, settings: FitSettings) -> FitResult:
+        opt = settings.cfg.optimizer
+        fits.append((opt.name, opt.lr, settings.workdir, model.weight.detach().clone()))
+        with torch.no_grad():
+            model.weight.add_(1.0)  # training moves the weights
+        return FitResult(history=[{"val_accuracy": ends[opt.lr], "train_loss": 1.0}])
+
+    def fake_choose(model: nn.Module, bundle: object, settings: FitSettings):
+        return optimizer_choice._with_optimizer(settings.cfg, "sgd", 0.05, 5e-4), probe
+
+    monkeypatch.setattr(optimizer_choice, "fit", fake_fit)
+    monkeypatch.setattr(optimizer_choice, "choose_optimizer", fake_choose)
+    model = nn.Linear(2, 10)
+    initial = model.weight.detach().clone()
+    bundle = SimpleNamespace(num_classes=10)
+    settings = FitSettings(TrainingConfig(epochs=1), torch.device("cpu"), 0, tmp_path / "work", desc="train")
+    result, record = optimizer_choice.fit_with_choice(model, bundle, settings)  # type: ignore[arg-type]
+    assert [(name, lr, work.relative_to(tmp_path).as_posix()) for name, lr, work, _ in fits] == [
+        ("sgd", 0.05, "work"),
+        ("sgd", 0.01, "work/runner-up"),
+    ]
+    assert torch.equal(fits[1][3], initial)  # the second fit started from the initial weights
+    assert result.val_accuracy == 0.67
+    assert record is not None and record["chosen"]["lr"] == 0.01
+    assert record["at_chance"]["lr"] == 0.05 and record["at_chance"]["val_accuracy_after_fit"] == 0.12
+    # a choice that learns is kept
+    fits.clear()
+    ends[0.05] = 0.55
+    result, record = optimizer_choice.fit_with_choice(nn.Linear(2, 10), bundle, settings)  # type: ignore[arg-type]
+    assert [lr for _, lr, _, _ in fits] == [0.05] and record is probe

@@ -19,7 +19,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,8 +28,8 @@ from compress.data import load_data
 from compress.data.root import resolve_root
 from compress.measure import evaluate
 from compress.models import build_model
-from compress.optimizer_choice import choose_optimizer
-from compress.training import FitSettings, fit
+from compress.optimizer_choice import fit_with_choice
+from compress.training import FitSettings
 from compress.training_defaults import baseline_batch_size
 
 DEFAULT_MODELS = ["mobilenet_v3_small", "resnet18", "efficientnet_b0", "regnet_x_400mf", "squeezenet1_1"]
@@ -59,8 +58,7 @@ def run_one(name: str, option: str, bundle, epochs: int) -> dict:
         run = FitSettings(
             settings(option, epochs, len(bundle.train)), torch.device("cpu"), 0, Path(work), desc=name
         )
-        chosen, probe = choose_optimizer(model, bundle, run)
-        result = fit(model, bundle, replace(run, cfg=chosen))
+        result, probe = fit_with_choice(model, bundle, run)
     return {
         "model": name,
         "option": option,

@@ -7,7 +7,6 @@ takes those weights as they are, so "compress my trained model" is one short YAM
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,9 +25,9 @@ from compress.models import apply_state, build_model, is_model_payload, load_che
 from compress.models.builders import forward_problem, size_problem
 from compress.models.files import payload_state
 from compress.models.weights import load_exact, state_dict_in
-from compress.optimizer_choice import choose_optimizer
+from compress.optimizer_choice import fit_with_choice
 from compress.stages import stage
-from compress.training import FitSettings, fit
+from compress.training import FitSettings
 from compress.training_defaults import baseline_batch_size
 from compress.variants import StageResult, Variant
 
@@ -208,8 +207,7 @@ def run(cfg: TrainConfig, inputs: list[Variant], ctx: Context, out_dir: Path) ->
         run = FitSettings(
             settings, ctx.device, ctx.seed, out_dir / "work", desc=cfg.label, on_epoch=ctx.on_epoch
         )
-        chosen, probe = choose_optimizer(model, bundle, run)
-        result = fit(model, bundle, dataclasses.replace(run, cfg=chosen))
+        result, probe = fit_with_choice(model, bundle, run)
         history, resumed, batchnorm = result.history, result.resumed_from_epoch, result.batchnorm
         derived = {**result.derived, "batch_size_auto": cfg.batch_size is None}  # and lr auto's rate
         if probe is not None:
