@@ -274,7 +274,7 @@ def run(cfg: SearchConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
             if not study.trials:
                 for params in chain.design(techniques)[: cfg.n_trials]:
                     study.enqueue_trial(params, user_attrs={"design": True})
-        optimize(study, _lock, cfg, ctx, out_dir, reference["val_accuracy"], started, evaluate)
+        optimize(study, _lock, cfg, ctx, out_dir, reference["val_accuracy"], started, evaluate, refine=True)
         summary = summarize(study, cfg, reference["val_accuracy"], study_name, shown_url, started)
         picks, builds = [], {}
         if not ctx.worker:

@@ -49,7 +49,7 @@ class Build:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "variant"}
 
 
-class _Ranked:
+class Ranked:
     """A search spec seen with objective ``primary`` first, for ``selection.ranked``."""
 
     def __init__(self, directions: list[str], primary: int):
@@ -74,7 +74,7 @@ def build_picks(
     builds: dict[int, Build] = {}
     picks = []
     for i, metric in enumerate(metrics):
-        candidates, _ = ranked(trials, _Ranked(directions, i))
+        candidates, _ = ranked(trials, Ranked(directions, i))
         tried, chosen, bar, spent = [], None, math.inf, 0
         for trial in candidates:
             trial_drop = float(trial.user_attrs.get("drop", 0.0))

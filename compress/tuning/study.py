@@ -23,6 +23,7 @@ from compress.config import mask_secrets
 from compress.context import Context
 from compress.errors import CompressError, ConfigError
 from compress.tuning.objective import Objective, TrialEvaluator, TrialRejected
+from compress.tuning.refine import enqueue_refinements
 from compress.tuning.settings import value_at
 from compress.tuning.spec import SearchSpec
 from compress.tuning.storage import StudyLock
@@ -185,9 +186,11 @@ def optimize(
     reference: float | None,
     started: float,
     evaluate: TrialEvaluator | None = None,
+    refine: bool = False,
 ) -> None:
     """Run trials until the study holds exactly n_trials finished (complete or pruned) ones.
     ``evaluate`` runs and scores one trial; None: the tune stage's (its target stage).
+    ``refine``: once the design trials are scored, queue ``refine.enqueue_refinements``.
 
     Under the lock: fail stale trials (killed workers), count, and start a trial only when
     finished + running + queued is below n_trials (or a queued retry is waiting). The trial
@@ -213,6 +216,10 @@ def optimize(
                     optuna.storages.fail_stale_trials(study)
                 counts = state_counts(study)
                 done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+                waiting, running = counts[TrialState.WAITING], counts[TrialState.RUNNING]
+                room = cfg.n_trials - done - running - waiting
+                if refine and enqueue_refinements(study, len(cfg.metrics), room):
+                    counts = state_counts(study)
                 bar.n = min(done, cfg.n_trials)
                 bar.set_postfix_str(best_text(study, cfg), refresh=True)
                 if done >= cfg.n_trials:
