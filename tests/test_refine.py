@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from compress.tuning.refine import REFINE_ATTR, enqueue_refinements, planned
+from compress.tuning.refine import DESIGN_ATTR, REFINE_ATTR, enqueue_refinements, planned
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -16,7 +16,7 @@ def _study(design: list[dict]) -> optuna.Study:
     the quarter-width chain is fastest but misses the constraint."""
     study = optuna.create_study(directions=["minimize", "minimize"])
     for params in design:
-        study.enqueue_trial(params, user_attrs={"design": True})
+        study.enqueue_trial(params, user_attrs={DESIGN_ATTR: True})
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         width = trial.suggest_categorical("distill.student.width", [0.25, 0.5])
@@ -51,5 +51,5 @@ def test_no_room_or_an_unfinished_design_queues_nothing() -> None:
     assert enqueue_refinements(study, objectives=2, room=0) == 0
     assert enqueue_refinements(study, objectives=2, room=1) == 1  # the room caps the count
     waiting = optuna.create_study(directions=["minimize", "minimize"])
-    waiting.enqueue_trial(DESIGN[1], user_attrs={"design": True})
+    waiting.enqueue_trial(DESIGN[1], user_attrs={DESIGN_ATTR: True})
     assert enqueue_refinements(waiting, objectives=2, room=5) == 0

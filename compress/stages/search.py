@@ -40,6 +40,7 @@ from compress.tuning import recipe as chain
 from compress.tuning.constraint import ConstraintConfig
 from compress.tuning.objective import TrialRejected
 from compress.tuning.picks import PURPOSE, build_picks
+from compress.tuning.refine import DESIGN_ATTR
 from compress.tuning.settings import step_config
 from compress.tuning.space import SpaceEntry
 from compress.tuning.storage import study_url
@@ -273,7 +274,7 @@ def run(cfg: SearchConfig, inputs: list[Variant], ctx: Context, out_dir: Path) -
         with _lock:
             if not study.trials:
                 for params in chain.design(techniques)[: cfg.n_trials]:
-                    study.enqueue_trial(params, user_attrs={"design": True})
+                    study.enqueue_trial(params, user_attrs={DESIGN_ATTR: True})
         optimize(study, _lock, cfg, ctx, out_dir, reference["val_accuracy"], started, evaluate, refine=True)
         summary = summarize(study, cfg, reference["val_accuracy"], study_name, shown_url, started)
         picks, builds = [], {}

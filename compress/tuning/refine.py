@@ -21,13 +21,14 @@ from compress.tuning.picks import Ranked
 from compress.tuning.selection import ranked
 
 REFINE_ATTR = "refine"
+DESIGN_ATTR = "design"  # set on the design trials by the search stage
 
 
 def enqueue_refinements(study: optuna.Study, objectives: int, room: int) -> int:
     """Queue at most ``room`` refinements, once, when every design trial has finished; the
     number queued."""
     trials = study.get_trials(deepcopy=False)
-    design = [t for t in trials if t.user_attrs.get("design")]
+    design = [t for t in trials if t.user_attrs.get(DESIGN_ATTR)]
     if room <= 0 or not design or any(t.user_attrs.get(REFINE_ATTR) for t in trials):
         return 0
     if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in design):
