@@ -143,11 +143,13 @@ def fit_with_choice(
     trains once more from the same initial weights with the runner-up (in its own work
     directory, so a resumed run resumes whichever fit it was at)."""
     chosen, probe = choose_optimizer(model, bundle, settings)
-    initial = copy.deepcopy(model.state_dict()) if probe is not None else None
+    if probe is None:
+        return fit(model, bundle, dataclasses.replace(settings, cfg=chosen)), None
+    initial = copy.deepcopy(model.state_dict())
     result = fit(model, bundle, dataclasses.replace(settings, cfg=chosen))
     classes = bundle.num_classes
     above = above_chance_pp({"accuracy": result.val_accuracy}, classes)
-    if probe is None or initial is None or above is None or above > CHANCE_MARGIN_PP:
+    if above is None or above > CHANCE_MARGIN_PP:
         return result, probe
     first = probe["chosen"]
     ranked = [

@@ -217,9 +217,10 @@ def optimize(
                 counts = state_counts(study)
                 done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
                 waiting, running = counts[TrialState.WAITING], counts[TrialState.RUNNING]
-                room = cfg.n_trials - done - running - waiting
-                if refine and enqueue_refinements(study, len(cfg.metrics), room):
-                    counts = state_counts(study)
+                if refine and waiting == 0 and running == 0:  # the design is scored: now or never
+                    refine = False
+                    if enqueue_refinements(study, len(cfg.metrics), cfg.n_trials - done):
+                        counts = state_counts(study)
                 bar.n = min(done, cfg.n_trials)
                 bar.set_postfix_str(best_text(study, cfg), refresh=True)
                 if done >= cfg.n_trials:
